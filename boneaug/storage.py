@@ -1,0 +1,219 @@
+"""One way to reach any storage URI: ``s3://bucket/key``, ``file:///path`` or a plain path.
+
+S3 goes through s3fs with credentials from the standard AWS variables (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, profiles, instance roles). The endpoint of an
+S3-compatible server comes from, in order: the explicit `endpoint_url` argument,
+``BONEAUG_S3_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``; none means AWS.
+
+Writes are atomic: data goes to a temporary key beside the target and is then moved (or, on S3,
+copied server-side) to the final key, so a reader never sees a half-written file under a final
+name. Run outputs are published with a manifest written last (see `publish_manifest`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import IO, Any
+
+import fsspec
+
+from boneaug.errors import StorageError
+
+ENDPOINT_VARS = ("BONEAUG_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+MANIFEST = "_MANIFEST.json"
+
+
+def s3_endpoint(explicit: str | None = None) -> str | None:
+    """The S3 endpoint URL in force (None means AWS's own)."""
+    if explicit:
+        return explicit
+    for var in ENDPOINT_VARS:
+        if os.environ.get(var):
+            return os.environ[var]
+    return None
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(("s3://", "s3a://"))
+
+
+def _strip(uri: str) -> str:
+    if is_s3(uri):
+        return uri.split("://", 1)[1].rstrip("/")
+    if uri.startswith("file://"):
+        return str(Path(uri[len("file://"):]).absolute())
+    if "://" in uri:
+        raise StorageError(
+            f"unsupported storage URI {uri!r}: use s3://bucket/key, file:///path or a plain path"
+        )
+    return str(Path(uri).absolute())
+
+
+@lru_cache(maxsize=8)
+def _s3fs(endpoint: str | None) -> fsspec.AbstractFileSystem:
+    import s3fs
+
+    kwargs: dict[str, Any] = {}
+    if endpoint:
+        kwargs["endpoint_url"] = endpoint
+    # listings must see what this process just wrote
+    return s3fs.S3FileSystem(client_kwargs=kwargs, use_listings_cache=False)
+
+
+def filesystem(uri: str, *, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for `uri`."""
+    path = _strip(uri)
+    if is_s3(uri):
+        return _s3fs(s3_endpoint(endpoint_url)), path
+    return fsspec.filesystem("file"), path
+
+
+def pyarrow_filesystem(uri: str, *, endpoint_url: str | None = None) -> tuple[Any, str]:
+    """(pyarrow.fs.FileSystem, path) for Ray Data and pyarrow readers/writers."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri, endpoint_url=endpoint_url)
+    if is_s3(uri):
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    return pafs.LocalFileSystem(), path
+
+
+def join(uri: str, *parts: str) -> str:
+    """`uri` with path parts appended, keeping its scheme."""
+    out = uri.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def to_uri(fs_path: str, like: str) -> str:
+    """Turn a path inside `like`'s filesystem back into a URI of the same scheme."""
+    if is_s3(like):
+        return f"s3://{fs_path.lstrip('/')}" if not fs_path.startswith("s3://") else fs_path
+    return fs_path
+
+
+def exists(uri: str, *, endpoint_url: str | None = None) -> bool:
+    fs, path = filesystem(uri, endpoint_url=endpoint_url)
+    try:
+        return bool(fs.exists(path))
+    except Exception as exc:  # noqa: BLE001 - botocore errors are many; report them as one kind
+        raise StorageError(f"cannot check {uri}: {exc}") from exc
+
+
+def read_bytes(uri: str, *, endpoint_url: str | None = None) -> bytes:
+    fs, path = filesystem(uri, endpoint_url=endpoint_url)
+    try:
+        return bytes(fs.cat_file(path))
+    except FileNotFoundError as exc:
+        raise StorageError(f"{uri} does not exist") from exc
+    except Exception as exc:  # noqa: BLE001
+        raise StorageError(f"cannot read {uri}: {exc}") from exc
+
+
+def list_files(
+    uri: str, *, suffix: str | None = None, endpoint_url: str | None = None
+) -> list[str]:
+    """Every file under `uri` (recursively), sorted, as URIs of the same scheme."""
+    fs, path = filesystem(uri, endpoint_url=endpoint_url)
+    try:
+        found = fs.find(path) if fs.exists(path) else []
+    except Exception as exc:  # noqa: BLE001
+        raise StorageError(f"cannot list {uri}: {exc}") from exc
+    names = sorted(p for p in found if suffix is None or p.lower().endswith(suffix.lower()))
+    return [to_uri(p, uri) for p in names]
+
+
+def remove(uri: str, *, endpoint_url: str | None = None) -> None:
+    """Delete a file or a whole prefix; missing is fine."""
+    fs, path = filesystem(uri, endpoint_url=endpoint_url)
+    with contextlib.suppress(FileNotFoundError):
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
+def makedirs(uri: str, *, endpoint_url: str | None = None) -> None:
+    fs, path = filesystem(uri, endpoint_url=endpoint_url)
+    if not is_s3(uri):
+        fs.makedirs(path, exist_ok=True)
+
+
+def _tmp_sibling(path: str) -> str:
+    head, _, name = path.rpartition("/")
+    return f"{head}/.tmp-{uuid.uuid4().hex[:12]}-{name}"
+
+
+@contextlib.contextmanager
+def atomic_open(uri: str, mode: str = "wb", *, endpoint_url: str | None = None) -> Iterator[IO[Any]]:
+    """Open `uri` for writing; the final key appears only when the block exits cleanly."""
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_open writes only ('wb' or 'w'), got mode {mode!r}")
+    fs, path = filesystem(uri, endpoint_url=endpoint_url)
+    tmp = _tmp_sibling(path)
+    if not is_s3(uri):
+        fs.makedirs(path.rpartition("/")[0], exist_ok=True)
+    try:
+        with fs.open(tmp, mode) as handle:
+            yield handle
+        fs.mv(tmp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.rm(tmp)
+        raise
+
+
+def write_bytes(uri: str, data: bytes, *, endpoint_url: str | None = None) -> None:
+    """Write `data` to `uri` atomically."""
+    try:
+        with atomic_open(uri, "wb", endpoint_url=endpoint_url) as handle:
+            handle.write(data)
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise StorageError(f"cannot write {uri}: {exc}") from exc
+
+
+def write_text(uri: str, text: str, *, endpoint_url: str | None = None) -> None:
+    write_bytes(uri, text.encode(), endpoint_url=endpoint_url)
+
+
+def write_parquet(uri: str, table: Any, *, endpoint_url: str | None = None) -> None:
+    """Write a pyarrow Table to `uri` as one Parquet file, atomically."""
+    import pyarrow.parquet as pq
+
+    with atomic_open(uri, "wb", endpoint_url=endpoint_url) as handle:
+        pq.write_table(table, handle, compression="zstd")
+
+
+def read_parquet(uri: str, *, endpoint_url: str | None = None, columns: list[str] | None = None) -> Any:
+    """A pyarrow Table from one Parquet file or every Parquet file under a prefix."""
+    import pyarrow.parquet as pq
+
+    fs, path = pyarrow_filesystem(uri, endpoint_url=endpoint_url)
+    try:
+        return pq.read_table(path, filesystem=fs, columns=columns)
+    except FileNotFoundError as exc:
+        raise StorageError(f"{uri} does not exist") from exc
+    except Exception as exc:  # noqa: BLE001
+        raise StorageError(f"cannot read Parquet at {uri}: {exc}") from exc
+
+
+def publish_manifest(prefix: str, content: dict[str, Any], *, endpoint_url: str | None = None) -> str:
+    """Mark the outputs under `prefix` as complete. Write this last, after every output."""
+    uri = join(prefix, MANIFEST)
+    write_text(uri, json.dumps(content, indent=2, sort_keys=True, default=str), endpoint_url=endpoint_url)
+    return uri
+
+
+def read_manifest(prefix: str, *, endpoint_url: str | None = None) -> dict[str, Any] | None:
+    """The manifest of a finished output prefix, or None when it never finished."""
+    uri = join(prefix, MANIFEST)
+    if not exists(uri, endpoint_url=endpoint_url):
+        return None
+    return json.loads(read_bytes(uri, endpoint_url=endpoint_url))

@@ -1,0 +1,165 @@
+"""MLflow: tracking URI, runs with flattened params, model registration and loading by alias.
+
+Conventions (DESIGN.md): experiment per job ``boneaug/<body_part>/<job>``; registered models
+``boneaug-unit-<body_part>``, ``boneaug-drn-<body_part>``, ``boneaug-drn-<body_part>-aug``;
+aliases ``champion`` and ``challenger``. The default tracking URI is a sqlite file in the working
+directory (tracking and registry, no server); a cluster sets ``MLFLOW_TRACKING_URI``.
+
+Models are logged in MLflow's "pickle" serialization (torch.save of the module) rather than the
+"pt2" default: pt2 (torch.export) fixes the batch size of the input example, and every consumer
+here (jobs, Serve) has boneaug installed. Loading is tested to reproduce outputs exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from boneaug.config import TrackingConfig
+from boneaug.errors import ModelError
+
+if TYPE_CHECKING:
+    import mlflow
+    import numpy as np
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+def tracking_uri(config: TrackingConfig | None = None) -> str:
+    """The tracking URI in force: config, then MLFLOW_TRACKING_URI, then ./mlflow.db."""
+    if config is not None and config.tracking_uri:
+        return config.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path('mlflow.db').absolute()}"
+
+
+def configure(config: TrackingConfig | None = None) -> str:
+    """Point mlflow (tracking and registry) at `tracking_uri(config)`; returns the URI.
+
+    The URI is also exported as MLFLOW_TRACKING_URI so Ray workers started afterwards inherit it.
+    """
+    import mlflow
+
+    uri = tracking_uri(config)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mappings -> {"a.b": "value"} strings, as MLflow params want them."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, prefix=f"{name}."))
+        else:
+            out[name] = str(value)[:6000]
+    return out
+
+
+@contextlib.contextmanager
+def start_run(
+    experiment: str,
+    run_name: str,
+    params: Mapping[str, Any] | None = None,
+    *,
+    tracking: TrackingConfig | None = None,
+    nested: bool = False,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run in `experiment` with `params` flattened and logged."""
+    import mlflow
+
+    configure(tracking)
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=run_name, nested=nested, tags=dict(tags or {})) as run:
+        if params:
+            flat = flatten(params)
+            items = list(flat.items())
+            for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+                mlflow.log_params(dict(items[i : i + 100]))
+        yield run
+
+
+def log_torch_model(
+    model: torch.nn.Module,
+    *,
+    name: str,
+    input_example: np.ndarray,
+    registered_name: str | None = None,
+    alias: str | None = None,
+) -> str | None:
+    """Log `model` in the active run; register it (and set `alias`) when a name is given.
+
+    Returns the registered version, or None when not registered.
+    """
+    import mlflow
+    import torch
+
+    model = model.eval()
+    with torch.no_grad():
+        output = model(torch.as_tensor(input_example))
+    signature = mlflow.models.infer_signature(input_example, output.detach().cpu().numpy())
+    info = mlflow.pytorch.log_model(
+        model,
+        name=name,
+        input_example=input_example,
+        signature=signature,
+        serialization_format="pickle",
+        registered_model_name=registered_name,
+    )
+    if registered_name is None:
+        return None
+    version = str(info.registered_model_version)
+    if alias:
+        set_alias(registered_name, alias, version)
+    return version
+
+
+def set_alias(registered_name: str, alias: str, version: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_registered_model_alias(registered_name, alias, version)
+
+
+def resolve(uri: str) -> tuple[str, str | None]:
+    """('models:/name@alias' or 'models:/name/3') -> (name, version) from the registry."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if not uri.startswith("models:/"):
+        return uri, None
+    ref = uri[len("models:/"):]
+    client = MlflowClient()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return name, str(client.get_model_version_by_alias(name, alias).version)
+        name, _, version = ref.partition("/")
+        return name, str(client.get_model_version(name, version).version)
+    except MlflowException as exc:
+        raise ModelError(
+            f"model {uri!r} is not in the registry at {tracking_uri()}: {exc.message}. "
+            "Train and register it first (see the jobs/ README section) or fix the name/alias."
+        ) from exc
+
+
+def load_torch_model(uri: str, *, tracking: TrackingConfig | None = None) -> torch.nn.Module:
+    """A registered (``models:/name@alias``) or logged (``runs:/...``) torch model, in eval mode."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    configure(tracking)
+    try:
+        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+    except MlflowException as exc:
+        raise ModelError(f"cannot load model {uri!r} from {tracking_uri(tracking)}: {exc.message}") from exc
+    return model.eval()

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from boneaug.config import BODY_PARTS, PROFILES, dump_config, load_config
+from boneaug.errors import ConfigError
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_profiles_load_and_round_trip_through_yaml(profile: str, tmp_path: Path) -> None:
+    config = load_config(profile)
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(config))
+    assert load_config(path=path) == config
+
+
+def test_paper_profile_has_table_1_sizes_and_reference_unit() -> None:
+    config = load_config("paper")
+    tibia = config.synth.counts["tibia"]
+    assert (tibia.train_pos, tibia.train_neg, tibia.val_pos, tibia.val_neg) == (214, 14482, 22, 1628)
+    assert config.patches.body_parts["humerus"].s == 2 and config.patches.body_parts["tibia"].n == 7
+    assert (config.image.height, config.image.width, config.patches.size) == (1024, 512, 256)
+    assert config.unit.width == 64 and config.unit.lambda_gan == 10 and config.unit.lambda_cyc == 100
+
+
+def test_local_profile_keeps_the_papers_ratios() -> None:
+    counts = load_config("local").synth.counts
+    assert counts["femur"].train_pos < counts["tibia"].train_pos < counts["humerus"].train_pos
+    for part in BODY_PARTS:
+        assert counts[part].test_pos == 50 and counts[part].test_neg == 500
+        assert counts[part].val_pos >= 20 and counts[part].val_neg >= 200
+
+
+def test_yaml_overrides_and_explicit_overrides_win(tmp_path: Path) -> None:
+    path = tmp_path / "best.yaml"
+    path.write_text("profile: smoke\nunit:\n  lambda_gan: 1.0\naugment:\n  blend_n: 4\n")
+    config = load_config("local", path, overrides={"unit": {"lr": 2e-4}})
+    assert config.profile == "smoke"
+    assert config.unit.lambda_gan == 1.0 and config.unit.lr == 2e-4
+    assert config.augment.blend_n == 4
+    assert config.unit.width == load_config("smoke").unit.width
+
+
+def test_errors_name_the_file_and_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("unit:\n  lambda_gan: -1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml[\s\S]*lambda_gan"):
+        load_config("smoke", path)
+    path.write_text("unit:\n  no_such_field: 1\n")
+    with pytest.raises(ConfigError, match="no_such_field"):
+        load_config("smoke", path)
+    with pytest.raises(ConfigError, match="unknown profile 'huge'"):
+        load_config("huge")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="n_shared=5 exceeds n_res=4"):
+        load_config("local", overrides={"unit": {"n_shared": 5}})
+
+
+def test_scaled_counts_keep_nonzero_classes() -> None:
+    counts = load_config("local").synth.counts["femur"].scaled(0.01)
+    assert counts.train_pos == 1 and counts.test_neg == 5
