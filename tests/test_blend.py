@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from boneaug.augment.blend import alpha_mask, blend_patch, paste_blended
+
+
+@pytest.mark.parametrize("n", [0.5, 1.0, 2.0, 4.0, 8.0])
+@pytest.mark.parametrize("size", [(33, 33), (65, 17), (5, 9)])
+def test_alpha_mask_values(n: float, size: tuple[int, int]) -> None:
+    h, w = size
+    mask = alpha_mask(h, w, n=n)
+    assert mask.shape == (h, w) and mask.dtype == np.float32
+    assert mask[h // 2, w // 2] == pytest.approx(1.0)  # odd sizes: exact centre
+    assert np.all(mask[0, :] == 0) and np.all(mask[-1, :] == 0)
+    assert np.all(mask[:, 0] == 0) and np.all(mask[:, -1] == 0)
+    assert np.allclose(mask, mask[::-1, :]) and np.allclose(mask, mask[:, ::-1])
+    assert 0 <= mask.min() and mask.max() <= 1
+    rng = np.random.default_rng(int(n * 10) + h)
+    for _ in range(20):  # the formula at sampled pixels
+        r, c = int(rng.integers(h)), int(rng.integers(w))
+        i, j = -1 + 2 * r / (h - 1), -1 + 2 * c / (w - 1)
+        expected = np.cos(abs(i) ** n * np.pi / 2) * np.cos(abs(j) ** n * np.pi / 2)
+        assert mask[r, c] == pytest.approx(expected, abs=1e-6)
+
+
+def test_larger_n_keeps_more_of_the_translation() -> None:
+    assert alpha_mask(31, n=8).mean() > alpha_mask(31, n=2).mean() > alpha_mask(31, n=0.5).mean()
+
+
+def test_bad_arguments_say_what_is_wrong() -> None:
+    with pytest.raises(ValueError, match="n must be > 0"):
+        alpha_mask(8, n=0)
+    with pytest.raises(ValueError, match="shapes differ"):
+        blend_patch(np.zeros((4, 4)), np.zeros((4, 5)), n=2)
+    with pytest.raises(ValueError, match=r"crop \[0, 0, 20, 5\] is empty or outside the 10x10 image"):
+        paste_blended(np.zeros((10, 10), np.float32), np.zeros((4, 4), np.float32), (0, 0, 20, 5), n=2)
+
+
+def test_paste_back_changes_only_the_crop_box() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.random((120, 60)).astype(np.float32)
+    translated = np.zeros((32, 32), np.float32)
+    crop = (10, 40, 43, 73)
+    out = paste_blended(image, translated, crop, n=2)
+    outside = np.ones_like(image, dtype=bool)
+    outside[40:73, 10:43] = False
+    assert np.array_equal(out[outside].view(np.uint32), image[outside].view(np.uint32))  # bit for bit
+    # the centre takes the translation (dark), the border keeps the original
+    assert out[56, 26] < 0.05 and np.array_equal(out[40, 10:43], image[40, 10:43])
+    assert not np.shares_memory(out, image)
