@@ -1,0 +1,93 @@
+"""Ingestion + patch-making throughput: the Ray Data pipeline at 1 and 2 CPUs vs a plain loop.
+
+Same small synthetic cohort (local-profile radiographs, tibia) on a loopback S3 server for all
+three; the single-process loop does the same work (read, decode, fit-pad, descriptor, encode;
+then the same crops) with no Ray. Prints images/s, patches/s and ratios to the loop.
+
+    .venv/bin/python benchmarks/bench_ingest.py [--scale 0.2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from _common import moto_server, print_table
+from boneaug import storage
+from boneaug.config import load_config
+from boneaug.data.arrays import encode_pixels
+from boneaug.data.ingest import DecodeBatch, ingest, load_annotations
+from boneaug.data.patch_sets import make_patch_sets, read_image_meta
+from boneaug.data.patches import crop_resize, plan_patches
+
+
+def loop_baseline(root: str, run: str, config) -> tuple[float, float, int, int]:  # noqa: ANN001
+    """The same work in one process: (ingest s, patches s, images, patches)."""
+    from boneaug.io.dicom import decode_xray
+
+    annotations = {r["key"]: r for r in load_annotations(root).to_pylist()}
+    fs, root_path = storage.pyarrow_filesystem(root)
+    decode = DecodeBatch(annotations, root_path, config.image, config.patches.descriptor_size)
+    files = storage.list_files(storage.join(root, "dicom", "tibia"))
+    t0 = time.perf_counter()
+    for uri in files:
+        decode._one(storage.read_bytes(uri), storage.filesystem(uri)[1])
+    t_ingest = time.perf_counter() - t0
+
+    settings = config.patches.body_parts["tibia"]
+    plan = plan_patches(read_image_meta(run), s=settings.s, n=settings.n,
+                        target_per_class=settings.translation_patches, rng=np.random.default_rng(0))
+    by_key = defaultdict(list)
+    for task in (*plan.lesion, *plan.normal, *plan.source):
+        by_key[task.key].append(task)
+    t0 = time.perf_counter()
+    for key, tasks in by_key.items():
+        image = decode_xray(storage.read_bytes(storage.join(root, key))).pixels
+        for task in tasks:
+            encode_pixels(crop_resize(image, task.crop, config.patches.size))
+    return t_ingest, time.perf_counter() - t0, len(files), sum(len(t) for t in by_key.values())
+
+
+def main() -> None:
+    import boto3
+    import ray
+
+    from boneaug.synth.cohort import generate_cohort
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--scale", type=float, default=0.15, help="of the local tibia cohort")
+    args = parser.parse_args()
+    config = load_config("local")
+    with moto_server() as endpoint:
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench-ingest")
+        root = "s3://bench-ingest/cohort"
+        generate_cohort(config.synth, ["tibia"], root, seed=0, scale=args.scale, progress=False)
+        rows = []
+        results = {}
+        for cpus in (1, 2):
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            run = storage.join(root, "runs", f"bench-{cpus}")
+            ing = ingest(data_uri=root, run_uri=run, image=config.image,
+                         descriptor_rows=config.patches.descriptor_size, body_part="tibia")
+            pat = make_patch_sets(data_uri=root, run_uri=run, body_part="tibia",
+                                  settings=config.patches.body_parts["tibia"], size=config.patches.size,
+                                  min_mean_intensity=config.patches.min_mean_intensity, seed=0)
+            ray.shutdown()
+            results[cpus] = (ing.listed / ing.seconds, sum(pat.candidates.values()) / pat.seconds)
+        t_ing, t_pat, n_img, n_pat = loop_baseline(root, storage.join(root, "runs", "bench-1"), config)
+        base = (n_img / t_ing, n_pat / t_pat)
+        rows.append(["single-process loop", "1", base[0], 1.0, base[1], 1.0])
+        for cpus, (img_s, pat_s) in results.items():
+            rows.append(["Ray Data", str(cpus), img_s, img_s / base[0], pat_s, pat_s / base[1]])
+        print(f"\ncohort: {n_img} local-profile tibia DICOMs on S3 (moto, loopback); {n_pat} patches cut")
+        print_table(["pipeline", "CPUs", "images/s", "x loop", "patches/s", "x loop"], rows)
+        print(f"scaling 1 -> 2 CPUs: ingest x{results[2][0] / results[1][0]:.2f}, "
+              f"patches x{results[2][1] / results[1][1]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Ray Datasets over finished stages: classification splits (+ augmented rows), patch sets.
+
+Classification sets exclude confounder images (paper 4.1) and hold only the lesion task; the
+fracture corpus is its own run. Augmented rows join the training split only, never validation.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from boneaug import storage
+from boneaug.errors import DataError
+
+if TYPE_CHECKING:
+    import ray.data
+
+TRAIN_COLUMNS = ["image_id", "split", "label", "fracture", "task", "height", "width", "pixels"]
+
+
+def image_table(run_uri: str, *, task: str = "lesion", classification: bool = True) -> pa.Table:
+    """The finished image shards of a run (confounder images dropped when `classification`)."""
+    images_uri = storage.join(run_uri, "images")
+    if storage.read_manifest(images_uri) is None:
+        raise DataError(f"{images_uri} has no manifest: ingestion did not finish (run jobs/ingest.py)")
+    table = storage.read_parquet(images_uri, columns=[*TRAIN_COLUMNS, "confounders"])
+    table = table.filter(pc.equal(table.column("task"), task))
+    if classification:
+        table = table.filter(pc.equal(pc.list_value_length(table.column("confounders")), 0))
+    return table.drop_columns(["confounders"])
+
+
+def classification_splits(
+    run_uri: str, *, augmented: pa.Table | None = None, task: str = "lesion"
+) -> dict[str, ray.data.Dataset]:
+    """{"train", "val", "test"} Ray Datasets; `augmented` rows (label 1) are added to train only."""
+    import ray.data
+
+    table = image_table(run_uri, task=task)
+    splits = {s: table.filter(pc.equal(table.column("split"), s)) for s in ("train", "val", "test")}
+    for name, part in splits.items():
+        if part.num_rows == 0:
+            raise DataError(f"{run_uri}: the {name} split is empty for task {task!r}")
+    if augmented is not None and augmented.num_rows:
+        extra = augmented.select(TRAIN_COLUMNS).cast(splits["train"].schema)
+        splits["train"] = pa.concat_tables([splits["train"], extra])
+    return {name: ray.data.from_arrow(part) for name, part in splits.items()}
