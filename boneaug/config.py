@@ -147,6 +147,13 @@ class DrnConfig(_Section):
     plateau_patience: int = Field(2, ge=1)
     early_stop_patience: int = Field(5, ge=1)
     finetune_blocks: int = Field(2, ge=0, description="last conv stages left trainable")
+    aug_degrees: float = Field(10.0, ge=0, le=180, description="train: random rotation +- degrees")
+    aug_scale: tuple[float, float] = Field((0.9, 1.1), description="train: isotropic scale range")
+    aug_translate: float = Field(0.05, ge=0, lt=0.5, description="train: shift, fraction of a side")
+    aug_hflip: float = Field(0.5, ge=0, le=1, description="train: horizontal flip probability")
+    max_train_negatives: int | None = Field(
+        None, ge=1, description="cap on training negatives (seeded subset, same for every model)"
+    )
     seed: int = 0
 
 
@@ -189,6 +196,10 @@ class ComputeConfig(_Section):
     num_workers: int = Field(1, ge=0, description="Ray Train workers (0 = local mode)")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(2, ge=-1, description="Ray Train retries from the last checkpoint")
+    torch_threads: int | None = Field(
+        None, ge=1, description="intra-op threads per train worker (None: Ray's, = its CPUs)"
+    )
 
 
 class BoneaugConfig(_Section):
@@ -234,6 +245,7 @@ _PROFILES: dict[str, dict[str, Any]] = {
             "log_every": 1, "sample_every": 2,
         },
         "drn": {"width_mult": 0.125, "batch_size": 8, "epochs": 2, "pretrain_epochs": 1},
+        "compute": {"num_workers": 1, "cpus_per_worker": 0.5},
         "eval": {"n_bootstrap": 200},
     },
     "local": {
@@ -259,7 +271,9 @@ _PROFILES: dict[str, dict[str, Any]] = {
             "disc_scales": 2, "batch_size": 8, "iterations": 1500, "checkpoint_every": 250,
             "log_every": 25, "sample_every": 250,
         },
-        "drn": {"width_mult": 0.25, "batch_size": 16, "epochs": 12, "pretrain_epochs": 4},
+        "drn": {"width_mult": 0.25, "batch_size": 16, "epochs": 8, "pretrain_epochs": 3,
+                "max_train_negatives": 400},
+        "compute": {"num_workers": 1, "cpus_per_worker": 1, "torch_threads": 2},
     },
     "paper": {
         "synth": {

@@ -1,0 +1,785 @@
+"""DRN classifier training (paper 4.2): data, augmentation, step functions, Ray Train loop, MLflow.
+
+Choices the paper leaves open, and why:
+
+- Class imbalance: weighted BCE with ``pos_weight = negatives / positives`` of the training set,
+  not a balanced sampler. With 16-70 positives against hundreds to thousands of negatives, a
+  balanced sampler repeats each positive tens of times per epoch, needs a global index over a
+  sharded, streamed Ray Dataset, and changes what "an epoch" means between body parts. The
+  weighted loss has the same expected gradient as balanced sampling, sees every image once per
+  epoch and works unchanged on each worker's streaming shard. Scores are therefore calibrated to
+  a balanced prior (0.5 = equal evidence), which is what the pseudo-labelling threshold t and the
+  validation operating point are chosen on; AUC itself does not depend on it.
+- Fine-tuning: with `init_from`, the backbone comes from the auxiliary fracture model, the head is
+  re-initialised (a fracture logit means nothing for lesions) and only the last
+  ``DrnConfig.finetune_blocks`` stages (of the DRN's 8) and the head train; frozen stages keep
+  their BatchNorm statistics (see `boneaug.models.drn`). Without `init_from` everything trains.
+- ``DrnConfig.batch_size`` is the global batch (the paper's hyper-parameter); each of the
+  ``num_workers`` DDP workers takes ``batch_size // num_workers`` (at least 1).
+- Validation and test rows are not split by Ray: every worker reads them and scores the rows
+  whose ``crc32(image_id) % world_size`` is its rank, then the scores are all-gathered. Every row
+  is scored exactly once (Ray's equal split may drop rows; that is fine for training only) and
+  every rank computes the same AUC, so plateau and early-stopping decisions agree across ranks.
+  Before each evaluation every rank takes rank 0's BatchNorm statistics (DDP averages gradients
+  but leaves buffers per rank), so all ranks score with the model rank 0 saves.
+- Augmentation (train only): small random affine (rotation, isotropic scale, translation) and a
+  horizontal flip (left and right long bones are mirror images), drawn from a torch Generator
+  seeded by (seed, rank, epoch), so a resumed run repeats the same draws.
+
+Outputs under `run_uri`: ``ray/`` (Ray Train checkpoints every epoch: model, optimiser,
+scheduler, epoch, best AUC and best weights; Train's local mode, ``num_workers=0``, keeps them in
+memory only, so it cannot resume), ``best_model.pt`` (best-by-val-AUC state dict),
+``predictions.parquet`` (image_id, split, label, score for val and test) and ``_MANIFEST.json``
+last. The MLflow run (created by the driver, written to by rank 0) holds the DrnConfig and data
+counts as params, per-epoch ``train_loss`` / ``val_auc`` / ``lr``, and the best model, registered
+under `registered_name` when one is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import tempfile
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from boneaug import storage, tracking
+from boneaug.config import DrnConfig, TrackingConfig
+from boneaug.data.arrays import decode_pixels
+from boneaug.errors import DataError, ModelError
+from boneaug.eval.metrics import roc_auc
+from boneaug.models.drn import DRN, build_drn
+
+if TYPE_CHECKING:
+    import ray.data
+
+log = logging.getLogger(__name__)
+
+FRACTURE_MODEL = "boneaug-drn-fracture"
+BEST_MODEL_FILE = "best_model.pt"
+PREDICTIONS_FILE = "predictions.parquet"
+CHECKPOINT_FILE = "state.pt"
+_ROW_COLUMNS = ("image_id", "height", "width", "pixels")
+
+
+# ---- metrics ---------------------------------------------------------------------------------
+def _val_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Validation AUC, NaN when the split holds one class only (nothing to rank)."""
+    labels = np.asarray(labels)
+    if labels.size == 0 or labels.min() == labels.max():
+        return float("nan")
+    return roc_auc(labels, scores)
+
+
+# ---- data ------------------------------------------------------------------------------------
+def batch_to_arrays(
+    batch: Mapping[str, Any], *, label_column: str, image_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A Ray Data numpy batch of shard rows -> images (B, 1, H, W) float32, labels (B,), ids."""
+    height, width = image_size
+    hs, ws = np.asarray(batch["height"]), np.asarray(batch["width"])
+    if hs.size and (np.any(hs != height) or np.any(ws != width)):
+        bad = int(np.flatnonzero((hs != height) | (ws != width))[0])
+        raise DataError(
+            f"image {batch['image_id'][bad]!r} is {hs[bad]}x{ws[bad]}, the classifier expects "
+            f"{height}x{width}: re-run ingest with the same profile as training (image size)"
+        )
+    images = np.stack([decode_pixels(bytes(p), height, width) for p in batch["pixels"]])
+    labels = np.asarray(batch[label_column], dtype=np.float32)
+    if labels.size and not np.isin(labels, (0.0, 1.0)).all():
+        raise DataError(f"column {label_column!r} must hold 0/1 labels, got {np.unique(labels)}")
+    ids = [str(i) for i in batch["image_id"]]
+    return images[:, None].astype(np.float32, copy=False), labels, ids
+
+
+def _take(batch: Mapping[str, Any], index: Sequence[int]) -> dict[str, Any]:
+    return {k: np.asarray(v)[list(index)] for k, v in batch.items()}
+
+
+def owner_rank(image_id: str, world_size: int) -> int:
+    """The rank that scores `image_id` during evaluation (stable across processes and runs)."""
+    return zlib.crc32(image_id.encode()) % world_size
+
+
+def seed_for(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (seed, rank, epoch, ...)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@dataclass(frozen=True)
+class AffineAugment:
+    """Linear-transform augmentation for upright long-bone radiographs (train only).
+
+    Per image: rotation in +-`degrees`, isotropic scale in `scale`, translation up to
+    `translate` of each side, horizontal flip with probability `hflip`; background fill 0 (air).
+    """
+
+    degrees: float = 10.0
+    scale: tuple[float, float] = (0.9, 1.1)
+    translate: float = 0.05
+    hflip: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.degrees <= 180 and 0 < self.scale[0] <= self.scale[1]
+                and 0 <= self.translate < 0.5 and 0 <= self.hflip <= 1):
+            raise ValueError(f"invalid augmentation settings {self}")
+
+    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """(B, C, H, W) -> (B, C, H, W), each image with its own draw from `generator`."""
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2 import functional as TF
+
+        _, _, height, width = images.shape
+        u = torch.rand((images.shape[0], 5), generator=generator, dtype=torch.float64).tolist()
+        out = []
+        for img, (ua, us, ux, uy, uf) in zip(images, u, strict=True):
+            angle = (2 * ua - 1) * self.degrees
+            scale = self.scale[0] + us * (self.scale[1] - self.scale[0])
+            shift = [round((2 * ux - 1) * self.translate * width),
+                     round((2 * uy - 1) * self.translate * height)]
+            img = TF.affine(img, angle=angle, translate=shift, scale=scale, shear=[0.0, 0.0],
+                            interpolation=InterpolationMode.BILINEAR, fill=[0.0])
+            out.append(TF.horizontal_flip(img) if uf < self.hflip else img)
+        return torch.stack(out)
+
+
+# ---- model, optimiser, steps -----------------------------------------------------------------
+def build_model(config: DrnConfig, *, generator: torch.Generator | None = None) -> DRN:
+    """The configured DRN with one input channel and one (lesion / fracture) logit."""
+    return build_drn(config.arch, num_classes=1, in_channels=1, width_mult=config.width_mult,
+                     generator=generator)
+
+
+def make_optimizer(model: nn.Module, config: DrnConfig) -> torch.optim.Adam:
+    """Adam over the trainable parameters (L2 weight decay, as in the paper)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: DrnConfig
+) -> torch.optim.lr_scheduler.ReduceLROnPlateau | None:
+    """lr x `lr_decay` after `plateau_patience` epochs without a better val AUC (None if 1.0)."""
+    if config.lr_decay >= 1.0:
+        return None
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=config.lr_decay, patience=config.plateau_patience
+    )
+
+
+def make_loss(pos_weight: float, device: torch.device | str = "cpu") -> nn.BCEWithLogitsLoss:
+    return nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight], device=device))
+
+
+def _autocast(device: torch.device) -> Any:
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU bf16 convs are slower than fp32 here)."""
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _to_device(images: np.ndarray | Tensor, device: torch.device) -> Tensor:
+    x = torch.as_tensor(images, dtype=torch.float32).to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def train_step(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+) -> float:
+    """One optimiser step on a batch already on the model's device; returns the batch loss."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    with _autocast(images.device):
+        logits = model(images)  # (B, 1)
+    loss = loss_fn(logits[:, 0].float(), labels)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: np.ndarray, *, batch_size: int = 16) -> np.ndarray:
+    """Lesion probabilities (N,) float32 for images (N, 1, H, W) in [0, 1]; eval mode, no grad."""
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"predict expects images (N, 1, H, W), got shape {images.shape}")
+    net: nn.Module = getattr(model, "module", model)  # unwrap DDP
+    was_training = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    out = []
+    try:
+        for start in range(0, len(images), batch_size):
+            x = _to_device(images[start : start + batch_size], device)
+            with _autocast(device):
+                logits = net(x)  # (b, 1)
+            out.append(torch.sigmoid(logits[:, 0].float()).cpu().numpy())
+    finally:
+        net.train(was_training)
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides the model, optimiser and scheduler."""
+
+    epoch: int = -1  # last finished epoch
+    best_auc: float = -math.inf
+    best_epoch: int = -1
+    epochs_since_best: int = 0
+    stopped: bool = False
+
+    def update(self, epoch: int, auc: float) -> bool:
+        """Record epoch `epoch`'s val AUC; True when it is the best so far."""
+        self.epoch = epoch
+        if auc > self.best_auc:  # NaN never wins
+            self.best_auc, self.best_epoch, self.epochs_since_best = auc, epoch, 0
+            return True
+        self.epochs_since_best += 1
+        return False
+
+    def should_stop(self, config: DrnConfig) -> bool:
+        """Early stopping: `early_stop_patience` epochs in a row without a better val AUC.
+        (The epoch limit is not recorded here, so a finished run can be resumed for longer.)"""
+        return self.epochs_since_best >= config.early_stop_patience
+
+
+def cpu_state(model: nn.Module) -> dict[str, Tensor]:
+    net = getattr(model, "module", model)
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
+
+
+# ---- initialisation from the auxiliary model ------------------------------------------------
+def load_init_state(
+    init_from: str, *, tracking_config: TrackingConfig | None = None
+) -> dict[str, Tensor]:
+    """A DRN state dict from a registered/logged model (``models:/``, ``runs:/``), a
+    ``best_model.pt`` file, a Ray checkpoint directory or a `fit_classifier` run URI."""
+    if init_from.startswith(("models:/", "runs:/")):
+        return cpu_state(tracking.load_torch_model(init_from, tracking=tracking_config))
+    candidates = [init_from, storage.join(init_from, BEST_MODEL_FILE),
+                  storage.join(init_from, CHECKPOINT_FILE)]
+    for uri in candidates:
+        if _is_file(uri):
+            obj = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu",
+                             weights_only=True)
+            if isinstance(obj, dict) and "best_model" in obj:  # a training checkpoint
+                obj = obj["best_model"]
+            if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+                raise ModelError(f"{uri} holds no DRN state dict (got {type(obj).__name__})")
+            return obj
+    raise ModelError(
+        f"cannot initialise from {init_from!r}: not a models:/ or runs:/ URI and none of "
+        f"{candidates} exists. Run the fracture pre-training first or fix the URI."
+    )
+
+
+def _is_file(uri: str) -> bool:
+    fs, path = storage.filesystem(uri)
+    try:
+        return bool(fs.isfile(path))
+    except Exception:  # noqa: BLE001 - unreachable or malformed: not a file we can use
+        return False
+
+
+def apply_init(model: DRN, state: Mapping[str, Tensor], *, keep_head: bool = False) -> DRN:
+    """Copy a pre-trained backbone (and the head if `keep_head`) into `model`."""
+    wanted = {k: v for k, v in state.items() if keep_head or not k.startswith("fc.")}
+    try:
+        missing, unexpected = model.load_state_dict(wanted, strict=False)
+    except RuntimeError as exc:
+        raise ModelError(
+            f"pre-trained weights do not fit this DRN ({model.arch}, {model.out_channels} final "
+            f"channels): {str(exc)[:500]}. Pre-train with the same arch and width_mult."
+        ) from exc
+    missing = [k for k in missing if keep_head or not k.startswith("fc.")]
+    if missing or unexpected:
+        raise ModelError(
+            f"pre-trained weights do not fit this DRN: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}. Pre-train with the same arch and width_mult."
+        )
+    return model
+
+
+# ---- results ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClassifierResult:
+    best_val_auc: float
+    best_epoch: int
+    epochs_run: int
+    model_version: str | None
+    model_uri: str
+    predictions_uri: str
+    best_weights_uri: str
+    mlflow_run_id: str
+    run_uri: str
+
+    @classmethod
+    def from_manifest(cls, content: Mapping[str, Any]) -> ClassifierResult:
+        return cls(**{k: content[k] for k in cls.__dataclass_fields__})
+
+
+def load_best_model(result_or_uri: ClassifierResult | str, config: DrnConfig) -> DRN:
+    """The best-by-val-AUC model of a finished run (from its ``best_model.pt``), eval mode, CPU."""
+    uri = (result_or_uri.best_weights_uri if isinstance(result_or_uri, ClassifierResult)
+           else result_or_uri)
+    model = build_model(config)
+    model.load_state_dict(load_init_state(uri))
+    return model.eval()
+
+
+# ---- Ray Train: the per-worker loop ------------------------------------------------------------
+def _gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm statistics (DDP syncs gradients, not buffers), so
+    that all ranks evaluate, and rank 0 saves, one and the same model."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in getattr(model, "module", model).buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def _score_split(
+    model: nn.Module,
+    shard: Any,  # ray.data.DataIterator over the whole split
+    *,
+    label_column: str,
+    image_size: tuple[int, int],
+    batch_size: int,
+    rank: int,
+    world_size: int,
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(image ids, labels, scores) of every row of the split, gathered on every rank."""
+    ids: list[str] = []
+    labels: list[np.ndarray] = []
+    scores: list[np.ndarray] = []
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        mine = [i for i, iid in enumerate(batch["image_id"])
+                if owner_rank(str(iid), world_size) == rank]
+        if not mine:
+            continue
+        images, y, batch_ids = batch_to_arrays(_take(batch, mine), label_column=label_column,
+                                               image_size=image_size)
+        ids += batch_ids
+        labels.append(y)
+        scores.append(predict(model, images, batch_size=batch_size))
+    parts = _gather((ids, np.concatenate(labels) if labels else np.zeros(0, np.float32),
+                     np.concatenate(scores) if scores else np.zeros(0, np.float32)))
+    all_ids = [i for p in parts for i in p[0]]
+    order = np.argsort(all_ids, kind="stable")
+    return ([all_ids[i] for i in order], np.concatenate([p[1] for p in parts])[order],
+            np.concatenate([p[2] for p in parts])[order])
+
+
+def _train_epoch(
+    model: nn.Module,
+    shard: Any,
+    *,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    augment: AffineAugment,
+    generator: torch.Generator,
+    device: torch.device,
+    label_column: str,
+    image_size: tuple[int, int],
+    batch_size: int,
+    shuffle_seed: int,
+) -> float:
+    """Mean training loss over this epoch, across all ranks (weighted by batch size)."""
+    total, count = 0.0, 0
+    batches = shard.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                 local_shuffle_buffer_size=max(64, 8 * batch_size),
+                                 local_shuffle_seed=shuffle_seed)
+    for batch in batches:
+        images, labels, _ = batch_to_arrays(batch, label_column=label_column, image_size=image_size)
+        x = augment(_to_device(images, device), generator)
+        y = torch.as_tensor(labels, device=device)
+        total += train_step(model, x, y, optimizer=optimizer, loss_fn=loss_fn) * len(labels)
+        count += len(labels)
+    parts = _gather((total, count))
+    n = sum(c for _, c in parts)
+    return sum(t for t, _ in parts) / max(n, 1)
+
+
+def _save_checkpoint(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState,
+    best: dict[str, Tensor], metrics: dict[str, float], rank: int,
+) -> None:
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(
+            {"model": cpu_state(model), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+             "state": asdict(state), "best_model": best},
+            Path(tmp) / CHECKPOINT_FILE,
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _load_checkpoint() -> dict[str, Any] | None:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train loop: DDP training with per-epoch validation, checkpoints and early stopping,
+    then (all ranks) scoring of val/test with the best weights and (rank 0) publishing."""
+    import ray.train
+    import ray.train.torch
+
+    config = DrnConfig(**loop["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    image_size: tuple[int, int] = tuple(loop["image_size"])  # type: ignore[assignment]
+    label_column: str = loop["label_column"]
+    batch_size = max(1, config.batch_size // world)
+    if loop.get("torch_threads"):
+        torch.set_num_threads(int(loop["torch_threads"]))
+    torch.manual_seed(seed_for(config.seed, rank))
+
+    model = build_model(config, generator=torch.Generator().manual_seed(config.seed))
+    if loop["init_state"] is not None:
+        apply_init(model, loop["init_state"])
+        model.freeze(config.finetune_blocks)
+    saved = _load_checkpoint()
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL object collectives use the current device
+        torch.backends.cudnn.benchmark = True
+        model = model.to(memory_format=torch.channels_last)
+        if world > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = ray.train.torch.prepare_model(model)
+    net: DRN = getattr(model, "module", model)
+
+    optimizer = make_optimizer(net, config)
+    scheduler = make_scheduler(optimizer, config)
+    loss_fn = make_loss(loop["pos_weight"], device)
+    state = TrainState()
+    best = cpu_state(net)
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None and saved["scheduler"] is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        state = TrainState(**saved["state"])
+        best = saved["best_model"]
+        log.info("rank %d resumed after epoch %d (best val AUC %.4f)", rank, state.epoch,
+                 state.best_auc)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    client = _mlflow_client(loop) if rank == 0 else None
+    augment = AffineAugment(degrees=config.aug_degrees, scale=config.aug_scale,
+                            translate=config.aug_translate, hflip=config.aug_hflip)
+    split_kw = dict(label_column=label_column, image_size=image_size, batch_size=batch_size,
+                    rank=rank, world_size=world)
+
+    epoch = state.epoch + 1
+    while not state.stopped and epoch < loop["epochs"]:
+        train_loss = _train_epoch(
+            model, train_shard, optimizer=optimizer, loss_fn=loss_fn, augment=augment,
+            generator=torch.Generator().manual_seed(seed_for(config.seed, rank, epoch, 1)),
+            device=device, label_column=label_column, image_size=image_size,
+            batch_size=batch_size, shuffle_seed=seed_for(config.seed, rank, epoch, 2) % 2**31,
+        )
+        _sync_buffers(model)
+        _, labels, scores = _score_split(model, val_shard, **split_kw)
+        auc = _val_auc(labels, scores)
+        if scheduler is not None:
+            scheduler.step(auc if math.isfinite(auc) else 0.0)
+        if state.update(epoch, auc):
+            best = cpu_state(net)
+        state.stopped = state.should_stop(config)
+        metrics = {"epoch": epoch, "train_loss": train_loss, "val_auc": auc,
+                   "lr": optimizer.param_groups[0]["lr"], "best_val_auc": state.best_auc}
+        if client is not None:
+            for key in ("train_loss", "val_auc", "lr"):
+                client.log_metric(loop["mlflow_run_id"], key, float(metrics[key]), step=epoch)
+        _save_checkpoint(net, optimizer, scheduler, state, best, metrics, rank)
+        epoch += 1
+
+    net.load_state_dict(best)
+    rows = {"val": _score_split(model, val_shard, **split_kw)}
+    if loop["has_test"]:
+        rows["test"] = _score_split(model, ray.train.get_dataset_shard("test"), **split_kw)
+    if rank != 0:
+        return None
+    return _publish(loop, config, best, rows, state)
+
+
+def _mlflow_client(loop: Mapping[str, Any]) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=loop["tracking_uri"], registry_uri=loop["tracking_uri"])
+
+
+def _publish(
+    loop: Mapping[str, Any],
+    config: DrnConfig,
+    best: dict[str, Tensor],
+    rows: Mapping[str, tuple[list[str], np.ndarray, np.ndarray]],
+    state: TrainState,
+) -> dict[str, Any]:
+    """Rank 0: best weights, predictions, the MLflow model (registered), then the manifest."""
+    import mlflow
+    import pyarrow as pa
+
+    run_uri, endpoint = loop["run_uri"], loop["s3_endpoint"]
+    buffer = io.BytesIO()
+    torch.save(best, buffer)
+    best_uri = storage.join(run_uri, BEST_MODEL_FILE)
+    storage.write_bytes(best_uri, buffer.getvalue(), endpoint_url=endpoint)
+
+    table = pa.table({
+        "image_id": pa.array([i for ids, _, _ in rows.values() for i in ids], pa.string()),
+        "split": pa.array([s for s, (ids, _, _) in rows.items() for _ in ids], pa.string()),
+        "label": pa.array(np.concatenate([y for _, y, _ in rows.values()]).astype(np.int8)),
+        "score": pa.array(np.concatenate([p for _, _, p in rows.values()]).astype(np.float32)),
+    })
+    predictions_uri = storage.join(run_uri, PREDICTIONS_FILE)
+    storage.write_parquet(predictions_uri, table, endpoint_url=endpoint)
+
+    model = build_model(config)
+    model.load_state_dict(best)
+    height, width = loop["image_size"]
+    tracking.configure(TrackingConfig(tracking_uri=loop["tracking_uri"]))
+    active = mlflow.active_run()  # Train's local mode runs this in the driver, inside the run
+    in_run = active is not None and active.info.run_id == loop["mlflow_run_id"]
+    with contextlib.nullcontext() if in_run else mlflow.start_run(run_id=loop["mlflow_run_id"]):
+        version = tracking.log_torch_model(
+            model.eval(), name="model", input_example=np.zeros((1, 1, height, width), np.float32),
+            registered_name=loop["registered_name"], alias=loop["alias"],
+        )
+        mlflow.set_tags({"predictions_uri": predictions_uri, "best_weights_uri": best_uri})
+        mlflow.log_metrics({"best_val_auc": state.best_auc, "best_epoch": state.best_epoch})
+    registered = loop["registered_name"]
+    content = {
+        "best_val_auc": state.best_auc,
+        "best_epoch": state.best_epoch,
+        "epochs_run": state.epoch + 1,
+        "model_version": version,
+        "model_uri": (f"models:/{registered}/{version}" if registered
+                      else f"runs:/{loop['mlflow_run_id']}/model"),
+        "predictions_uri": predictions_uri,
+        "best_weights_uri": best_uri,
+        "mlflow_run_id": loop["mlflow_run_id"],
+        "run_uri": run_uri,
+    }
+    storage.publish_manifest(run_uri, content, endpoint_url=endpoint)
+    return content
+
+
+# ---- driver-side API ---------------------------------------------------------------------------
+def _class_counts(ds: ray.data.Dataset, label_column: str, name: str) -> tuple[int, int]:
+    if label_column not in ds.columns():
+        raise DataError(f"{name} dataset has no {label_column!r} column (columns: {ds.columns()})")
+    # one streaming pass over one column (Ray Data aggregations cost a shuffle each)
+    batches = ds.select_columns([label_column]).iter_batches(batch_size=None, batch_format="numpy")
+    labels = [np.asarray(b[label_column]) for b in batches]
+    y = np.concatenate(labels) if labels else np.zeros(0)
+    return int(y.size), int(np.count_nonzero(y))
+
+
+def _select(ds: ray.data.Dataset, label_column: str) -> ray.data.Dataset:
+    missing = [c for c in (*_ROW_COLUMNS, label_column) if c not in ds.columns()]
+    if missing:
+        raise DataError(
+            f"classification rows lack columns {missing}; see CONTRACTS.md (image shards)"
+        )
+    return ds.select_columns([*_ROW_COLUMNS, label_column])
+
+
+def fit_classifier(
+    config: DrnConfig,
+    train: ray.data.Dataset,
+    val: ray.data.Dataset,
+    *,
+    test: ray.data.Dataset | None,
+    run_uri: str,
+    num_workers: int,
+    use_gpu: bool,
+    experiment: str,
+    registered_name: str | None,
+    init_from: str | None,
+    image_size: tuple[int, int],
+    label_column: str = "label",
+    epochs: int | None = None,
+    alias: str | None = None,
+    run_name: str | None = None,
+    tracking_config: TrackingConfig | None = None,
+    cpus_per_worker: float = 1.0,
+    max_failures: int = 2,
+    overwrite: bool = False,
+    torch_threads: int | None = None,
+) -> ClassifierResult:
+    """Train a DRN with Ray Train (DDP over `num_workers`) and publish it under `run_uri`.
+
+    `init_from` (a model URI, best_model.pt, checkpoint or run URI) starts from pre-trained
+    weights and fine-tunes the last ``config.finetune_blocks`` stages and the head. A run URI
+    that already holds a manifest is returned as is unless `overwrite`; one that holds Ray
+    checkpoints of an unfinished run resumes from the latest of them.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if overwrite:
+        storage.remove(run_uri)
+    elif (done := storage.read_manifest(run_uri)) is not None:
+        log.info("%s already finished; returning its result (overwrite=True retrains)", run_uri)
+        return ClassifierResult.from_manifest(done)
+    if len(image_size) != 2 or min(image_size) < 8:
+        raise ValueError(f"image_size must be (height, width) >= 8 px, got {image_size}")
+
+    datasets = {"train": _select(train, label_column), "val": _select(val, label_column)}
+    if test is not None:
+        datasets["test"] = _select(test, label_column)
+    counts = {name: _class_counts(ds, label_column, name) for name, ds in datasets.items()}
+    for name in ("train", "val"):
+        n, pos = counts[name]
+        if pos == 0 or pos == n:
+            raise DataError(
+                f"{name} set has {pos} positives among {n} rows ({label_column!r}): training "
+                "and validation AUC need both classes"
+            )
+    n_train, pos_train = counts["train"]
+    pos_weight = (n_train - pos_train) / pos_train
+    init_state = (load_init_state(init_from, tracking_config=tracking_config)
+                  if init_from else None)
+    datasets["train"] = datasets["train"].randomize_block_order(seed=config.seed)
+
+    params = {
+        "drn": config.model_dump(),
+        "data": {f"{name}_{k}": v for name, (n, pos) in counts.items()
+                 for k, v in (("n", n), ("pos", pos))},
+        "epochs": epochs or config.epochs,
+        "pos_weight": round(pos_weight, 4),
+        "label_column": label_column,
+        "image_size": list(image_size),
+        "init_from": init_from or "",
+        "num_workers": num_workers,
+        "use_gpu": use_gpu,
+        "run_uri": run_uri,
+    }
+    uri = tracking.tracking_uri(tracking_config)
+    fs, path = storage.pyarrow_filesystem(run_uri)
+    name = run_name or f"{registered_name or 'drn'}-{Path(path).name}"
+    with tracking.start_run(experiment, name, params,
+                            tracking=TrackingConfig(tracking_uri=uri)) as run:
+        loop = {
+            "config": config.model_dump(),
+            "epochs": epochs or config.epochs,
+            "image_size": list(image_size),
+            "label_column": label_column,
+            "pos_weight": pos_weight,
+            "init_state": init_state,
+            "has_test": test is not None,
+            "run_uri": run_uri,
+            "s3_endpoint": storage.s3_endpoint() if storage.is_s3(run_uri) else None,
+            "tracking_uri": uri,
+            "mlflow_run_id": run.info.run_id,
+            "registered_name": registered_name,
+            "alias": alias,
+            "torch_threads": torch_threads,
+        }
+        resources = {"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
+        trainer = TorchTrainer(
+            _train_worker,
+            train_loop_config=loop,
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            ),
+            run_config=ray.train.RunConfig(
+                name="ray", storage_path=path, storage_filesystem=fs,
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            ),
+            datasets=datasets,
+            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        )
+        trainer.fit()
+    done = storage.read_manifest(run_uri)
+    if done is None:
+        raise ModelError(f"training finished but published no manifest under {run_uri}")
+    return ClassifierResult.from_manifest(done)
+
+
+def pretrain_fracture(
+    config: DrnConfig,
+    images: ray.data.Dataset,
+    *,
+    run_uri: str,
+    num_workers: int,
+    use_gpu: bool,
+    experiment: str,
+    image_size: tuple[int, int],
+    registered_name: str = FRACTURE_MODEL,
+    **kwargs: Any,
+) -> ClassifierResult:
+    """Auxiliary pre-training (paper 4.2): the same DRN on the fracture corpus.
+
+    `images` are image-shard rows; those with task == "fracture" are used, label = ``fracture``,
+    split by their ``split`` column, for ``config.pretrain_epochs`` epochs from scratch.
+    """
+    from ray.data.expressions import col
+
+    split = {s: images.filter(expr=(col("task") == "fracture") & (col("split") == s))
+             for s in ("train", "val", "test")}
+    return fit_classifier(
+        config, split["train"], split["val"], test=split["test"], run_uri=run_uri,
+        num_workers=num_workers, use_gpu=use_gpu, experiment=experiment,
+        registered_name=registered_name, init_from=None, image_size=image_size,
+        label_column="fracture", epochs=config.pretrain_epochs, **kwargs,
+    )
+
+
+__all__ = [
+    "AffineAugment",
+    "ClassifierResult",
+    "FRACTURE_MODEL",
+    "TrainState",
+    "apply_init",
+    "batch_to_arrays",
+    "build_model",
+    "fit_classifier",
+    "load_best_model",
+    "load_init_state",
+    "make_loss",
+    "make_optimizer",
+    "make_scheduler",
+    "predict",
+    "pretrain_fracture",
+    "train_step",
+]

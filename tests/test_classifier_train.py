@@ -1,0 +1,296 @@
+"""DRN classifier training: decoding, augmentation, steps, init/freeze, a 2-worker Ray run."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from boneaug.config import DrnConfig, TrackingConfig, load_config
+from boneaug.data.arrays import encode_pixels
+from boneaug.errors import DataError, ModelError
+from boneaug.train.classifier import (
+    AffineAugment,
+    TrainState,
+    apply_init,
+    batch_to_arrays,
+    build_model,
+    load_init_state,
+    make_loss,
+    make_optimizer,
+    make_scheduler,
+    predict,
+    train_step,
+)
+
+H, W = 64, 32
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread is faster, and stays fast on a shared 2-core machine."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def bone_image(rng: np.random.Generator, lesion: bool, h: int = H, w: int = W) -> np.ndarray:
+    """(h, w) float32: a bright vertical bar (bone) on a dim background, noise, and for a
+    lesion a dark ellipse inside the bar."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    cx = w / 2 + rng.uniform(-2, 2)
+    half = w * rng.uniform(0.18, 0.24)
+    img = 0.15 + 0.6 * (np.abs(xx - cx) < half)
+    if lesion:
+        cy, ry, rx = rng.uniform(0.3, 0.7) * h, h * rng.uniform(0.08, 0.14), half * 0.7
+        img = img - 0.45 * ((((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2) < 1)
+    img = img + rng.normal(0, 0.03, size=img.shape)
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+def shard_rows(n: int, *, split: str, task: str, seed: int, pos_every: int = 3) -> list[dict]:
+    """Rows with the classification image-shard schema (CONTRACTS.md)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        positive = i % pos_every == 0
+        rows.append({
+            "image_id": f"{task}-{split}-{i:03d}", "body_part": "humerus", "task": task,
+            "split": split, "label": np.int8(positive if task == "lesion" else 0),
+            "fracture": np.int8(positive if task == "fracture" else 0),
+            "patient_id": f"p{seed}-{i}", "confounders": [], "boxes": [],
+            "height": H, "width": W, "pixels": encode_pixels(bone_image(rng, positive)),
+            "scale": np.float32(1.0), "pad_x": np.int32(0), "pad_y": np.int32(0),
+        })
+    return rows
+
+
+def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
+    return {k: np.array([r[k] for r in rows], dtype=object if k == "pixels" else None)
+            for k in ("image_id", "height", "width", "pixels", "label")}
+
+
+def test_batch_to_arrays_decodes_pixels_and_checks_size() -> None:
+    rows = shard_rows(4, split="train", task="lesion", seed=1)
+    images, labels, ids = batch_to_arrays(_columns(rows), label_column="label", image_size=(H, W))
+    assert images.shape == (4, 1, H, W) and images.dtype == np.float32
+    assert labels.tolist() == [1.0, 0.0, 0.0, 1.0] and ids[0] == "lesion-train-000"
+    expected = bone_image(np.random.default_rng(1), True)
+    np.testing.assert_allclose(images[0, 0], expected, atol=1 / 65535)
+    with pytest.raises(DataError, match="re-run ingest"):
+        batch_to_arrays(_columns(rows), label_column="label", image_size=(2 * H, W))
+
+
+def test_affine_augment_is_seeded_per_image_and_keeps_shape(one_thread: None) -> None:
+    x = torch.from_numpy(np.stack([bone_image(np.random.default_rng(i), True) for i in range(4)]))
+    x = x[:, None]
+    augment = AffineAugment()
+    a = augment(x, torch.Generator().manual_seed(7))
+    b = augment(x, torch.Generator().manual_seed(7))
+    c = augment(x, torch.Generator().manual_seed(8))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a, x) and 0 <= float(a.min()) and float(a.max()) <= 1
+    flip = AffineAugment(degrees=0, scale=(1, 1), translate=0, hflip=1.0)
+    assert torch.equal(flip(x, torch.Generator()), x.flip(-1))
+    with pytest.raises(ValueError, match="invalid augmentation"):
+        AffineAugment(scale=(1.2, 1.1))
+
+
+def test_a_few_steps_on_synthetic_bones_lower_the_loss(one_thread: None) -> None:
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    labels = np.array([1, 0, 0, 0] * 4, dtype=np.float32)
+    images = np.stack([bone_image(rng, bool(y)) for y in labels])[:, None]
+    config = DrnConfig(arch="drn_d_22", width_mult=0.125, epochs=1, pretrain_epochs=1, lr=1e-3)
+    model = build_model(config, generator=torch.Generator().manual_seed(0))
+    optimizer = make_optimizer(model, config)
+    loss_fn = make_loss(pos_weight=3.0)
+    x, y = torch.from_numpy(images), torch.from_numpy(labels)
+    losses = [train_step(model, x, y, optimizer=optimizer, loss_fn=loss_fn) for _ in range(12)]
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+    scores = predict(model, images, batch_size=5)
+    assert scores.shape == (16,) and model.training  # predict restores the mode
+
+
+def test_predict_is_batch_size_invariant_and_in_unit_interval(one_thread: None) -> None:
+    torch.manual_seed(0)
+    model = build_model(DrnConfig(width_mult=0.125, epochs=1, pretrain_epochs=1)).eval()
+    images = np.random.default_rng(0).random((5, 1, H, W), dtype=np.float32)
+    a, b = predict(model, images, batch_size=1), predict(model, images, batch_size=5)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert ((a > 0) & (a < 1)).all()
+    with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
+        predict(model, images[:, 0])
+
+
+def test_plateau_scheduler_decays_lr_and_early_stopping_counts() -> None:
+    config = DrnConfig(width_mult=0.125, epochs=20, pretrain_epochs=1, plateau_patience=1,
+                       early_stop_patience=3)
+    optimizer = make_optimizer(build_model(config), config)
+    scheduler = make_scheduler(optimizer, config)
+    state = TrainState()
+    stops = []
+    for epoch, auc in enumerate([0.6, 0.7, 0.72, 0.65, 0.69, 0.8, 0.7, 0.7, 0.7]):
+        state.update(epoch, auc)
+        scheduler.step(auc)
+        stops.append(state.should_stop(config))
+    assert state.best_auc == 0.8 and state.best_epoch == 5
+    assert stops.index(True) == 8  # three epochs without improvement after epoch 5
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.9**2)
+    assert make_scheduler(optimizer, config.model_copy(update={"lr_decay": 1.0})) is None
+
+
+def test_init_from_file_copies_the_backbone_and_reinitialises_the_head(tmp_path: Path) -> None:
+    config = DrnConfig(width_mult=0.125, epochs=1, pretrain_epochs=1)
+    source = build_model(config, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        source.fc.bias.fill_(3.0)
+    torch.save(source.state_dict(), tmp_path / "best_model.pt")
+    state = load_init_state(str(tmp_path))  # a run directory holding best_model.pt
+    target = apply_init(build_model(config, generator=torch.Generator().manual_seed(2)), state)
+    assert torch.equal(target.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
+    assert float(target.fc.bias.detach()) == 0.0
+    wide = build_model(config.model_copy(update={"width_mult": 0.25}))
+    with pytest.raises(ModelError, match="same arch and width_mult"):
+        apply_init(wide, state)
+    with pytest.raises(ModelError, match="fracture pre-training"):
+        load_init_state(str(tmp_path / "nothing-here"))
+
+
+# ---- the Ray Train run -------------------------------------------------------------------------
+@pytest.mark.slow
+def test_fracture_pretraining_then_two_worker_finetuning_registers_and_reloads(
+    ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+    import ray
+
+    from boneaug import storage, tracking
+    from boneaug.train.classifier import fit_classifier, load_best_model, pretrain_fracture
+
+    db = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", db.tracking_uri)  # restored after the test
+    config = load_config("smoke").drn.model_copy(update={"epochs": 2, "batch_size": 8})
+    common = dict(use_gpu=False, image_size=(H, W), tracking_config=db, cpus_per_worker=0.5)
+
+    fracture = ray.data.from_items(
+        shard_rows(16, split="train", task="fracture", seed=10, pos_every=2)
+        + shard_rows(8, split="val", task="fracture", seed=11, pos_every=2)
+        + shard_rows(4, split="test", task="fracture", seed=12, pos_every=2)
+        + shard_rows(4, split="train", task="lesion", seed=13)  # not fracture rows: ignored
+    )
+    pre = pretrain_fracture(config, fracture, run_uri=str(tmp_path / "fracture"), num_workers=0,
+                            experiment="boneaug/fracture/pretrain", **common)
+    assert pre.model_version == "1" and pre.model_uri == "models:/boneaug-drn-fracture/1"
+    assert pre.epochs_run == config.pretrain_epochs == 1
+
+    train_rows = shard_rows(18, split="train", task="lesion", seed=1)
+    val_rows = shard_rows(9, split="val", task="lesion", seed=2)
+    test_rows = shard_rows(6, split="test", task="lesion", seed=3)
+    run_uri = str(tmp_path / "humerus")
+    result = fit_classifier(
+        config, ray.data.from_items(train_rows), ray.data.from_items(val_rows),
+        test=ray.data.from_items(test_rows), run_uri=run_uri, num_workers=2,
+        experiment="boneaug/humerus/train_classifier", registered_name="boneaug-drn-humerus",
+        init_from=pre.model_uri, alias="challenger", **common,
+    )
+    assert result.model_version == "1" and result.epochs_run == 2
+    assert 0 <= result.best_val_auc <= 1 and 0 <= result.best_epoch < result.epochs_run
+
+    # the registered model is the best model: same outputs, bit for bit
+    registered = tracking.load_torch_model("models:/boneaug-drn-humerus@challenger", tracking=db)
+    best = load_best_model(result, config)
+    images, labels, ids = batch_to_arrays(_columns(val_rows + test_rows), label_column="label",
+                                          image_size=(H, W))
+    with torch.no_grad():
+        x = torch.from_numpy(images)
+        assert torch.equal(registered(x), best(x))
+
+    # fine-tuning touched only stages 7-8 and the head; the rest is the fracture model
+    fracture_model = tracking.load_torch_model(pre.model_uri, tracking=db)
+    src, dst = fracture_model.state_dict(), best.state_dict()
+    frozen = [k for k in dst if not k.startswith(("layer7.", "layer8.", "fc."))]
+    assert frozen and all(torch.equal(src[k], dst[k]) for k in frozen)
+    assert not torch.equal(src["fc.weight"], dst["fc.weight"])
+
+    # predictions: every val/test row once, scores = predict(best model)
+    table = storage.read_parquet(result.predictions_uri).to_pandas()
+    assert sorted(table["image_id"]) == sorted(ids)
+    assert table.groupby("split").size().to_dict() == {"test": 6, "val": 9}
+    table = table.set_index("image_id").loc[ids]
+    np.testing.assert_allclose(table["score"], predict(best, images), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(table["label"], labels.astype(np.int8))
+    from sklearn.metrics import roc_auc_score
+    val = table[table["split"] == "val"]
+    assert roc_auc_score(val["label"], val["score"]) == pytest.approx(result.best_val_auc)
+
+    # MLflow: config + counts as params, one val_auc per epoch, checkpoints in the run's storage
+    client = mlflow.MlflowClient(tracking_uri=db.tracking_uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.params["drn.arch"] == config.arch and run.data.params["data.train_pos"] == "6"
+    assert run.data.params["pos_weight"] == "2.0"
+    assert len(client.get_metric_history(run.info.run_id, "val_auc")) == result.epochs_run
+    assert run.data.tags["predictions_uri"] == result.predictions_uri
+    assert storage.list_files(storage.join(run_uri, "ray"), suffix="state.pt")
+
+    # a finished run URI is not trained twice
+    again = fit_classifier(
+        config, ray.data.from_items(train_rows), ray.data.from_items(val_rows), test=None,
+        run_uri=run_uri, num_workers=2, use_gpu=False, experiment="x",
+        registered_name="boneaug-drn-humerus",
+        init_from=None, image_size=(H, W), tracking_config=db,
+    )
+    assert again == result
+
+    # resume: without the manifest, the same run URI continues from its last Ray checkpoint
+    storage.remove(storage.join(run_uri, storage.MANIFEST))
+    longer = fit_classifier(
+        config, ray.data.from_items(train_rows), ray.data.from_items(val_rows), test=None,
+        run_uri=run_uri, num_workers=2, epochs=3, experiment="boneaug/humerus/train_classifier",
+        registered_name="boneaug-drn-humerus", init_from=pre.model_uri, **common,
+    )
+    assert longer.epochs_run == 3 and longer.model_version == "2"
+    assert longer.best_val_auc >= result.best_val_auc
+    history = client.get_metric_history(longer.mlflow_run_id, "val_auc")
+    assert [m.step for m in history] == [2]  # only the new epoch was trained
+
+
+@pytest.mark.slow
+def test_local_mode_run_writes_its_outputs_to_s3(
+    ray_session: None, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Train's local mode (num_workers=0, in this process) against the loopback S3 server;
+    without a registered name the model is only logged in the run."""
+    import ray
+
+    from boneaug import storage, tracking
+    from boneaug.train.classifier import fit_classifier, load_best_model
+
+    db = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", db.tracking_uri)
+    config = load_config("smoke").drn.model_copy(update={"epochs": 1})
+    run_uri = f"{s3_bucket}/runs/r1/classifier-humerus"
+    result = fit_classifier(
+        config, ray.data.from_items(shard_rows(9, split="train", task="lesion", seed=4)),
+        ray.data.from_items(shard_rows(6, split="val", task="lesion", seed=5)), test=None,
+        run_uri=run_uri, num_workers=0, use_gpu=False, experiment="boneaug/humerus/smoke",
+        registered_name=None, init_from=None, image_size=(H, W), tracking_config=db,
+    )
+    assert result.model_version is None and result.model_uri.startswith("runs:/")
+    assert result.predictions_uri == f"{run_uri}/predictions.parquet"
+    assert storage.read_manifest(run_uri)["best_val_auc"] == result.best_val_auc
+    table = storage.read_parquet(result.predictions_uri)
+    assert table.num_rows == 6 and set(table.column("split").to_pylist()) == {"val"}
+    logged = tracking.load_torch_model(result.model_uri, tracking=db)
+    best = load_best_model(result, config)  # best_model.pt read back from S3
+    x = torch.rand(2, 1, H, W, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(logged(x), best(x))
