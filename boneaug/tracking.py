@@ -114,6 +114,8 @@ def log_torch_model(
         input_example=input_example,
         signature=signature,
         serialization_format="pickle",
+        # pinned here: MLflow's own inference starts a subprocess and costs ~9 s per model
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         registered_model_name=registered_name,
     )
     if registered_name is None:

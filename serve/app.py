@@ -1,0 +1,623 @@
+"""Ray Serve app: synthesise a lesion on an uploaded radiograph (translate + blend + score).
+
+    HTTP -> Api (FastAPI ingress: auth, limits, decode, crop, blend, encode)
+              -> Translator (UNIT h -> l, @serve.batch)   boneaug-unit-<body_part>@alias
+              -> Scorer     (DRN probability, @serve.batch) boneaug-drn-<body_part>@alias
+
+Routes: POST /v1/lesions, POST /v1/score, POST /v1/preview, GET /v1/models (bearer token);
+GET /healthz and GET / (the demo page) without a token; /docs and /openapi.json need the token
+unless the ingress's user_config says `public_docs: true`.
+
+Models come from the MLflow registry by name + alias, named in each model deployment's
+`user_config` (`schemas.ModelsConfig`). `reconfigure` loads the new models and swaps them in
+atomically, so `serve deploy` with a changed user_config (another alias, or `revision` bumped after
+an alias moved) switches models without restarting replicas or failing a request.
+
+Auth: the bearer token is read from the environment variable BONEAUG_API_TOKEN of the replica
+process (set it on every node before `ray start`, e.g. from a secret store); it is never in code or
+in config.yaml. When it is unset or shorter than 16 characters the ingress refuses to start.
+
+Run: `BONEAUG_API_TOKEN=... serve run serve/config.yaml` (from the repository root), or
+`serve run serve.app:build_app profile=smoke num_gpus=0.5`.
+
+No `from __future__ import annotations` here: FastAPI reads the route signatures' types at runtime.
+"""
+
+import asyncio
+import base64
+import hmac
+import logging
+import os
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from boneaug import serving
+from boneaug.config import BodyPart, BoneaugConfig, TrackingConfig, load_config
+from boneaug.errors import ConfigError
+from serve.schemas import (
+    AppArgs,
+    ErrorResponse,
+    HealthResponse,
+    LesionModels,
+    LesionResponse,
+    ModelRef,
+    ModelsConfig,
+    ModelsResponse,
+    ModelVersion,
+    PreviewResponse,
+    ScoreResponse,
+    ServiceConfig,
+)
+
+log = logging.getLogger("boneaug.serve")
+
+TOKEN_ENV = "BONEAUG_API_TOKEN"
+MIN_TOKEN_LENGTH = 16
+PUBLIC_PATHS = frozenset({"/", "/healthz"})
+DOCS_PATHS = frozenset({"/docs", "/openapi.json"})
+
+
+# ---------------------------------------------------------------------------------------------
+# model deployments
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """One request's answer from a model deployment: values, or why there are none."""
+
+    values: np.ndarray | None = None
+    name: str = ""
+    version: str = ""
+    error: str | None = None  # "not_served" | "no_model" | "bad_input"
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    name: str
+    version: str
+    model: Any  # torch.nn.Module in eval mode, on `device`
+    device: str
+
+
+class _RegistryModels:
+    """Models by body part, loaded from the MLflow registry on every `reconfigure`.
+
+    A reconfigure resolves every alias, loads what changed, then swaps the whole dict in one
+    assignment; a body part whose new model fails to load keeps its previous one (the error is
+    logged and kept for `check_health`'s message). Failures are answered per request
+    (`ModelOutput.error`), never raised through the batch, so one bad batch cannot kill a replica.
+    """
+
+    kind: str = "model"
+    run: Callable[[Any, np.ndarray, str], np.ndarray]
+
+    def __init__(self) -> None:
+        self._loaded: dict[str, _Loaded] = {}
+        self._errors: dict[str, str] = {}
+        self._lock = threading.Lock()  # one reconfigure at a time; requests never wait on it
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        config = ModelsConfig.model_validate(user_config)
+        with self._lock:
+            self._reload(config)
+        self._set_batching(config)
+
+    def _reload(self, config: ModelsConfig) -> None:
+        import torch
+
+        from boneaug import tracking
+
+        device = config.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        tracking.configure(TrackingConfig(tracking_uri=config.tracking_uri))
+        loaded = {bp: m for bp, m in self._loaded.items() if bp in config.models}
+        errors: dict[str, str] = {}
+        for body_part, ref in config.models.items():
+            try:
+                name, version = tracking.resolve(ref.uri)
+                current = loaded.get(body_part)
+                if current and (current.name, current.version, current.device) == (name, version, device):
+                    continue
+                model = tracking.load_torch_model(f"models:/{name}/{version}").to(device)
+                loaded[body_part] = _Loaded(name, str(version), model, device)
+                log.info("%s: %s serves %s version %s on %s", self.kind, body_part, name, version, device)
+            except Exception as exc:  # noqa: BLE001 - keep serving what loads; report the rest
+                errors[body_part] = f"{ref.uri}: {type(exc).__name__}: {exc}"
+                log.error("%s: cannot load %s for %s: %s", self.kind, ref.uri, body_part, exc)
+        self._loaded = loaded  # atomic swap: a batch holds the dict it started with
+        self._errors = errors
+
+    def _set_batching(self, config: ModelsConfig) -> None:  # overridden per batched method
+        pass
+
+    def check_health(self) -> None:
+        if not self._loaded:
+            raise RuntimeError(f"{self.kind}: no model loaded; errors: {self._errors or 'none recorded'}")
+
+    def models(self) -> dict[str, dict[str, str]]:
+        return {bp: {"name": m.name, "version": m.version} for bp, m in self._loaded.items()}
+
+    def replica(self) -> str:
+        """This replica's id (ops and tests: a config update reconfigures, it does not restart)."""
+        return serve.get_replica_context().replica_id.unique_id
+
+    async def _run_batch(self, requests: list[tuple[str, np.ndarray]]) -> list[ModelOutput]:
+        """Group a batch by (body part, input shape), run each group once, answer each request."""
+        loaded = self._loaded
+        outputs: list[ModelOutput | None] = [None] * len(requests)
+        groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+        for i, (body_part, array) in enumerate(requests):
+            model = loaded.get(body_part)
+            if model is None:
+                reason = "no_model" if not loaded else "not_served"
+                outputs[i] = ModelOutput(error=reason, message=(
+                    f"the {self.kind} serves no model for body part {body_part!r}; "
+                    f"served: {sorted(loaded) or 'none'}"))
+            elif not isinstance(array, np.ndarray) or array.ndim != 4 or array.shape[:2] != (1, 1):
+                outputs[i] = ModelOutput(error="bad_input", message=f"expected a (1, 1, H, W) array, got "
+                                         f"{getattr(array, 'shape', type(array).__name__)}")
+            else:
+                groups.setdefault((body_part, array.shape), []).append(i)
+        for (body_part, _), indices in groups.items():
+            model = loaded[body_part]
+            stacked = np.concatenate([requests[i][1] for i in indices], axis=0)  # (B, 1, H, W)
+            try:
+                values = await asyncio.to_thread(type(self).run, model.model, stacked, model.device)
+            except Exception as exc:  # noqa: BLE001 - answer each request (503), keep the replica
+                log.exception("%s: %s %s failed on a batch of %d", self.kind, model.name, model.version, len(indices))
+                for i in indices:
+                    outputs[i] = ModelOutput(error="model_error", message=f"the {self.kind} failed: "
+                                             f"{type(exc).__name__}", name=model.name, version=model.version)
+                continue
+            for j, i in enumerate(indices):
+                outputs[i] = ModelOutput(values=values[j:j + 1], name=model.name, version=model.version)
+        return [o for o in outputs if o is not None]
+
+
+_MODEL_OPTIONS: dict[str, Any] = dict(
+    ray_actor_options={"num_cpus": 0.5},
+    autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 4,
+                        "upscale_delay_s": 10, "downscale_delay_s": 120},
+    max_ongoing_requests=16,
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=20,
+)
+
+
+@serve.deployment(name="Translator", **_MODEL_OPTIONS)
+class Translator(_RegistryModels):
+    """UNIT h -> l: (1, 1, S, S) patches in [0, 1] -> translated patches, batched."""
+
+    kind = "translator"
+    run = staticmethod(serving.run_translator)
+
+    def _set_batching(self, config: ModelsConfig) -> None:
+        self.translate_batch.set_max_batch_size(config.max_batch_size)
+        self.translate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+
+    async def translate(self, body_part: str, patch: np.ndarray) -> ModelOutput:
+        return await self.translate_batch((body_part, patch))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def translate_batch(self, requests: list[tuple[str, np.ndarray]]) -> list[ModelOutput]:
+        return await self._run_batch(requests)
+
+
+@serve.deployment(name="Scorer", **_MODEL_OPTIONS)
+class Scorer(_RegistryModels):
+    """DRN lesion probability of (1, 1, H, W) classifier-size images, batched."""
+
+    kind = "scorer"
+    run = staticmethod(serving.run_scorer)
+
+    def _set_batching(self, config: ModelsConfig) -> None:
+        self.score_batch.set_max_batch_size(config.max_batch_size)
+        self.score_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+
+    async def score(self, body_part: str, image: np.ndarray) -> ModelOutput:
+        return await self.score_batch((body_part, image))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def score_batch(self, requests: list[tuple[str, np.ndarray]]) -> list[ModelOutput]:
+        return await self._run_batch(requests)
+
+
+# ---------------------------------------------------------------------------------------------
+# the HTTP ingress
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+
+def error_response(status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(ErrorResponse(reason=reason, message=message).model_dump(), status_code=status,
+                        headers=headers)
+
+
+@dataclass
+class _Gate:
+    """What the ASGI gate checks before a request reaches a route (set by the Api replica).
+
+    A replica is one process, so this module-level holder is per replica: Serve pickles the
+    FastAPI app by value into the replica, while this module (and the gate class) is imported
+    there by reference, so both the Api instance and the middleware see the same holder.
+    """
+
+    token: str | None = None
+    max_upload_bytes: int = ServiceConfig().max_upload_bytes
+    public_docs: bool = False
+
+
+_GATE = _Gate()
+
+
+def configure_gate(*, token: str | None = None, max_upload_bytes: int | None = None,
+                   public_docs: bool | None = None) -> None:
+    """Set the replica's gate. Api methods call this module function (pickled by reference)
+    rather than touching `_GATE`, which would be captured by value with the deployment class."""
+    if token is not None:
+        _GATE.token = token
+    if max_upload_bytes is not None:
+        _GATE.max_upload_bytes = max_upload_bytes
+    if public_docs is not None:
+        _GATE.public_docs = public_docs
+
+
+def require_token(environ: Mapping[str, str]) -> str:
+    """The service token from the environment; refuse to start without a usable one."""
+    token = (environ.get(TOKEN_ENV) or "").strip()
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(f"refusing to start: set {TOKEN_ENV} to a secret of at least {MIN_TOKEN_LENGTH} "
+                          "characters in the environment of every Ray node, e.g. "
+                          "`export BONEAUG_API_TOKEN=$(openssl rand -hex 24)` before `ray start` "
+                          f"(it is {'unset' if not token else f'{len(token)} characters'})")
+    return token
+
+
+def read_page() -> str:
+    """The demo page, read next to this module on the replica's machine."""
+    page = Path(__file__).with_name("page.html")
+    return page.read_text() if page.exists() else "<!doctype html><title>boneaug</title><p>page.html missing"
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class GateMiddleware:
+    """Auth first (401/403, before the body is read), then the upload limit (413)."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        gate = _GATE
+        path = scope.get("path", "")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        public = path in PUBLIC_PATHS or (gate.public_docs and path in DOCS_PATHS)
+        if not public:
+            failure = check_token(headers.get("authorization"), gate.token)
+            if failure is not None:
+                await failure(scope, receive, send)
+                return
+        limit = gate.max_upload_bytes
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            await _too_large(limit)(scope, receive, send)
+            return
+        received = 0
+        exceeded = False
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    exceeded = True
+                    raise _TooLarge()
+            return message
+
+        async def guarded_send(message: dict[str, Any]) -> None:
+            if not exceeded:
+                await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _TooLarge:
+            pass
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded:
+            await _too_large(limit)(scope, receive, send)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return error_response(413, "upload_too_large", f"the request body exceeds {limit} bytes; "
+                          "downsample or compress the radiograph")
+
+
+def check_token(header: str | None, token: str | None) -> JSONResponse | None:
+    """None when `header` carries the bearer token; else the 401/403 response to send."""
+    challenge = {"WWW-Authenticate": 'Bearer realm="boneaug"'}
+    if not header:
+        return error_response(401, "missing_token", "send 'Authorization: Bearer <token>'", challenge)
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return error_response(401, "missing_token", "the Authorization header must be 'Bearer <token>'", challenge)
+    if token is None or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        return error_response(403, "bad_token", "the bearer token is not valid for this service")
+    return None
+
+
+# Everything a route method uses must be defined above the Api class: @serve.ingress pickles the
+# FastAPI app (routes included) by value when the class is decorated.
+
+api = FastAPI(
+    title="boneaug",
+    version="0.1.0",
+    description="Synthesise a bone lesion on a radiograph (UNIT translation, alpha blending, "
+                "DRN score). Every route except / and /healthz needs 'Authorization: Bearer <token>'.",
+    docs_url=None, redoc_url=None, openapi_url=None,
+)
+api.add_middleware(GateMiddleware)
+bearer = HTTPBearer(auto_error=False, description="the service token (BONEAUG_API_TOKEN)")
+Auth = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]  # documented; GateMiddleware checks
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in ((401, "no bearer token"), (403, "wrong token"), (413, "upload too large"),
+                         (422, "bad input: not an image, corrupt, box outside the image, ..."),
+                         (503, "no model loaded for the body part, or a model call timed out"))
+}
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors())
+    return error_response(422, "invalid_request", problems[:2000] or "invalid request")
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal_error", f"{type(exc).__name__}: the service failed; see the replica log")
+
+
+async def _guard(work: Awaitable[Any]) -> Any:
+    """Run a route's work; client faults -> 422, service faults -> their status, never a traceback."""
+    try:
+        return await work
+    except serving.RequestError as exc:
+        return error_response(422, exc.reason, exc.message)
+    except HttpError as exc:
+        return error_response(exc.status, exc.reason, exc.message)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+UploadField = Annotated[UploadFile, File(description="radiograph: DICOM, or 8/16-bit grayscale PNG")]
+BodyPartField = Annotated[BodyPart, Form(description="which bone (selects models, s and t)")]
+
+
+@serve.deployment(
+    name="Api",
+    ray_actor_options={"num_cpus": 0.5},
+    autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 4,
+                        "upscale_delay_s": 10, "downscale_delay_s": 120},
+    max_ongoing_requests=8,  # each request may hold a 25 Mpx image: bounds replica memory
+    health_check_period_s=10,
+    graceful_shutdown_timeout_s=20,
+)
+@serve.ingress(api)
+class Api:
+    def __init__(self, translator: DeploymentHandle, scorer: DeploymentHandle) -> None:
+        configure_gate(token=require_token(os.environ))
+        self._translator = translator
+        self._scorer = scorer
+        self._page = read_page()
+        self._service = ServiceConfig()
+        self._config: BoneaugConfig = load_config(self._service.profile)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        service = ServiceConfig.model_validate(user_config)
+        self._config = load_config(service.profile)
+        self._service = service
+        configure_gate(max_upload_bytes=service.max_upload_bytes, public_docs=service.public_docs)
+
+    @property
+    def _limits(self) -> serving.Limits:
+        s = self._service
+        return serving.Limits(max_side=s.max_image_side, max_pixels=s.max_image_pixels, min_side=s.min_image_side)
+
+    # -- public -------------------------------------------------------------------------------
+
+    @api.get("/healthz", response_model=HealthResponse, tags=["ops"])
+    async def healthz(self) -> HealthResponse:
+        return HealthResponse(status="ok")
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(self._page, headers={"Content-Security-Policy": (
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+            "img-src data: blob:; connect-src 'self'; form-action 'none'; base-uri 'none'")})
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self) -> JSONResponse:
+        return JSONResponse(api.openapi())
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="boneaug API")
+
+    # -- authenticated ------------------------------------------------------------------------
+
+    @api.get("/v1/models", response_model=ModelsResponse, responses=ERRORS, tags=["models"])
+    async def models(self, _auth: Auth) -> Response:
+        async def work() -> ModelsResponse:
+            try:
+                translator, scorer = await asyncio.wait_for(asyncio.gather(
+                    self._translator.models.remote(), self._scorer.models.remote()), self._service.model_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - a model deployment is down: the service's fault
+                raise HttpError(503, "model_unavailable", f"a model deployment is unavailable: "
+                                f"{type(exc).__name__}") from exc
+            return ModelsResponse(
+                translator={bp: ModelVersion(**m) for bp, m in translator.items()},
+                scorer={bp: ModelVersion(**m) for bp, m in scorer.items()},
+                body_parts=sorted(set(translator) & set(scorer)),
+            )
+
+        return await _guard(work())
+
+    @api.post("/v1/preview", response_model=PreviewResponse, responses=ERRORS, tags=["images"])
+    async def preview(self, _auth: Auth, file: UploadField) -> Response:
+        async def work() -> PreviewResponse:
+            image = await self._decode(file)
+            png = await asyncio.to_thread(serving.encode_png, image.pixels, bits=8)
+            return PreviewResponse(rows=image.shape[0], columns=image.shape[1], kind=image.kind, png=_b64(png))
+
+        return await _guard(work())
+
+    @api.post("/v1/score", response_model=ScoreResponse, responses=ERRORS, tags=["lesions"])
+    async def score(self, _auth: Auth, file: UploadField, body_part: BodyPartField) -> Response:
+        async def work() -> ScoreResponse:
+            image = await self._decode(file)
+            fitted = await asyncio.to_thread(serving.fit_pad, image.pixels, self._score_hw)
+            out = await self._call(self._scorer.score.remote(body_part, fitted[None, None]))
+            return ScoreResponse(body_part=body_part, probability=float(out.values.reshape(-1)[0]),
+                                 model=out.name, version=out.version)
+
+        return await _guard(work())
+
+    @api.post("/v1/lesions", response_model=LesionResponse, responses=ERRORS, tags=["lesions"])
+    async def lesions(
+        self,
+        _auth: Auth,
+        file: UploadField,
+        body_part: BodyPartField,
+        box: Annotated[str, Form(max_length=100, description="'x0,y0,x1,y1' in the uploaded image's "
+                                 "pixels (x1/y1 exclusive), or 'auto' to place it on the bone")] = "auto",
+        n: Annotated[float | None, Form(gt=0, le=64, allow_inf_nan=False,
+                                        description="blending exponent; default from the config")] = None,
+        output_format: Annotated[Literal["dicom", "png"] | None, Form(
+            alias="format", description="blended image as a derived DICOM or a 16-bit PNG; "
+            "default: dicom for a DICOM upload, png for a PNG upload")] = None,
+        seed: Annotated[int, Form(ge=0, le=2**32 - 1, description="crop placement and auto box")] = 0,
+        preview: Annotated[bool, Form(description="also return an 8-bit PNG of the result")] = False,
+    ) -> Response:
+        async def work() -> LesionResponse:
+            requested = serving.parse_box(box)
+            image = await self._decode(file)
+            fmt = output_format or image.kind
+            if fmt == "dicom" and image.source is None:  # fail before the models run
+                raise serving.RequestError("dicom_needs_dicom_upload", "format=dicom derives a DICOM from "
+                                           "the uploaded DICOM; for a PNG upload ask for format=png")
+            cfg = self._config
+            s = cfg.patches.body_parts[body_part].s
+            blend_n = float(n if n is not None else cfg.augment.blend_n)
+            rng = np.random.default_rng(seed)
+            chosen, crop, patch = await asyncio.to_thread(
+                serving.place_and_cut, image.pixels, requested, size=cfg.patches.size, s=s,
+                min_mean_intensity=cfg.patches.min_mean_intensity, rng=rng)
+            translated_out = await self._call(self._translator.translate.remote(body_part, patch[None, None]))
+            translated = np.array(translated_out.values[0, 0])  # writable copy of the object-store view
+            blended, fitted = await asyncio.to_thread(serving.blend_and_fit, image.pixels, translated, crop,
+                                                      n=blend_n, score_hw=self._score_hw)
+            score_out = await self._call(self._scorer.score.remote(body_part, fitted[None, None]))
+            probability = float(score_out.values.reshape(-1)[0])
+            models = LesionModels(translator=ModelVersion(name=translated_out.name, version=translated_out.version),
+                                  scorer=ModelVersion(name=score_out.name, version=score_out.version))
+            threshold = float(cfg.augment.t[body_part])
+            result = serving.LesionResult(chosen, crop, patch, translated, blended, probability)
+            encoded, media_type = await asyncio.to_thread(serving.encode_result, image, result, fmt, n=blend_n,
+                                                          models=models.model_dump())
+            patch_png, source_png = await asyncio.to_thread(
+                lambda: (serving.encode_png(translated), serving.encode_png(patch)))
+            preview_png = (await asyncio.to_thread(serving.encode_png, blended)) if preview else None
+            return LesionResponse(
+                body_part=body_part, image=_b64(encoded), image_format=fmt, media_type=media_type,
+                patch_png=_b64(patch_png), source_patch_png=_b64(source_png),
+                preview_png=_b64(preview_png) if preview_png else None,
+                rows=image.shape[0], columns=image.shape[1], box=list(chosen), crop=list(crop), n=blend_n,
+                score=probability, threshold=threshold, passes_threshold=probability >= threshold,
+                models=models,
+            )
+
+        return await _guard(work())
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    @property
+    def _score_hw(self) -> tuple[int, int]:
+        return self._config.image.height, self._config.image.width
+
+    async def _decode(self, file: UploadFile) -> serving.Radiograph:
+        data = await file.read()
+        return await asyncio.to_thread(serving.decode_radiograph, data, self._limits)
+
+    async def _call(self, response: Any) -> ModelOutput:
+        """Await a model deployment's answer; map its failures to 422/503."""
+        timeout = self._service.model_timeout_s
+        try:
+            out = await asyncio.wait_for(response, timeout)
+        except asyncio.TimeoutError as exc:
+            response.cancel()
+            raise HttpError(503, "model_timeout", f"a model call took over {timeout} s; retry later") from exc
+        except Exception as exc:  # noqa: BLE001 - replica died or unreachable: the service's fault
+            log.error("model call failed: %s", exc)
+            raise HttpError(503, "model_unavailable", f"a model deployment is unavailable: {type(exc).__name__}") from exc
+        if out.error == "not_served":
+            raise HttpError(422, "body_part_not_served", out.message)
+        if out.error is not None:
+            raise HttpError(503, out.error, out.message)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the application
+
+
+def build_app(args: dict[str, Any] | AppArgs | None = None) -> serve.Application:
+    """The application graph; `serve run serve.app:build_app profile=smoke num_gpus=0.5`."""
+    a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+    actor = {"num_cpus": a.num_cpus} | ({"num_gpus": a.num_gpus} if a.num_gpus else {})
+    scaling: dict[str, Any] = ({} if a.num_replicas is None
+                               else {"num_replicas": a.num_replicas, "autoscaling_config": None})
+
+    def models(kind: str, alias: str) -> dict[str, Any]:
+        refs = {bp: ModelRef(name=f"boneaug-{kind}-{bp}", alias=alias) for bp in a.body_parts}
+        return ModelsConfig(models=refs, tracking_uri=a.tracking_uri).model_dump(mode="json", exclude_none=True)
+
+    translator = Translator.options(user_config=models("unit", a.translator_alias), ray_actor_options=actor,
+                                    **scaling).bind()
+    scorer = Scorer.options(user_config=models("drn", a.scorer_alias), ray_actor_options=actor, **scaling).bind()
+    service = ServiceConfig(profile=a.profile).model_dump(mode="json")
+    return Api.options(user_config=service, ray_actor_options={"num_cpus": a.num_cpus}, **scaling).bind(
+        translator, scorer)
+
+
+app = build_app()
