@@ -23,7 +23,10 @@ def job_parser(description: str, *, body_part: bool = True) -> argparse.Argument
     parser.add_argument("--profile", choices=PROFILES, default="local", help="sizes (default local)")
     parser.add_argument("--config", default=None, help="YAML overriding the profile (e.g. a Tune best.yaml)")
     parser.add_argument("--data", default=None,
-                        help="cohort root URI (DICOM + annotations.parquet); default: the config's storage root")
+                        help="cohort root URI (DICOM + annotations.parquet); default: the config's storage root, "
+                             "where the synthetic cohort is generated when missing")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="generate the synthetic cohort at --data when it is not there yet")
     parser.add_argument("--out", default=None, help="where runs/<run-id>/ goes; default: --data")
     parser.add_argument("--run-id", default=None, help="default <body-part>-<profile>; re-running replaces it")
     return parser
@@ -47,12 +50,42 @@ def setup(args: argparse.Namespace) -> tuple[BoneaugConfig, str, str]:
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster (`ray job submit`, RAY_ADDRESS) or start a local Ray."""
+    """Join the cluster (`ray job submit` sets RAY_ADDRESS) or start a local Ray.
+
+    A local Ray's workers inherit this process's environment (S3 endpoint, credentials, MLflow
+    URI: set them before calling); on a cluster they come from the job's runtime environment
+    (``--runtime-env-json``) or the nodes' own environment, never from code.
+    """
     import ray
 
-    if ray.is_initialized():
-        return
-    env = {k: os.environ[k] for k in (*storage.ENDPOINT_VARS, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                      "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI") if k in os.environ}
-    ray.init(num_cpus=num_cpus if not os.environ.get("RAY_ADDRESS") else None,
-             runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+    if not ray.is_initialized():
+        ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else num_cpus)
+
+
+def augment_job(body_part: str, argv: list[str] | None = None) -> None:
+    """`jobs/augment_<body_part>.py`: the whole chain for one body part, then the report table."""
+    import time
+
+    from boneaug.workflow import OWN, run_body_part
+
+    parser = job_parser(f"The augmentation chain for {body_part} (Gupta et al. 2019).", body_part=False)
+    parser.add_argument("--thresholds", default=None,
+                        help="comma-separated t grid (default: the config's, 0.70,0.85,0.90,0.95)")
+    args = parser.parse_args(argv)
+    args.body_part = body_part
+    config, data, _ = setup(args)
+    synthesize = args.data is None or args.synthetic
+    start = time.perf_counter()
+    from boneaug import tracking
+
+    tracking.configure(config.tracking)
+    init_ray()
+    thresholds = tuple(float(t) for t in args.thresholds.split(",")) if args.thresholds else None
+    result = run_body_part(config, body_part, data_uri=data, out_uri=absolute(args.out or data),  # type: ignore[arg-type]
+                           run_id=args.run_id, synthesize=synthesize, variants=(OWN,), thresholds=thresholds)
+    print("\n" + result.markdown)
+    print(f"report:  {result.report_uri}/report.md (ROC figure beside it)")
+    for role, uri in result.models.items():
+        print(f"model:   {role:10s} {uri}")
+    print(f"mlflow:  {tracking.tracking_uri(config.tracking)}")
+    print(f"done in {time.perf_counter() - start:.0f} s")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -33,13 +34,24 @@ def image_table(run_uri: str, *, task: str = "lesion", classification: bool = Tr
 
 
 def classification_splits(
-    run_uri: str, *, augmented: pa.Table | None = None, task: str = "lesion"
+    run_uri: str,
+    *,
+    augmented: pa.Table | None = None,
+    task: str = "lesion",
+    max_train_negatives: int | None = None,
+    seed: int = 0,
 ) -> dict[str, ray.data.Dataset]:
-    """{"train", "val", "test"} Ray Datasets; `augmented` rows (label 1) are added to train only."""
+    """{"train", "val", "test"} Ray Datasets; `augmented` rows (label 1) are added to train only.
+
+    `max_train_negatives` keeps a seeded random subset of the real training negatives, the same
+    subset for every model trained with the same seed, so comparisons stay paired.
+    """
     import ray.data
 
     table = image_table(run_uri, task=task)
     splits = {s: table.filter(pc.equal(table.column("split"), s)) for s in ("train", "val", "test")}
+    if max_train_negatives is not None:
+        splits["train"] = _cap_negatives(splits["train"], max_train_negatives, seed)
     for name, part in splits.items():
         if part.num_rows == 0:
             raise DataError(f"{run_uri}: the {name} split is empty for task {task!r}")
@@ -47,3 +59,13 @@ def classification_splits(
         extra = augmented.select(TRAIN_COLUMNS).cast(splits["train"].schema)
         splits["train"] = pa.concat_tables([splits["train"], extra])
     return {name: ray.data.from_arrow(part) for name, part in splits.items()}
+
+
+def _cap_negatives(table: pa.Table, cap: int, seed: int) -> pa.Table:
+    table = table.sort_by("image_id")
+    labels = table.column("label").to_numpy()
+    negatives = np.flatnonzero(labels == 0)
+    if len(negatives) <= cap:
+        return table
+    keep = np.random.default_rng(seed).choice(negatives, size=cap, replace=False)
+    return table.take(np.sort(np.concatenate([np.flatnonzero(labels != 0), keep])))

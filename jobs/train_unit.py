@@ -1,0 +1,30 @@
+"""Train the UNIT translator of one body part on its patch sets and register it (paper 3.1).
+
+    python jobs/train_unit.py --body-part humerus [--workers 2] [--profile local] [--data URI]
+    ray job submit --working-dir . -- python jobs/train_unit.py --body-part humerus --workers 2
+
+Makes the cohort (synthetic when --data is not given), the image shards and the patch sets first
+when they are missing. Registers `boneaug-unit-<body_part>` with alias `challenger`.
+"""
+
+from boneaug import tracking
+from boneaug.runtime import init_ray, job_parser, setup
+from boneaug.workflow import ingest_stage, ensure_cohort, unit_model
+
+
+def main() -> None:
+    parser = job_parser(__doc__)
+    parser.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: profile)")
+    args = parser.parse_args()
+    config, data, run = setup(args)
+    if args.workers is not None:
+        config = config.model_copy(update={"compute": config.compute.model_copy(update={"num_workers": args.workers})})
+    tracking.configure(config.tracking)
+    init_ray()
+    ensure_cohort(config, data, [args.body_part], synthesize=args.data is None or args.synthetic)
+    ingest_stage(config, data, run, args.body_part)
+    print(f"registered: {unit_model(config, data, run, args.body_part)} (alias challenger)")
+
+
+if __name__ == "__main__":
+    main()
