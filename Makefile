@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python jobs/demo.py --profile $(PROFILE) --out $(WORK)
+	$(BIN)/python jobs/augment_tibia.py --profile $(PROFILE) --data $(WORK) --synthetic
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
