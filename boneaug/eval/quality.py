@@ -1,0 +1,289 @@
+"""A quality signal for a healthy -> lesion translator: does a lesion detector believe it?
+
+A small CNN patch critic is trained (seeded, a few hundred steps, seconds on a CPU) to tell
+real lesion patches from real non-lesion patches, e.g. the UNIT translation sets. Then, on
+held-out non-lesion *source* patches (the ones augmentation will translate):
+
+- ``frac_source``: the fraction of the untranslated source patches the critic calls lesion
+  (its false-positive rate on them; the floor),
+- ``frac_translated``: the fraction of their translations it calls lesion,
+- ``gain = frac_translated - frac_source``.
+
+A translator that paints convincing lesions drives ``frac_translated`` up; one that leaves
+patches alone keeps it at ``frac_source``; `gain` is the Tune objective for UNIT sweeps.
+
+A classifier's verdict on out-of-distribution input is arbitrary: an untrained generator's noise
+can be "lesion" to it (seen in training at iteration 2: frac_translated 1.0). So the probe also
+reports ``fd_ratio``: the (diagonal) Frechet distance between the critic's features of the
+translations and of real lesion patches, divided by the same distance between real non-lesion
+and real lesion patches. 0 means the translations look like real lesion patches to the critic,
+about 1 as far from them as healthy patches are, well above 1 unlike anything real. Read `gain`
+only together with a small ``fd_ratio`` (e.g. Tune: maximise gain subject to fd_ratio < 1). The
+critic sees patches resized to at most `CriticConfig.size` pixels a side (area averaging), so
+the signal is cheap for 256-pixel patches too. It is a proxy, not the paper's end metric
+(classifier AUC after augmentation), and a critic that separates the real sets poorly makes it
+noisy: `CriticReport.train_accuracy` says how well it separated them.
+
+Pure functions (`train_critic`, `lesion_fraction`, `quality_signal`) and one small class
+(`QualityProbe`) that holds a trained critic and the source patches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    """Training settings of the patch critic (defaults: ~300 steps, a few seconds on 2 cores)."""
+
+    size: int = 32  # patches are area-downsampled to at most this side
+    width: int = 16
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    threshold: float = 0.5  # probability at or above which a patch is called lesion
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.size < 8 or self.width < 1 or self.steps < 1 or self.batch_size < 2:
+            raise ValueError(
+                f"invalid critic settings {self}: size >= 8, width, steps >= 1, batch >= 2")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+
+
+class PatchCritic(nn.Module):
+    """x (B, 1, S, S) in [0, 1] -> lesion logit (B,). Three conv stages, global average pool."""
+
+    def __init__(self, width: int = 16, size: int = 32) -> None:
+        super().__init__()
+        self.size = size
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(1, w, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.head = nn.Linear(4 * w, 1)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """(B, 1, S, S) in [0, 1] -> penultimate features (B, 4 * width)."""
+        return self.features(shrink(x, self.size) * 2 - 1).flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.embed(x))[:, 0]
+
+
+def shrink(x: Tensor, size: int) -> Tensor:
+    """(B, C, H, W) -> area-averaged to at most `size` a side (unchanged when already small)."""
+    if max(x.shape[-2:]) <= size:
+        return x
+    scale = size / max(x.shape[-2:])
+    out = (max(1, round(x.shape[-2] * scale)), max(1, round(x.shape[-1] * scale)))
+    return F.interpolate(x, size=out, mode="area")
+
+
+def _as_patches(patches: np.ndarray, name: str) -> np.ndarray:
+    patches = np.asarray(patches, dtype=np.float32)
+    if patches.ndim != 4 or patches.shape[1] != 1 or len(patches) == 0:
+        raise ValueError(
+            f"{name} must be a non-empty (N, 1, S, S) array, got shape {patches.shape}")
+    return patches
+
+
+@dataclass(frozen=True)
+class CriticReport:
+    """What `train_critic` returns besides the model."""
+
+    train_accuracy: float  # on the (real) training patches at the threshold
+    final_loss: float
+
+
+def train_critic(
+    lesion: np.ndarray,  # (N_l, 1, S, S) float32 in [0, 1]
+    normal: np.ndarray,  # (N_n, 1, S, S)
+    config: CriticConfig = CriticConfig(),
+) -> tuple[PatchCritic, CriticReport]:
+    """A seeded critic trained on class-balanced batches with random flips (CPU, eval mode out)."""
+    lesion, normal = _as_patches(lesion, "lesion"), _as_patches(normal, "normal")
+    gen = torch.Generator().manual_seed(config.seed)
+    critic = PatchCritic(config.width, config.size)
+    for m in critic.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=gen)
+            nn.init.zeros_(m.bias)
+    pos = shrink(torch.from_numpy(lesion), config.size)
+    neg = shrink(torch.from_numpy(normal), config.size)
+    optimizer = torch.optim.AdamW(critic.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    half = config.batch_size // 2
+    labels = torch.cat([torch.ones(half), torch.zeros(half)])
+    critic.train()
+    loss = torch.zeros(())
+    for _ in range(config.steps):
+        x = torch.cat([pos[torch.randint(len(pos), (half,), generator=gen)],
+                       neg[torch.randint(len(neg), (half,), generator=gen)]])
+        flips = torch.rand(2, generator=gen)
+        if flips[0] < 0.5:
+            x = x.flip(-1)
+        if flips[1] < 0.5:
+            x = x.flip(-2)
+        loss = F.binary_cross_entropy_with_logits(critic(x), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    critic.eval()
+    p_pos = lesion_probability(critic, lesion)
+    p_neg = lesion_probability(critic, normal)
+    accuracy = float(((p_pos >= config.threshold).sum() + (p_neg < config.threshold).sum())
+                     / (len(p_pos) + len(p_neg)))
+    return critic, CriticReport(train_accuracy=accuracy, final_loss=float(loss.detach()))
+
+
+@torch.no_grad()
+def lesion_probability(
+    critic: nn.Module, patches: np.ndarray, *, batch_size: int = 256
+) -> np.ndarray:
+    """(N, 1, S, S) in [0, 1] -> (N,) lesion probabilities, on the critic's device."""
+    patches = _as_patches(patches, "patches")
+    device = next(critic.parameters()).device
+    out = [torch.sigmoid(critic(torch.from_numpy(patches[i : i + batch_size]).to(device))).cpu()
+           for i in range(0, len(patches), batch_size)]
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def critic_features(
+    critic: PatchCritic, patches: np.ndarray, *, batch_size: int = 256
+) -> np.ndarray:
+    """(N, 1, S, S) in [0, 1] -> (N, F) float64 penultimate features."""
+    patches = _as_patches(patches, "patches")
+    device = next(critic.parameters()).device
+    out = [critic.embed(torch.from_numpy(patches[i : i + batch_size]).to(device)).double().cpu()
+           for i in range(0, len(patches), batch_size)]
+    return torch.cat(out).numpy()
+
+
+def diagonal_frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians with the per-feature means and variances of rows of
+    `a` and `b` (N, F): |mu_a - mu_b|^2 + |sigma_a - sigma_b|^2 (stable with few samples)."""
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + ((a.std(0) - b.std(0)) ** 2).sum())
+
+
+def lesion_fraction(critic: nn.Module, patches: np.ndarray, *, threshold: float = 0.5) -> float:
+    """Fraction of `patches` the critic calls lesion (probability >= threshold)."""
+    return float((lesion_probability(critic, patches) >= threshold).mean())
+
+
+@dataclass(frozen=True)
+class QualitySignal:
+    frac_source: float
+    frac_translated: float
+    fd_ratio: float | None = None  # feature distance to real lesions / healthy-to-lesion distance
+
+    @property
+    def gain(self) -> float:
+        return self.frac_translated - self.frac_source
+
+    def as_metrics(self, prefix: str = "quality/") -> dict[str, float]:
+        out = {f"{prefix}frac_source": self.frac_source,
+               f"{prefix}frac_translated": self.frac_translated, f"{prefix}gain": self.gain}
+        if self.fd_ratio is not None:
+            out[f"{prefix}fd_ratio"] = self.fd_ratio
+        return out
+
+
+def quality_signal(
+    critic: nn.Module, source: np.ndarray, translated: np.ndarray, *, threshold: float = 0.5
+) -> QualitySignal:
+    """The critic's lesion fractions on source patches and on their translations."""
+    if np.shape(source) != np.shape(translated):
+        raise ValueError(
+            f"source {np.shape(source)} and translated {np.shape(translated)} differ in shape")
+    return QualitySignal(frac_source=lesion_fraction(critic, source, threshold=threshold),
+                         frac_translated=lesion_fraction(critic, translated, threshold=threshold))
+
+
+@dataclass(frozen=True)
+class QualitySets:
+    """Real patches to train the critic on, and source patches to translate (all (N, 1, S, S))."""
+
+    lesion: np.ndarray
+    normal: np.ndarray
+    source: np.ndarray
+
+
+class QualityProbe:
+    """A trained critic plus source patches: `probe(translate)` -> `QualitySignal`.
+
+    `translate` maps (N, 1, S, S) float32 [0, 1] -> the same shape (e.g.
+    ``functools.partial(translate_patches, translator)``). `frac_source` and the reference feature
+    statistics are computed once. Without `lesion` / `normal` reference patches, `fd_ratio` is None.
+    """
+
+    def __init__(self, critic: PatchCritic, source: np.ndarray, *, threshold: float = 0.5,
+                 lesion: np.ndarray | None = None, normal: np.ndarray | None = None) -> None:
+        self.critic = critic.eval()
+        self.source = _as_patches(source, "source")
+        self.threshold = threshold
+        self.frac_source = lesion_fraction(self.critic, self.source, threshold=threshold)
+        self._lesion_features = None
+        self._scale = None
+        if lesion is not None and normal is not None:
+            self._lesion_features = critic_features(self.critic, lesion)
+            self._scale = max(diagonal_frechet(critic_features(self.critic, normal),
+                                               self._lesion_features), 1e-12)
+
+    @classmethod
+    def train(
+        cls,
+        sets: QualitySets,
+        config: CriticConfig = CriticConfig(),
+        *,
+        max_source: int | None = 256,
+    ) -> tuple[QualityProbe, CriticReport]:
+        """Train the critic on `sets.lesion` / `sets.normal` (also the fd_ratio references); keep
+        up to `max_source` source patches (an evenly spaced subset: a deterministic choice)."""
+        critic, report = train_critic(sets.lesion, sets.normal, config)
+        probe = cls(critic, subset_patches(sets.source, max_source), threshold=config.threshold,
+                    lesion=subset_patches(sets.lesion, max_source),
+                    normal=subset_patches(sets.normal, max_source))
+        return probe, report
+
+    def __call__(self, translate: Callable[[np.ndarray], np.ndarray]) -> QualitySignal:
+        translated = translate(self.source)
+        if translated.shape != self.source.shape:
+            raise ValueError(
+                f"translate returned shape {translated.shape}, expected {self.source.shape}")
+        fd_ratio = None
+        if self._lesion_features is not None and self._scale is not None:
+            fd_ratio = diagonal_frechet(critic_features(self.critic, translated),
+                                        self._lesion_features) / self._scale
+        return QualitySignal(frac_source=self.frac_source,
+                             frac_translated=lesion_fraction(self.critic, translated,
+                                                             threshold=self.threshold),
+                             fd_ratio=fd_ratio)
+
+
+def subset_patches(patches: np.ndarray, limit: int | None) -> np.ndarray:
+    """At most `limit` patches, evenly spaced through the array (deterministic)."""
+    patches = _as_patches(patches, "patches")
+    if limit is None or len(patches) <= limit:
+        return patches
+    return patches[np.linspace(0, len(patches) - 1, limit).round().astype(int)]
+
+
+__all__ = [
+    "CriticConfig", "CriticReport", "PatchCritic", "QualityProbe", "QualitySets", "QualitySignal",
+    "critic_features", "diagonal_frechet", "lesion_fraction", "lesion_probability",
+    "quality_signal", "shrink", "subset_patches", "train_critic",
+]

@@ -1,0 +1,410 @@
+"""UNIT training: losses and DDP steps, quality signal, translate/load, a 2-worker Ray run."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from boneaug.augment.translate import load_translator, translate_patches
+from boneaug.config import TrackingConfig, load_config
+from boneaug.errors import DataError, ModelError
+from boneaug.eval.quality import (
+    CriticConfig,
+    QualityProbe,
+    QualitySets,
+    quality_signal,
+    train_critic,
+)
+from boneaug.models.unit import UNIT, Discriminators, UnitArch
+from boneaug.train.unit import (
+    LossWeights,
+    PatchStream,
+    checksum,
+    d_step,
+    decode_patch_batch,
+    g_step,
+    generate,
+    make_optimizers,
+    sample_grid,
+    train_iteration,
+    training_state,
+)
+from unit_helpers import patch_rows, patches
+
+SMOKE = load_config("smoke").unit
+ARCH = UnitArch.from_config(SMOKE)
+S = 32  # smoke patch side
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def process_group() -> Iterator[None]:
+    """A one-process gloo group, so steps run through real DDP wrappers (reducers, hooks)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture()
+def ray_s3(s3_endpoint: str, ray_session: None) -> None:
+    """Ray started (if this is the first Ray test) after the S3 variables are set: Ray's
+    processes, the Train controller among them, see the environment of `ray.init` time."""
+
+
+def _nets(seed: int = 0) -> tuple[UNIT, Discriminators]:
+    g = torch.Generator().manual_seed(seed)
+    return UNIT(ARCH, generator=g), Discriminators(ARCH, generator=g)
+
+
+def _batch(n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    x_h = torch.from_numpy(patches(n, S, lesion=False, seed=seed)) * 2 - 1
+    x_l = torch.from_numpy(patches(n, S, lesion=True, seed=seed + 1)) * 2 - 1
+    return x_h, x_l
+
+
+FULL = LossWeights.from_config(SMOKE)
+ZERO_ONE = [replace(FULL, **{name: 0.0}) for name in ("gan", "kl", "recon", "kl_cyc", "cyc")]
+ONLY_KL = LossWeights(gan=0, kl=0.1, recon=0, kl_cyc=0, cyc=0)
+TERMS = {"gan": ("gan_h", "gan_l"), "kl": ("kl_h", "kl_l"), "recon": ("recon_h", "recon_l"),
+         "kl_cyc": ("kl_cyc_h", "kl_cyc_l"), "cyc": ("cyc_h", "cyc_l")}
+
+
+# ---- losses and steps --------------------------------------------------------------------------
+@pytest.mark.parametrize("weights", [FULL, *ZERO_ONE, ONLY_KL],
+                         ids=["full", "gan0", "kl0", "recon0", "kl_cyc0", "cyc0", "only_kl"])
+def test_every_zero_weight_trains_through_ddp_without_error(
+    weights: LossWeights, process_group: None
+) -> None:
+    unit, dis = _nets()
+    before = [p.detach().clone() for p in unit.parameters()]
+    unit_w = DDP(unit, find_unused_parameters=weights.leaves_unused_parameters,
+                 forward_sync_buffers=False)
+    dis_w = DDP(dis, forward_sync_buffers=False)
+    optimizers = make_optimizers(unit, dis, SMOKE)
+    x_h, x_l = _batch()
+    for _ in range(2):  # the second iteration catches reducer state left over by the first
+        losses = train_iteration(unit_w, dis_w, x_h, x_l, weights=weights, optimizers=optimizers,
+                                 generator=torch.Generator().manual_seed(1))
+    for name, keys in TERMS.items():
+        present = getattr(weights, name) > 0
+        assert all((k in losses) == present for k in keys), (name, sorted(losses))
+    assert ("d_total" in losses) == (weights.gan > 0)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, unit.parameters()))
+
+
+def test_all_zero_or_negative_weights_are_refused() -> None:
+    with pytest.raises(ValueError, match="nothing to train"):
+        LossWeights(gan=0, kl=0, recon=0, kl_cyc=0, cyc=0)
+    with pytest.raises(ValueError, match=">= 0"):
+        LossWeights(gan=-1)
+
+
+def test_weights_choose_the_forward_plan_and_ddp_flag() -> None:
+    assert FULL.plan() == FULL.plan().__class__()  # everything
+    no_cycle = replace(FULL, kl_cyc=0, cyc=0)
+    assert not no_cycle.plan().cycle_encode and no_cycle.plan().cross
+    assert not replace(FULL, recon=0).plan().recon
+    assert ONLY_KL.leaves_unused_parameters and not FULL.leaves_unused_parameters
+    assert not LossWeights(gan=0, kl=0, recon=0, kl_cyc=1, cyc=0).leaves_unused_parameters
+
+
+def test_d_step_moves_only_d_and_g_step_only_g_against_the_updated_d() -> None:
+    unit, dis = _nets()
+    optimizers = make_optimizers(unit, dis, SMOKE)
+    x_h, x_l = _batch()
+    g0 = [p.detach().clone() for p in unit.parameters()]
+    d0 = [p.detach().clone() for p in dis.parameters()]
+    out = generate(unit, x_h, x_l, weights=FULL, generator=torch.Generator().manual_seed(0))
+    d_losses = d_step(dis, out, x_h, x_l, weights=FULL, optimizer=optimizers.d)
+    assert all(torch.equal(a, b) for a, b in zip(g0, unit.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(d0, dis.parameters()))
+    assert d_losses["d_total"] == pytest.approx(FULL.gan * (d_losses["d_h"] + d_losses["d_l"]))
+    d1 = [p.detach().clone() for p in dis.parameters()]
+    d_grads = [p.grad.clone() for p in dis.parameters()]
+    with torch.no_grad():  # what the G step must see: the updated D on this step's translations
+        expected_gan_h = sum((o - 1).pow(2).mean() for o in dis.dis_h(out.x_lh))
+    g_losses = g_step(dis, out, x_h, x_l, weights=FULL, optimizer=optimizers.g)
+    assert g_losses["gan_h"].item() == pytest.approx(expected_gan_h.item(), rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(d1, dis.parameters()))
+    # frozen: the G step computed no weight gradients for D
+    assert all(torch.equal(g, p.grad) for g, p in zip(d_grads, dis.parameters(), strict=True))
+    assert all(p.requires_grad for p in dis.parameters())  # and unfrozen afterwards
+    assert sum(not torch.equal(a, b) for a, b in zip(g0, unit.parameters())) > len(g0) // 2
+
+
+def test_a_few_iterations_on_a_tiny_batch_lower_the_reconstruction_loss() -> None:
+    unit, dis = _nets(seed=2)
+    config = SMOKE.model_copy(update={"lr": 1e-3})
+    optimizers = make_optimizers(unit, dis, config)
+    x_h, x_l = _batch(4, seed=5)
+    noise = torch.Generator().manual_seed(0)
+    history = [train_iteration(unit, dis, x_h, x_l, weights=FULL, optimizers=optimizers,
+                               generator=noise) for _ in range(25)]
+    recon = [float(h["recon_h"] + h["recon_l"]) for h in history]
+    assert np.mean(recon[-5:]) < 0.7 * np.mean(recon[:3]), recon
+
+
+def test_scheduler_halves_the_learning_rate_every_lr_step() -> None:
+    unit, dis = _nets()
+    optimizers = make_optimizers(unit, dis, SMOKE.model_copy(update={"lr_step": 2}))
+    x_h, x_l = _batch(1)
+    for _ in range(4):
+        train_iteration(unit, dis, x_h, x_l, weights=FULL, optimizers=optimizers)
+    assert optimizers.g.param_groups[0]["lr"] == pytest.approx(SMOKE.lr / 4)
+    assert optimizers.d.param_groups[0]["lr"] == pytest.approx(SMOKE.lr / 4)
+    group = optimizers.g.param_groups[0]
+    assert group["betas"] == (0.5, 0.999) and group["weight_decay"] == 1e-4
+
+
+# ---- data, samples ------------------------------------------------------------------------------
+def test_decode_patch_batch_maps_to_minus_one_one_and_checks_size() -> None:
+    arr = patches(3, S, lesion=True, seed=0)
+    rows = patch_rows(arr, "lesion")
+    batch = {k: np.array([r[k] for r in rows], dtype=object if k == "pixels" else None)
+             for k in ("height", "width", "pixels")}
+    x = decode_patch_batch(batch, S)
+    assert x.shape == (3, 1, S, S) and x.dtype == torch.float32
+    np.testing.assert_allclose((x.numpy() + 1) / 2, arr, atol=1e-4)
+    with pytest.raises(DataError, match="trains on 16x16"):
+        decode_patch_batch(batch, 16)
+
+
+def test_patch_stream_yields_full_batches_forever_from_a_cached_shard(ray_s3: None) -> None:
+    import ray
+
+    arr = patches(10, S, lesion=False, seed=1)
+    ds = ray.data.from_items(patch_rows(arr, "normal"))
+    ds = ds.select_columns(["height", "width", "pixels"])
+    stream = PatchStream(ds, batch_size=4, size=S, seed=0, device=torch.device("cpu"))
+    batches = [next(stream) for _ in range(7)]  # epochs of 2 full batches (10 rows)
+    assert all(b.shape == (4, 1, S, S) for b in batches)
+    flat = {tuple(np.round(r.numpy().ravel()[:8], 4)) for b in batches for r in b}
+    assert len(flat) == 10  # every row appears (the tail row of epoch 0 is cached, not lost)
+    with pytest.raises(DataError, match="fewer rows than its batch size"):
+        next(PatchStream(ds, batch_size=16, size=S, seed=0, device=torch.device("cpu")))
+
+
+def test_sample_grid_stacks_the_four_rows() -> None:
+    x = torch.rand(3, 1, 8, 8)
+    grid = sample_grid(x, 1 - x, x, 1 - x, pad=1)
+    assert grid.shape == (4 * 10, 3 * 10) and grid.dtype == np.uint8
+    np.testing.assert_array_equal(grid[1:9, 1:9], np.round(x[0, 0].numpy() * 255).astype(np.uint8))
+
+
+# ---- quality signal ------------------------------------------------------------------------------
+def test_quality_signal_sees_painted_lesions_and_not_untouched_patches() -> None:
+    sets = QualitySets(lesion=patches(48, S, lesion=True, seed=10),
+                       normal=patches(48, S, lesion=False, seed=11),
+                       source=patches(40, S, lesion=False, seed=12))
+    config = CriticConfig(steps=150, seed=0)
+    probe, report = QualityProbe.train(sets, config)
+    assert report.train_accuracy >= 0.9
+    again, _ = QualityProbe.train(sets, config)  # seeded: the same critic
+    pairs = zip(probe.critic.parameters(), again.critic.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    identity = probe(lambda p: p.copy())
+    assert identity.frac_translated == identity.frac_source <= 0.2 and identity.gain == 0
+    painted = probe(lambda p: patches(len(p), S, lesion=True, seed=13))  # a "perfect" translator
+    assert painted.frac_translated >= 0.8 and painted.gain >= 0.6
+    assert set(painted.as_metrics()) == {"quality/frac_source", "quality/frac_translated",
+                                         "quality/gain", "quality/fd_ratio"}
+    direct = quality_signal(probe.critic, sets.source, patches(40, S, lesion=True, seed=13))
+    assert (direct.frac_source, direct.frac_translated) == (painted.frac_source,
+                                                           painted.frac_translated)
+    # realism: real lesions are near 0, untouched healthy patches near 1, noise far above
+    rng = np.random.default_rng(0)
+    noise = probe(lambda p: rng.random(p.shape, dtype=np.float32))
+    assert painted.fd_ratio < 0.3 and 0.5 < identity.fd_ratio < 2 and noise.fd_ratio > 2
+
+
+def test_critic_downsamples_large_patches() -> None:
+    critic, _ = train_critic(patches(8, 64, lesion=True, seed=0),
+                             patches(8, 64, lesion=False, seed=1), CriticConfig(size=32, steps=5))
+    assert critic(torch.rand(2, 1, 64, 64)).shape == (2,)
+
+
+# ---- translate, save, register, load -----------------------------------------------------------
+def test_translate_patches_is_batched_deterministic_and_restores_the_model() -> None:
+    unit, _ = _nets()
+    translator = unit.translator()
+    translator.train()
+    src = patches(5, S, lesion=False, seed=3)
+    a = translate_patches(translator, src, batch_size=2)
+    b = translate_patches(translator, src, batch_size=64)
+    assert a.shape == src.shape and a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert translator.training  # mode restored
+    assert translate_patches(translator, src[:0]).shape == (0, 1, S, S)
+    with pytest.raises(ValueError, match=r"\(N, 1, S, S\)"):
+        translate_patches(translator, src[:, 0])
+
+
+def test_save_register_load_gives_identical_outputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    from boneaug import storage, tracking
+
+    db = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", db.tracking_uri)
+    tracking.configure(db)
+    mlflow.create_experiment("boneaug/test/unit", artifact_location=str(tmp_path / "artifacts"))
+    unit, dis = _nets(seed=4)
+    optimizers = make_optimizers(unit, dis, SMOKE)
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    state = training_state(unit, dis, optimizers, ARCH, SMOKE, iteration=7)
+    torch.save(state, checkpoint / "state.pt")
+    src = patches(3, S, lesion=False, seed=9)
+    with tracking.start_run("boneaug/test/unit", "register", {"unit": SMOKE.model_dump()}):
+        version = tracking.log_torch_model(
+            unit.translator(), name="translator", input_example=src[:1],
+            registered_name="boneaug-unit-tibia", alias="challenger")
+    assert version == "1"
+    expected = translate_patches(unit.translator(), src)
+    registered = load_translator("models:/boneaug-unit-tibia@challenger")
+    from_checkpoint = load_translator(str(checkpoint))
+    from_file = load_translator(str(checkpoint / "state.pt"))
+    for model in (registered, from_checkpoint, from_file):
+        np.testing.assert_array_equal(translate_patches(model, src), expected)
+    reverse = load_translator(str(checkpoint), direction="l2h")
+    np.testing.assert_array_equal(translate_patches(reverse, src),
+                                  translate_patches(unit.translator("l2h"), src))
+    with pytest.raises(ModelError, match="no UNIT translator"):
+        load_translator(str(tmp_path / "nowhere"))
+    with pytest.raises(ModelError, match="not in the registry|cannot load"):
+        load_translator("models:/boneaug-unit-femur@challenger")
+    assert storage.exists(str(checkpoint / "state.pt"))
+
+
+def test_checksum_detects_any_difference() -> None:
+    a, da = _nets(seed=0)
+    b, db = _nets(seed=0)
+    assert checksum(a, da) == checksum(b, db)
+    with torch.no_grad():
+        next(b.parameters()).view(-1)[0] += 1e-3
+    assert checksum(a, da) != checksum(b, db)
+
+
+# ---- the Ray Train run ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_worker_run_on_s3_resumes_after_a_failure_and_registers_the_translator(
+    s3_bucket: str, ray_s3: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2 DDP workers on CPU, checkpoints on the loopback S3 server; rank 1 fails once at
+    iteration 3, the worker group restarts from the iteration-2 checkpoint and finishes.
+
+    The failure comes 5 s after the checkpoint: Ray Train V2's controller takes one report per
+    worker per health-check poll (every 2 s) and consolidates a checkpoint only when it holds
+    every rank's copy; a crash in the same poll round as another rank's slow poll answer (a busy
+    machine) drops that round, and the retry starts from the checkpoint before (observed here
+    under load with an instant crash)."""
+    import mlflow
+    import ray
+    from ray.train import Result
+
+    from boneaug import storage, tracking
+    from boneaug.train.unit import fit_unit, registered_unit_name
+
+    db = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", db.tracking_uri)
+    tracking.configure(db)
+    experiment = "boneaug/tibia/train_unit"
+    mlflow.create_experiment(experiment, artifact_location=str(tmp_path / "artifacts"))
+
+    config = SMOKE  # width 8, batch 4 (2 per worker), 4 iterations, checkpoint every 2
+    lesion_arr = patches(16, S, lesion=True, seed=20)
+    normal_arr = patches(16, S, lesion=False, seed=21)
+    sets = QualitySets(lesion=lesion_arr, normal=normal_arr,
+                       source=patches(12, S, lesion=False, seed=22))
+    run_uri = f"{s3_bucket}/runs/tibia-smoke"
+    name = registered_unit_name("tibia")
+    kwargs = dict(run_uri=run_uri, num_workers=2, use_gpu=False, experiment=experiment,
+                  registered_name=name, quality_sets=sets, critic_config=CriticConfig(steps=40),
+                  tracking_config=db, cpus_per_worker=0.5)
+    result = fit_unit(
+        config, ray.data.from_items(patch_rows(lesion_arr, "lesion")),
+        ray.data.from_items(patch_rows(normal_arr, "normal")), max_failures=1,
+        _test_hooks={"_fail_at": {"iteration": 3, "rank": 1, "delay_s": 5.0}}, **kwargs,
+    )
+    assert result.iterations == config.iterations == 4
+    assert result.model_version == "1" and result.model_uri == f"models:/{name}/1"
+    assert 0 <= result.frac_source <= 1 and 0 <= result.frac_translated <= 1
+    assert result.fd_ratio is not None and result.fd_ratio > 0 and result.critic_accuracy >= 0.9
+    assert result.quality_gain == pytest.approx(result.frac_translated - result.frac_source)
+
+    # Ray's record of the run: the attempt that finished started from the iteration-2
+    # checkpoint, and both ranks held identical weights at every checkpoint
+    fs, path = storage.pyarrow_filesystem(f"{run_uri}/unit/train")
+    history = Result.from_path(path, storage_filesystem=fs).metrics_dataframe
+    assert list(history["iteration"]) == [2, 4]
+    assert list(history["resumed_from"]) == [0, 2]
+    assert (history["checksum/rank0"] == history["checksum/rank1"]).all()
+    assert storage.list_files(f"{run_uri}/unit/train", suffix="state.pt")
+
+    # MLflow: params, each iteration's losses logged exactly once (no replay after the resume),
+    # quality signal and sample grids every sample_every, the translator registered
+    client = mlflow.MlflowClient(tracking_uri=db.tracking_uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.params["unit.width"] == "8" and run.data.params["per_worker_batch"] == "2"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/g_total")]
+    assert sorted(steps) == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "quality/gain")] == [2, 4]
+    samples = [f.path for f in client.list_artifacts(run.info.run_id, "samples")]
+    assert samples == ["samples/iter_0000002.png", "samples/iter_0000004.png"]
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == "1"
+
+    # the registered translator is the final weights; a checkpoint loads too
+    src = sets.source
+    registered = translate_patches(load_translator(f"models:/{name}@challenger"), src)
+    final = translate_patches(load_translator(result.final_uri), src)
+    np.testing.assert_array_equal(registered, final)
+    assert not np.allclose(registered, src, atol=1e-2)
+
+    # a finished run is not trained twice
+    again = fit_unit(config, ray.data.from_items(patch_rows(lesion_arr, "lesion")),
+                     ray.data.from_items(patch_rows(normal_arr, "normal")), **kwargs)
+    assert again == result
+
+
+def test_fit_unit_refuses_local_mode_and_mismatched_patches(ray_s3: None, tmp_path: Path) -> None:
+    import ray
+
+    from boneaug.train.unit import fit_unit
+
+    good = ray.data.from_items(patch_rows(patches(4, S, lesion=True, seed=0), "lesion"))
+    common = dict(run_uri=str(tmp_path / "run"), use_gpu=False, experiment="x",
+                  registered_name=None)
+    with pytest.raises(ValueError, match="local mode"):
+        fit_unit(SMOKE, good, good, num_workers=0, **common)
+    small = ray.data.from_items(patch_rows(patches(4, 16, lesion=False, seed=0), "normal"))
+    with pytest.raises(DataError, match="normal patches 16"):
+        fit_unit(SMOKE, good, small, num_workers=1, **common)
+    with pytest.raises(DataError, match="cannot give 2 workers"):
+        fit_unit(SMOKE.model_copy(update={"batch_size": 8}), good, good, num_workers=2, **common)
+    with pytest.raises(DataError, match="lack columns"):
+        fit_unit(SMOKE, ray.data.from_items([{"x": 1}]), good, num_workers=1, **common)
