@@ -97,6 +97,13 @@ def ensure_cohort(config: BoneaugConfig, data_uri: str, body_parts: list[str], *
     generate_cohort(config.synth, missing, data_uri, seed=config.synth.seed, fractures=needs_fractures)
 
 
+def _ray_train(config: BoneaugConfig) -> dict[str, Any]:
+    """The Ray Train arguments every trainer here takes, from the config."""
+    compute = config.compute
+    return {"num_workers": compute.num_workers, "use_gpu": compute.use_gpu, "tracking_config": config.tracking,
+            "cpus_per_worker": compute.cpus_per_worker, "max_failures": compute.max_failures}
+
+
 def ingest_stage(config: BoneaugConfig, data: str, run: str, prefix_part: str) -> dict[str, Any]:
     from boneaug.data.ingest import ingest
 
@@ -123,11 +130,8 @@ def fracture_model(config: BoneaugConfig, data: str, out: str) -> str:
         table = image_table(run, task="fracture", classification=False)
         result = pretrain_fracture(
             config.drn, ray.data.from_arrow(table), run_uri=storage.join(run, "drn"),
-            num_workers=config.compute.num_workers, use_gpu=config.compute.use_gpu,
             experiment="boneaug/fracture/pretrain", image_size=(config.image.height, config.image.width),
-            tracking_config=config.tracking, overwrite=True,
-            cpus_per_worker=config.compute.cpus_per_worker, max_failures=config.compute.max_failures,
-        torch_threads=config.compute.torch_threads,
+            overwrite=True, **_ray_train(config), torch_threads=config.compute.torch_threads,
         )
         return {"model": f"models:/{FRACTURE_MODEL}/{result.model_version}", "val_auc": result.best_val_auc}
 
@@ -135,7 +139,7 @@ def fracture_model(config: BoneaugConfig, data: str, out: str) -> str:
 
 
 def train_drn(config: BoneaugConfig, run: str, name: str, *, augmented: Any, init_from: str,
-               registered_name: str, experiment: str) -> dict[str, Any]:
+              registered_name: str, experiment: str) -> dict[str, Any]:
     from boneaug.data.datasets import classification_splits
     from boneaug.train.classifier import fit_classifier
 
@@ -143,12 +147,9 @@ def train_drn(config: BoneaugConfig, run: str, name: str, *, augmented: Any, ini
                                    seed=config.drn.seed)
     result = fit_classifier(
         config.drn, splits["train"], splits["val"], test=splits["test"],
-        run_uri=storage.join(run, name), num_workers=config.compute.num_workers,
-        use_gpu=config.compute.use_gpu, experiment=experiment, registered_name=registered_name,
-        init_from=init_from, image_size=(config.image.height, config.image.width),
-        tracking_config=config.tracking, overwrite=True, run_name=f"{registered_name}-{name}",
-        cpus_per_worker=config.compute.cpus_per_worker, max_failures=config.compute.max_failures,
-        torch_threads=config.compute.torch_threads,
+        run_uri=storage.join(run, name), experiment=experiment, registered_name=registered_name,
+        init_from=init_from, image_size=(config.image.height, config.image.width), overwrite=True,
+        run_name=f"{registered_name}-{name}", **_ray_train(config), torch_threads=config.compute.torch_threads,
     )
     return {"model": f"models:/{registered_name}/{result.model_version}", "version": result.model_version,
             "val_auc": result.best_val_auc, "predictions": result.predictions_uri}
@@ -173,10 +174,8 @@ def unit_model(config: BoneaugConfig, data: str, run: str, body_part: str) -> st
                               source=load_patch_array(sets["source"]))
         result = fit_unit(
             config.unit, read["lesion"], read["normal"], run_uri=run, quality_sets=quality,
-            num_workers=max(1, config.compute.num_workers), use_gpu=config.compute.use_gpu,
             experiment=f"boneaug/{body_part}/train_unit", registered_name=f"boneaug-unit-{body_part}",
-            tracking_config=config.tracking, cpus_per_worker=config.compute.cpus_per_worker,
-            max_failures=config.compute.max_failures, overwrite=True,
+            overwrite=True, **(_ray_train(config) | {"num_workers": max(1, config.compute.num_workers)}),
         )
         print(f"[unit] quality: translated sources called lesion {result.frac_translated:.2f} vs "
               f"untranslated {result.frac_source:.2f}", flush=True)

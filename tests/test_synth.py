@@ -311,3 +311,17 @@ def test_cohort_on_s3_round_trips(s3_bucket: str, synth) -> None:
     assert ds.PatientID == rows[0]["patient_id"]
     contact_sheet(root, storage.join(root, "preview.png"), n=6)
     assert storage.read_bytes(storage.join(root, "preview.png"))[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fracture_corpus_alone_merges_into_an_existing_cohort(tmp_path) -> None:
+    """Adding only the fracture corpus to a root that holds a body part keeps that body part."""
+    from boneaug.config import load_config as _load
+    from boneaug.synth.cohort import generate_cohort as _generate
+
+    config = _load("smoke").synth
+    root = str(tmp_path / "cohort")
+    _generate(config, ["femur"], root, seed=1, scale=0.3, workers=1, progress=False)
+    _generate(config, [], root, seed=1, scale=0.3, fractures=True, workers=1, progress=False)
+    table = storage.read_parquet(storage.join(root, "annotations.parquet"))
+    assert set(table.column("task").to_pylist()) == {"lesion", "fracture"}
+    assert "femur" in set(table.column("body_part").to_pylist())

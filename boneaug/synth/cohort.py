@@ -313,7 +313,7 @@ def _merge(out_uri: str, new: pa.Table, body_parts: Sequence[str], fractures: bo
         return new
     old = storage.read_parquet(uri)
     replaced = pc.and_(pc.equal(old["task"], "lesion"),
-                       pc.is_in(old["body_part"], pa.array(list(body_parts))))
+                       pc.is_in(old["body_part"], pa.array(list(body_parts), pa.string())))
     if fractures:
         replaced = pc.or_(replaced, pc.equal(old["task"], "fracture"))
     kept = old.filter(pc.invert(replaced))
