@@ -139,6 +139,7 @@ def register(model: torch.nn.Module, name: str, example: np.ndarray, *, alias: s
 
     from boneaug import tracking
 
+    mlflow.set_experiment("boneaug/tests/serve")  # not whatever experiment an earlier test left active
     with mlflow.start_run():
         version = tracking.log_torch_model(model, name="model", input_example=example,
                                            registered_name=name, alias=alias)

@@ -84,8 +84,12 @@ def s3_bucket(s3_endpoint: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
-    """One local Ray instance for the whole test session (starting one takes ~5 s)."""
+def ray_session(s3_endpoint: str) -> Iterator[None]:
+    """One local Ray instance for the whole test session (starting one takes ~5 s).
+
+    It starts after the S3 server so its workers inherit the AWS variables that point at it, as
+    workers on a cluster inherit their nodes' environment.
+    """
     import ray
 
     if not ray.is_initialized():

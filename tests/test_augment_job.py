@@ -66,8 +66,12 @@ def test_augment_tibia_smoke_through_ray_job_submit(ray_head: dict[str, str], tm
            "--runtime-env-json", json.dumps(runtime_env), "--",
            "python", "jobs/augment_tibia.py", "--profile", "smoke", "--data", str(data), "--synthetic",
            "--thresholds", "0.3,0.9"]
-    proc = subprocess.run(cmd, env=ray_head, capture_output=True, text=True, timeout=1500)
-    out = proc.stdout + proc.stderr
+    for _ in range(30):  # the head's job agent may still be starting: Ray answers "try again later"
+        proc = subprocess.run(cmd, env=ray_head, capture_output=True, text=True, timeout=1500)
+        out = proc.stdout + proc.stderr
+        if "No available agent to submit job" not in out:
+            break
+        time.sleep(3)
     assert proc.returncode == 0, out[-6000:]
     assert "| Type | t | Augmented samples | ROC AUC (CI 95 %) |" in out
     assert "[ingest] done" in out and "[unit] done" in out and "t chosen on validation" in out
