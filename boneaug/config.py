@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from boneaug.errors import ConfigError
+from boneaug.errors import ConfigError, StorageError
 
 BodyPart = Literal["humerus", "tibia", "femur"]
 BODY_PARTS: tuple[BodyPart, ...] = get_args(BodyPart)
@@ -313,6 +313,15 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _read_config_text(path: str) -> str:
+    """A config file's text from a local path or any storage URI (s3://, file://)."""
+    if "://" not in path:
+        return Path(path).read_text()
+    from boneaug import storage
+
+    return storage.read_bytes(path).decode("utf-8")
+
+
 def load_config(
     profile: ProfileName = "local",
     path: str | Path | None = None,
@@ -325,8 +334,8 @@ def load_config(
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as exc:
+            loaded = yaml.safe_load(_read_config_text(str(path)))
+        except (OSError, StorageError, yaml.YAMLError) as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")

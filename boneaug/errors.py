@@ -38,3 +38,7 @@ class DataError(BoneaugError):
 
 class ModelError(BoneaugError):
     """A model cannot be built, loaded or found in the registry."""
+
+
+class SweepIncomplete(BoneaugError):
+    """Some trials of a Tune sweep did not finish; running the same command again resumes them."""

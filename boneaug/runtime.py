@@ -16,8 +16,10 @@ from boneaug import storage
 from boneaug.config import BODY_PARTS, PROFILES, BoneaugConfig, load_config
 
 
-def job_parser(description: str, *, body_part: bool = True) -> argparse.ArgumentParser:
+def job_parser(description: str, *, body_part: bool = True, workers: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
+    if workers:
+        parser.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: profile)")
     if body_part:
         parser.add_argument("--body-part", choices=BODY_PARTS, required=True)
     parser.add_argument("--profile", choices=PROFILES, default="local", help="sizes (default local)")
@@ -43,6 +45,8 @@ def setup(args: argparse.Namespace) -> tuple[BoneaugConfig, str, str]:
     """(config, data URI, run URI) from the common arguments; logging configured."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(args.profile, args.config)
+    if getattr(args, "workers", None) is not None:
+        config = config.model_copy(update={"compute": config.compute.model_copy(update={"num_workers": args.workers})})
     data = absolute(args.data or config.storage.root)
     out = absolute(args.out or data)
     run_id = args.run_id or f"{getattr(args, 'body_part', 'all')}-{config.profile}"

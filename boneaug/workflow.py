@@ -202,6 +202,26 @@ def patches_stage(config: BoneaugConfig, data: str, run: str, body_part: str) ->
     return stage(run, "patches", [config.patches, config.augment.max_source_images], go)
 
 
+def baseline_stage(config: BoneaugConfig, run: str, body_part: str, fracture: str) -> dict[str, Any]:
+    """The baseline DRN (no augmentation), fine-tuned from the fracture model; registered as
+    boneaug-drn-<body_part>."""
+    return stage(run, "baseline", [config.drn, config.image, fracture],
+                 lambda: train_drn(config, run, "drn-baseline", augmented=None, init_from=fracture,
+                                    registered_name=f"boneaug-drn-{body_part}",
+                                    experiment=f"boneaug/{body_part}/train_classifier"))
+
+
+def candidates_stage(config: BoneaugConfig, data: str, run: str, key: str, unit_uri: str,
+                     scorer_uri: str) -> dict[str, Any]:
+    """The blended, scored candidates of one variant under <run>/augmented/<key> (made once;
+    every t selects from them); returns {"candidates": URI, "blended": count}."""
+    aug_uri = storage.join(run, "augmented", key)
+    return stage(run, f"augment-{key}",
+                 [unit_uri, scorer_uri, config.augment.blend_n, config.image,
+                  storage.read_manifest(storage.join(run, "patches"))],
+                 lambda: _blend(config, data, run, aug_uri, unit_uri, scorer_uri))
+
+
 def run_body_part(
     config: BoneaugConfig,
     body_part: BodyPart,
@@ -223,10 +243,7 @@ def run_body_part(
     ensure_cohort(config, data_uri, [body_part], synthesize=synthesize)
     ingest_stage(config, data_uri, run, body_part)
     fracture = fracture_model(config, data_uri, out_uri)
-    baseline = stage(run, "baseline", [config.drn, config.image, fracture],
-                     lambda: train_drn(config, run, "drn-baseline", augmented=None, init_from=fracture,
-                                        registered_name=f"boneaug-drn-{body_part}",
-                                        experiment=f"boneaug/{body_part}/train_classifier"))
+    baseline = baseline_stage(config, run, body_part, fracture)
     result = BodyPartResult(body_part, run, "", "", models={"baseline": baseline["model"]})
     storage.remove(storage.join(run, "predictions"))
     import_predictions(run, "baseline", ModelMeta(type="Baseline", t=None, augmented_samples=0,
@@ -241,10 +258,7 @@ def run_body_part(
         patches_stage(config, data_uri, run, body_part)  # TL_G needs this body part's sources too
         result.models[f"{variant.key}-unit"] = unit_uri
         aug_uri = storage.join(run, "augmented", variant.key)
-        cands = stage(run, f"augment-{variant.key}",
-                      [unit_uri, scorer_uri, config.augment.blend_n, config.image,
-                       storage.read_manifest(storage.join(run, "patches"))],
-                      lambda: _blend(config, data_uri, run, aug_uri, unit_uri, scorer_uri))
+        cands = candidates_stage(config, data_uri, run, variant.key, unit_uri, scorer_uri)
         trained: dict[float, dict[str, Any]] = {}
         for t in thresholds:
             selected = select_augmented(cands["candidates"], t)

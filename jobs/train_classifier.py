@@ -13,18 +13,15 @@ from boneaug import storage, tracking
 from boneaug.augment.pipeline import select_augmented
 from boneaug.eval.report import ModelMeta, import_predictions, render_report_from_predictions
 from boneaug.runtime import init_ray, job_parser, setup
-from boneaug.workflow import ingest_stage, train_drn, ensure_cohort, fracture_model, stage
+from boneaug.workflow import baseline_stage, ensure_cohort, fracture_model, ingest_stage, stage, train_drn
 
 
 def main() -> None:
-    parser = job_parser(__doc__)
+    parser = job_parser(__doc__, workers=True)
     parser.add_argument("--augmented", default=None, help="candidates URI of an augmentation run")
     parser.add_argument("--t", type=float, default=None, help="pseudo-label threshold (default: profile's)")
-    parser.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: profile)")
     args = parser.parse_args()
     config, data, run = setup(args)
-    if args.workers is not None:
-        config = config.model_copy(update={"compute": config.compute.model_copy(update={"num_workers": args.workers})})
     tracking.configure(config.tracking)
     init_ray()
     ensure_cohort(config, data, [args.body_part], synthesize=args.data is None or args.synthetic)
@@ -41,9 +38,12 @@ def main() -> None:
         selected, name, key, meta = None, "drn-baseline", "baseline", dict(type="Baseline", t=None,
                                                                            augmented_samples=0)
         registered = f"boneaug-drn-{part}"
-    result = stage(run, name, [config.drn, config.image, fracture, args.augmented, args.t],
-                   lambda: train_drn(config, run, name, augmented=selected, init_from=fracture,
-                                      registered_name=registered, experiment=f"boneaug/{part}/train_classifier"))
+    if selected is None:  # the very stage the augment jobs use, so they reuse this model
+        result = baseline_stage(config, run, part, fracture)
+    else:
+        result = stage(run, name, [config.drn, config.image, fracture, args.augmented, t],
+                       lambda: train_drn(config, run, name, augmented=selected, init_from=fracture,
+                                          registered_name=registered, experiment=f"boneaug/{part}/train_classifier"))
     report_run = storage.join(run, "classifier", name)
     import_predictions(report_run, key, ModelMeta(**meta, model_name=registered, model_version=result["version"],
                                                   body_part=part, baseline=True), result["predictions"])

@@ -13,12 +13,9 @@ from boneaug.workflow import ingest_stage, ensure_cohort, unit_model
 
 
 def main() -> None:
-    parser = job_parser(__doc__)
-    parser.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: profile)")
+    parser = job_parser(__doc__, workers=True)
     args = parser.parse_args()
     config, data, run = setup(args)
-    if args.workers is not None:
-        config = config.model_copy(update={"compute": config.compute.model_copy(update={"num_workers": args.workers})})
     tracking.configure(config.tracking)
     init_ray()
     ensure_cohort(config, data, [args.body_part], synthesize=args.data is None or args.synthetic)

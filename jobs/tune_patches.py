@@ -10,18 +10,14 @@ every trial. ASHA stops weak trials at the quality reports (every unit.sample_ev
 Writes <run>/tune/patches-<id>/best.yaml. Re-running the same command resumes an interrupted sweep.
 """
 
-import sys
-
 from boneaug import tracking
 from boneaug.runtime import init_ray, job_parser, setup
 from boneaug.tune import (
-    SweepIncomplete,
     SweepSettings,
     add_sweep_arguments,
     patches_space,
     prepare_patches,
-    print_result,
-    run_sweep,
+    run_and_print,
 )
 
 
@@ -38,16 +34,12 @@ def main(argv: list[str] | None = None) -> None:
     init_ray()
     n0 = config.patches.body_parts[args.body_part].n
     low, high = ((int(v) for v in args.n_range.split(":")) if args.n_range else (max(1, n0 - 3), n0 + 3))
-    inputs = prepare_patches(config, args.body_part, data_uri=data, run_uri=run, synthesize=args.data is None)
+    inputs = prepare_patches(config, args.body_part, data_uri=data, run_uri=run, synthesize=args.data is None or args.synthetic)
     settings = SweepSettings(kind="patches", body_part=args.body_part,
                              space=patches_space([float(s) for s in args.s.split(",")], (low, high)),
                              num_samples=args.samples, search="random", scheduler="asha", asha_grace=args.grace,
                              max_concurrent=args.max_concurrent, max_failures=args.max_failures, seed=args.seed)
-    try:
-        result = run_sweep(config, settings, data_uri=data, run_uri=run, inputs=inputs)
-    except SweepIncomplete as exc:
-        sys.exit(f"sweep incomplete: {exc}")
-    print_result(result)
+    run_and_print(config, settings, data_uri=data, run_uri=run, inputs=inputs)
 
 
 if __name__ == "__main__":

@@ -11,17 +11,13 @@ once). Each trial selects the candidates at its t and trains an augmented DRN. P
 <run>/tune/threshold-<id>/best.yaml. Re-running the same command resumes an interrupted sweep.
 """
 
-import sys
-
 from boneaug import tracking
 from boneaug.runtime import absolute, init_ray, job_parser, setup
 from boneaug.tune import (
-    SweepIncomplete,
     SweepSettings,
     add_sweep_arguments,
     prepare_threshold,
-    print_result,
-    run_sweep,
+    run_and_print,
     threshold_space,
 )
 
@@ -36,16 +32,12 @@ def main(argv: list[str] | None = None) -> None:
     init_ray()
     grid = [float(t) for t in args.grid.split(",")] if args.grid else list(config.augment.thresholds)
     inputs = prepare_threshold(config, args.body_part, data_uri=data, out_uri=absolute(args.out or data),
-                               run_uri=run, synthesize=args.data is None)
+                               run_uri=run, synthesize=args.data is None or args.synthetic)
     settings = SweepSettings(kind="threshold", body_part=args.body_part, space=threshold_space(grid),
                              search="grid", max_concurrent=args.max_concurrent,
                              max_failures=args.max_failures, seed=args.seed)
-    try:
-        result = run_sweep(config, settings, data_uri=data, run_uri=run, inputs=inputs)
-    except SweepIncomplete as exc:
-        sys.exit(f"sweep incomplete: {exc}")
-    print_result(result, **{"baseline val AUC": f"{inputs['baseline_val_auc']:.3f}",
-                            "candidates": inputs["candidates"]})
+    run_and_print(config, settings, data_uri=data, run_uri=run, inputs=inputs,
+                  **{"baseline val AUC": f"{inputs['baseline_val_auc']:.3f}", "candidates": inputs["candidates"]})
 
 
 if __name__ == "__main__":

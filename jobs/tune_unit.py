@@ -10,17 +10,13 @@ translator quality signal (see boneaug/tune.py), ASHA stops weak trials. Writes
 <run>/tune/unit-<id>/best.yaml. Re-running the same command resumes an interrupted sweep.
 """
 
-import sys
-
 from boneaug import tracking
 from boneaug.runtime import init_ray, job_parser, setup
 from boneaug.tune import (
-    SweepIncomplete,
     SweepSettings,
     add_sweep_arguments,
     prepare_patches,
-    print_result,
-    run_sweep,
+    run_and_print,
     unit_space,
 )
 
@@ -37,16 +33,12 @@ def main(argv: list[str] | None = None) -> None:
     config, data, run = setup(args)
     tracking.configure(config.tracking)
     init_ray()
-    inputs = prepare_patches(config, args.body_part, data_uri=data, run_uri=run, synthesize=args.data is None)
+    inputs = prepare_patches(config, args.body_part, data_uri=data, run_uri=run, synthesize=args.data is None or args.synthetic)
     settings = SweepSettings(kind="unit", body_part=args.body_part,
                              space=unit_space(config.unit, factor=args.factor, lr_factor=args.lr_factor),
                              num_samples=args.samples, search=args.search, scheduler="asha", asha_grace=args.grace,
                              max_concurrent=args.max_concurrent, max_failures=args.max_failures, seed=args.seed)
-    try:
-        result = run_sweep(config, settings, data_uri=data, run_uri=run, inputs=inputs)
-    except SweepIncomplete as exc:
-        sys.exit(f"sweep incomplete: {exc}")
-    print_result(result)
+    run_and_print(config, settings, data_uri=data, run_uri=run, inputs=inputs)
 
 
 if __name__ == "__main__":

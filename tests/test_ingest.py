@@ -106,3 +106,14 @@ def test_patch_sets_have_spec_2_properties_and_provenance(
     assert lesion.shape == (summary.written["lesion"], 1, smoke_config.patches.size, smoke_config.patches.size)
     assert lesion.dtype == np.float32 and 0 <= lesion.min() and lesion.max() <= 1
     assert storage.read_manifest(storage.join(run, "patches"))["written"] == summary.written
+
+
+def test_an_object_that_cannot_be_read_is_a_reject_not_a_crash(cohort_on_s3: str, smoke_config: BoneaugConfig) -> None:
+    from boneaug.data.ingest import DecodeBatch
+
+    root_path = storage.filesystem(cohort_on_s3)[1]
+    decode = DecodeBatch({}, root_path, smoke_config.image, smoke_config.patches.descriptor_size)
+    gone = storage.join(cohort_on_s3, "dicom", "tibia", "deleted-after-listing.dcm")
+    row = decode.read_one(gone)
+    assert (row["ok"], row["reason"], row["key"]) == (False, "unreadable", "dicom/tibia/deleted-after-listing.dcm")
+    assert "does not exist" in row["message"]

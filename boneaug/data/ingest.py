@@ -1,6 +1,6 @@
 """Ingestion with Ray Data: DICOM objects under a URI -> classification-size image shards + rejects.
 
-    list DICOM objects -> read bytes (sharded over the cluster) -> decode (boneaug.io.dicom)
+    list DICOM objects -> read + decode (boneaug.io.dicom), sharded over the cluster
     -> join the annotation row -> fit-and-pad to the classification size, boxes mapped
     -> images/*.parquet (decoded) + rejects.parquet (path, reason, message)
 
@@ -27,7 +27,7 @@ from boneaug import storage
 from boneaug.config import ImageConfig
 from boneaug.data.arrays import encode_pixels
 from boneaug.data.patches import descriptor
-from boneaug.errors import DataError
+from boneaug.errors import DataError, StorageError
 from boneaug.io.resize import map_box
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,11 @@ def load_annotations(data_uri: str) -> pa.Table:
 
 
 class DecodeBatch:
-    """Ray Data map_batches callable: {bytes, path} -> rows of IMAGE_SCHEMA (ok or rejected)."""
+    """Ray Data map_batches callable: {uri} -> rows of IMAGE_SCHEMA (ok or rejected).
+
+    Each task reads its objects itself (fsspec, the endpoint and credentials of its node's
+    environment), so reading and decoding are one task and an unreadable object is one reject.
+    """
 
     def __init__(self, annotations: dict[str, dict[str, Any]], root_path: str,
                  image: ImageConfig, descriptor_rows: int) -> None:
@@ -79,10 +83,20 @@ class DecodeBatch:
         self.descriptor_rows = descriptor_rows
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        rows = [self._one(bytes(data), str(path)) for data, path in zip(batch["bytes"], batch["path"], strict=True)]
-        return pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA)
+        return pa.Table.from_pylist([self.read_one(str(uri)) for uri in batch["uri"]], schema=IMAGE_SCHEMA)
 
-    def _one(self, data: bytes, path: str) -> dict[str, Any]:
+    def read_one(self, uri: str) -> dict[str, Any]:
+        """Read one object, then `one`; a read failure is a reject (`unreadable`)."""
+        path = storage.filesystem(uri)[1]
+        try:
+            data = storage.read_bytes(uri)
+        except StorageError as exc:
+            key = path[len(self.root_path) + 1:] if path.startswith(self.root_path + "/") else path
+            return {"path": path, "key": key, "ok": False, "reason": "unreadable", "message": str(exc)}
+        return self.one(data, path)
+
+    def one(self, data: bytes, path: str) -> dict[str, Any]:
+        """One object's row: decoded, or rejected with a reason and a message."""
         key = path[len(self.root_path) + 1:] if path.startswith(self.root_path + "/") else path
         row: dict[str, Any] = {"path": path, "key": key, "ok": False}
         ann = self.annotations.get(key)
@@ -183,10 +197,8 @@ def ingest(
     storage.remove(images_uri)
     storage.remove(storage.join(run_uri, "rejects.parquet"))
 
-    fs, root_path = storage.pyarrow_filesystem(data_uri)
-    paths = [storage.filesystem(f)[1] for f in files]
-    ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True,
-                                    override_num_blocks=max(1, min(len(paths) // 8, 200)))
+    root_path = storage.filesystem(data_uri)[1]
+    ds = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=max(1, min(len(files) // 8, 200)))
     decode = DecodeBatch(annotations, root_path, image, descriptor_rows)  # an instance: plain tasks
     decoded = ds.map_batches(decode, batch_size=8, batch_format="numpy").materialize()
 

@@ -58,6 +58,7 @@ from boneaug.data.arrays import decode_pixels
 from boneaug.errors import DataError, ModelError
 from boneaug.eval.metrics import roc_auc
 from boneaug.models.drn import DRN, build_drn
+from boneaug.train.distributed import gather
 
 if TYPE_CHECKING:
     import ray.data
@@ -341,16 +342,6 @@ def load_best_model(result_or_uri: ClassifierResult | str, config: DrnConfig) ->
 
 
 # ---- Ray Train: the per-worker loop ------------------------------------------------------------
-def _gather(obj: Any) -> list[Any]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        out: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
 def _sync_buffers(model: nn.Module) -> None:
     """Give every rank rank 0's BatchNorm statistics (DDP syncs gradients, not buffers), so
     that all ranks evaluate, and rank 0 saves, one and the same model."""
@@ -385,7 +376,7 @@ def _score_split(
         ids += batch_ids
         labels.append(y)
         scores.append(predict(model, images, batch_size=batch_size))
-    parts = _gather((ids, np.concatenate(labels) if labels else np.zeros(0, np.float32),
+    parts = gather((ids, np.concatenate(labels) if labels else np.zeros(0, np.float32),
                      np.concatenate(scores) if scores else np.zeros(0, np.float32)))
     all_ids = [i for p in parts for i in p[0]]
     order = np.argsort(all_ids, kind="stable")
@@ -418,7 +409,7 @@ def _train_epoch(
         y = torch.as_tensor(labels, device=device)
         total += train_step(model, x, y, optimizer=optimizer, loss_fn=loss_fn) * len(labels)
         count += len(labels)
-    parts = _gather((total, count))
+    parts = gather((total, count))
     n = sum(c for _, c in parts)
     return sum(t for t, _ in parts) / max(n, 1)
 

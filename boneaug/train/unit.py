@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from boneaug.errors import DataError, ModelError
 from boneaug.models.unit import UNIT, Discriminators, ForwardPlan, UnitArch, UnitOutputs
+from boneaug.train.distributed import gather
 
 if TYPE_CHECKING:
     import ray.data
@@ -445,16 +446,6 @@ def checksum(*modules: nn.Module) -> int:
     return int(digest.hexdigest()[:12], 16)
 
 
-def _gather(obj: Any) -> list[Any]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        out: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
 def cpu_state(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous()
             for k, v in unwrap(module).state_dict().items()}
@@ -651,7 +642,7 @@ def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
             quality = side.sample_and_probe(unit_w, it)
             side.log_metrics(quality, it)
         if it % config.checkpoint_every == 0 or it == end:
-            sums = _gather(checksum(unit_w, dis_w))
+            sums = gather(checksum(unit_w, dis_w))
             metrics = {"iteration": it, "resumed_from": start, **last, **quality,
                        **{f"checksum/rank{r}": c for r, c in enumerate(sums)}}
             state = (training_state(unit_w, dis_w, optimizers, arch, config, it) if rank == 0
