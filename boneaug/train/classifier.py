@@ -58,7 +58,7 @@ from boneaug.data.arrays import decode_pixels
 from boneaug.errors import DataError, ModelError
 from boneaug.eval.metrics import roc_auc
 from boneaug.models.drn import DRN, build_drn
-from boneaug.train.distributed import gather
+from boneaug.train.distributed import gather, worker_resources
 
 if TYPE_CHECKING:
     import ray.data
@@ -705,7 +705,7 @@ def fit_classifier(
             "alias": alias,
             "torch_threads": torch_threads,
         }
-        resources = {"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
+        resources = worker_resources(num_workers, cpus_per_worker, use_gpu)
         trainer = TorchTrainer(
             _train_worker,
             train_loop_config=loop,

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 from boneaug.errors import DataError, ModelError
 from boneaug.models.unit import UNIT, Discriminators, ForwardPlan, UnitArch, UnitOutputs
-from boneaug.train.distributed import gather
+from boneaug.train.distributed import gather, worker_resources
 
 if TYPE_CHECKING:
     import ray.data
@@ -867,7 +867,7 @@ def fit_unit(
             "alias": alias,
             **dict(_test_hooks or {}),
         }
-        resources = {"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
+        resources = worker_resources(num_workers, cpus_per_worker, use_gpu)
         trainer = TorchTrainer(
             _train_worker,
             train_loop_config=loop,
