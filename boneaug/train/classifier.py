@@ -58,7 +58,7 @@ from boneaug.data.arrays import decode_pixels
 from boneaug.errors import DataError, ModelError
 from boneaug.eval.metrics import roc_auc
 from boneaug.models.drn import DRN, build_drn
-from boneaug.train.distributed import gather, worker_resources
+from boneaug.train.distributed import gather, worker_resources, worker_threads
 
 if TYPE_CHECKING:
     import ray.data
@@ -456,8 +456,7 @@ def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
     image_size: tuple[int, int] = tuple(loop["image_size"])  # type: ignore[assignment]
     label_column: str = loop["label_column"]
     batch_size = max(1, config.batch_size // world)
-    if loop.get("torch_threads"):
-        torch.set_num_threads(int(loop["torch_threads"]))
+    torch.set_num_threads(int(loop["torch_threads"]))
     torch.manual_seed(seed_for(config.seed, rank))
 
     model = build_model(config, generator=torch.Generator().manual_seed(config.seed))
@@ -703,9 +702,9 @@ def fit_classifier(
             "mlflow_run_id": run.info.run_id,
             "registered_name": registered_name,
             "alias": alias,
-            "torch_threads": torch_threads,
         }
         resources = worker_resources(num_workers, cpus_per_worker, use_gpu)
+        loop["torch_threads"] = worker_threads(resources, torch_threads)
         trainer = TorchTrainer(
             _train_worker,
             train_loop_config=loop,

@@ -36,3 +36,11 @@ def worker_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool) ->
             "using %.2g CPU per worker (add nodes or lower --workers to avoid this)",
             num_workers, cpus_per_worker, total, cpus)
     return {"CPU": cpus} | ({"GPU": 1.0} if use_gpu else {})
+
+
+def worker_threads(resources: dict[str, float], torch_threads: int | None = None) -> int:
+    """Intra-op threads of one Train worker: `torch_threads`, else the whole CPUs it holds (at
+    least one). Ray leaves OMP_NUM_THREADS unset for fractional CPUs, and torch would then start
+    a thread per core in every worker: oversubscribed cores spin (2 UNIT workers on 2 cores ran
+    at a fraction of one worker's speed)."""
+    return int(torch_threads) if torch_threads else max(1, int(resources.get("CPU", 1.0)))

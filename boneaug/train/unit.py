@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 from boneaug.errors import DataError, ModelError
 from boneaug.models.unit import UNIT, Discriminators, ForwardPlan, UnitArch, UnitOutputs
-from boneaug.train.distributed import gather, worker_resources
+from boneaug.train.distributed import gather, worker_resources, worker_threads
 
 if TYPE_CHECKING:
     import ray.data
@@ -590,6 +590,7 @@ def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     batch_size = max(1, config.batch_size // world)
+    torch.set_num_threads(int(loop["torch_threads"]))
 
     init = torch.Generator().manual_seed(config.seed)  # same on every rank; DDP broadcasts anyway
     unit, dis = UNIT(arch, generator=init), Discriminators(arch, generator=init)
@@ -868,6 +869,7 @@ def fit_unit(
             **dict(_test_hooks or {}),
         }
         resources = worker_resources(num_workers, cpus_per_worker, use_gpu)
+        loop["torch_threads"] = worker_threads(resources)
         trainer = TorchTrainer(
             _train_worker,
             train_loop_config=loop,
