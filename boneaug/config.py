@@ -67,6 +67,11 @@ class SynthConfig(_Section):
     fracture_images: int = Field(
         ge=0, description="auxiliary fracture corpus size (all body parts together)"
     )
+    min_conspicuity: float = Field(
+        0.0, ge=0, lt=1,
+        description="lesion conspicuity is drawn uniformly in [min, 1] (0 subtle .. 1 obvious); "
+                    "raising it makes the baseline's task easier",
+    )
     seed: int = 0
 
 

@@ -83,8 +83,11 @@ def ensure_cohort(config: BoneaugConfig, data_uri: str, body_parts: list[str], *
     have: set[str] = set()
     if storage.exists(ann_uri):
         table = storage.read_parquet(ann_uri, columns=["body_part", "task"])
-        have = set(table.column("body_part").to_pylist())
-        if "fracture" in set(table.column("task").to_pylist()):
+        tasks = table.column("task").to_pylist()
+        # fracture-corpus rows carry body parts too: only lesion-task rows make a body part present
+        have = {part for part, task in zip(table.column("body_part").to_pylist(), tasks, strict=True)
+                if task != "fracture"}
+        if "fracture" in tasks:
             have.add("fracture")
     missing = [p for p in body_parts if p not in have]
     needs_fractures = "fracture" not in have

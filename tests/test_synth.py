@@ -9,6 +9,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pydicom
 import pytest
 from PIL import Image
@@ -325,3 +326,32 @@ def test_fracture_corpus_alone_merges_into_an_existing_cohort(tmp_path) -> None:
     table = storage.read_parquet(storage.join(root, "annotations.parquet"))
     assert set(table.column("task").to_pylist()) == {"lesion", "fracture"}
     assert "femur" in set(table.column("body_part").to_pylist())
+
+
+def test_min_conspicuity_bounds_the_drawn_lesions_and_keeps_the_rest_of_the_draw() -> None:
+    from boneaug.synth.spec import sample_lesion
+
+    subtle_allowed = [sample_lesion("tibia", np.random.default_rng(i)) for i in range(200)]
+    obvious_only = [sample_lesion("tibia", np.random.default_rng(i), min_conspicuity=0.6) for i in range(200)]
+    assert min(les.conspicuity for les in subtle_allowed) < 0.1
+    assert min(les.conspicuity for les in obvious_only) >= 0.6
+    # the same draws otherwise: lesion types come from the same stream
+    assert [les.lesion_type for les in subtle_allowed] == [les.lesion_type for les in obvious_only]
+
+
+def test_a_cohort_with_fractures_of_a_body_part_still_lacks_that_body_parts_lesion_cohort(
+    tmp_path: Path, smoke_config: BoneaugConfig
+) -> None:
+    """The fracture corpus spans body parts: ensure_cohort must still synthesise the lesion cohort."""
+    from boneaug.workflow import ensure_cohort
+
+    root = str(tmp_path / "cohort")
+    ensure_cohort(smoke_config, root, ["humerus"], synthesize=True)  # humerus + fracture corpus
+    table = storage.read_parquet(storage.join(root, "annotations.parquet"))
+    fracture_parts = set(table.filter(pc.equal(table.column("task"), "fracture")).column("body_part").to_pylist())
+    assert "tibia" in fracture_parts
+    ensure_cohort(smoke_config, root, ["tibia"], synthesize=True)
+    table = storage.read_parquet(storage.join(root, "annotations.parquet"))
+    lesion_rows = table.filter(pc.not_equal(table.column("task"), "fracture"))
+    assert set(lesion_rows.column("body_part").to_pylist()) == {"humerus", "tibia"}
+    assert storage.list_files(storage.join(root, "dicom", "tibia"))

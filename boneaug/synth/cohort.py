@@ -202,10 +202,11 @@ def plan_fractures(config: SynthConfig, *, seed: int, scale: float) -> list[Imag
 
 # ------------------------------------------------------------------------------------ rendering
 
-def _patient(job: ImageJob, seed: int) -> PatientSpec:
+def _patient(job: ImageJob, seed: int, min_conspicuity: float) -> PatientSpec:
     rng = np.random.default_rng([seed, job.stream, job.patient_index, PATIENT_STREAM])
     return sample_patient(job.body_part, rng, patient_id=job.patient_id, lesion=bool(job.label),
-                          confounders=job.confounders, fracture=bool(job.fracture))
+                          confounders=job.confounders, fracture=bool(job.fracture),
+                          min_conspicuity=min_conspicuity)
 
 
 def render_job(
@@ -218,7 +219,7 @@ def render_job(
     key = (job.stream, job.patient_index)
     patient = cache.get(key) if cache is not None else None
     if patient is None:
-        patient = _patient(job, seed)
+        patient = _patient(job, seed, config.min_conspicuity)
         if cache is not None:
             cache[key] = patient
     rng = np.random.default_rng([seed, job.stream, job.image_index])

@@ -218,13 +218,13 @@ def sample_body(body_part: str, rng: np.random.Generator, *, deformity: bool = F
 
 
 def sample_lesion(body_part: str, rng: np.random.Generator, *,
-                  conspicuity: float | None = None) -> LesionSpec:
+                  conspicuity: float | None = None, min_conspicuity: float = 0.0) -> LesionSpec:
     """A lesion whose conspicuity (0 subtle .. 1 obvious) drives its size, lysis and rim.
 
     Subtle lesions are small, partly lytic, without a rim and usually metaphyseal, where they
     sit over dense trabecular bone; obvious ones are large, fully lytic, often rimmed or expansile.
     """
-    c = float(rng.uniform(0.0, 1.0)) if conspicuity is None else float(conspicuity)
+    c = float(rng.uniform(min_conspicuity, 1.0)) if conspicuity is None else float(conspicuity)
     kind = str(rng.choice(LESION_TYPES, p=[0.40, 0.25, 0.20, 0.15]))
     region = "metaphyseal" if rng.random() < 0.75 - 0.35 * c else "diaphyseal"
     width = float(np.clip(0.10 + 0.65 * (0.65 * c + 0.35 * rng.random()), 0.10, 0.75))
@@ -323,6 +323,7 @@ def sample_patient(
     confounders: tuple[str, ...] = (),
     fracture: bool = False,
     conspicuity: float | None = None,
+    min_conspicuity: float = 0.0,
 ) -> PatientSpec:
     """A synthetic person with one long bone of `body_part` and what it carries."""
     unknown = set(confounders) - set(CONFOUNDERS)
@@ -334,7 +335,7 @@ def sample_patient(
     body = sample_body(body_part, rng, deformity="deformity" in confounders)
     les = None
     if lesion:
-        les = sample_lesion(body_part, rng, conspicuity=conspicuity)
+        les = sample_lesion(body_part, rng, conspicuity=conspicuity, min_conspicuity=min_conspicuity)
         les = _place_lesion(les, build_scene(body_part, body, 0.0).lesion_zones, rng)
         if les.region == "diaphyseal":
             les = _diaphyseal_size(les, body.canal, rng)
