@@ -53,6 +53,32 @@ def configure(config: TrackingConfig | None = None) -> str:
     return uri
 
 
+def artifact_location(experiment: str, uri: str | None = None) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a sqlite store
+    (``<db dir>/mlartifacts/<experiment>``), so they outlive the process's working directory (a
+    `ray job submit` job runs in a temporary copy, and MLflow's default ``./mlruns`` is relative
+    to it); None for a tracking server, which decides itself."""
+    uri = uri or tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).absolute().parent / "mlartifacts" / experiment).as_uri()
+
+
+def ensure_experiment(name: str) -> str:
+    """The id of experiment `name`, created (with `artifact_location`) when missing."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    try:
+        return str(client.create_experiment(name, artifact_location=artifact_location(name)))
+    except MlflowException:  # created meanwhile by another process
+        return str(client.get_experiment_by_name(name).experiment_id)
+
+
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested mappings -> {"a.b": "value"} strings, as MLflow params want them."""
     out: dict[str, str] = {}
@@ -79,7 +105,7 @@ def start_run(
     import mlflow
 
     configure(tracking)
-    mlflow.set_experiment(experiment)
+    mlflow.set_experiment(experiment_id=ensure_experiment(experiment))
     with mlflow.start_run(run_name=run_name, nested=nested, tags=dict(tags or {})) as run:
         if params:
             flat = flatten(params)

@@ -288,11 +288,6 @@ def _fingerprint(settings: SweepSettings, config: BoneaugConfig, inputs: Mapping
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
-def _ensure_experiment(client: Any, name: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment is not None else client.create_experiment(name)
-
-
 def _log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
     from mlflow.entities import Param as MlflowParam
 
@@ -416,7 +411,7 @@ def run_sweep(
     tune_root = storage.join(run_uri, "tune")
     sweep_uri = storage.join(tune_root, name)
     experiment = f"boneaug/{settings.body_part}/tune_{settings.kind}"
-    experiment_id = _ensure_experiment(client, experiment)
+    experiment_id = tracking.ensure_experiment(experiment)
     parent_id, resumed_run = _parent_run(
         client, experiment_id, storage.join(sweep_uri, "sweep.json"), name,
         {"sweep": settings.describe(), "sweep_uri": sweep_uri, "inputs": dict(inputs), "config": config.model_dump(mode="json")})
