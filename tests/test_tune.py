@@ -206,15 +206,22 @@ def _stand_in_candidates(run: str, out: str) -> str:
     return uri
 
 
-def _assert_no_training_left(timeout_s: float = 60.0) -> None:
-    """Every trial's Ray Train run is gone, those ASHA stopped included (their controller and
-    workers die with the trial's process)."""
-    from ray._private.state import actors  # the GCS view; the state API needs the dashboard
+def _training_actors() -> dict[str, str]:
+    """{actor id: class} of the live Ray Train / Tune actors (the GCS view; the state API needs
+    the dashboard)."""
+    from ray._private.state import actors
 
+    return {aid: a["ActorClassName"] for aid, a in actors().items() if a["State"] == "ALIVE"
+            and a["ActorClassName"] in ("TrainController", "RayTrainWorker", "run_trial")}
+
+
+def _assert_no_training_left(before: dict[str, str], timeout_s: float = 60.0) -> None:
+    """Every trial's Ray Train run is gone, those ASHA stopped included (their controller and
+    workers die with the trial's process). Actors alive `before` the sweep belong to earlier
+    tests of the session's shared Ray and are not the sweep's."""
     deadline = time.monotonic() + timeout_s
     while True:
-        alive = sorted(a["ActorClassName"] for a in actors().values() if a["State"] == "ALIVE"
-                       and a["ActorClassName"] in ("TrainController", "RayTrainWorker", "run_trial"))
+        alive = sorted(cls for aid, cls in _training_actors().items() if aid not in before)
         if not alive or time.monotonic() > deadline:
             break
         time.sleep(1)
@@ -309,10 +316,11 @@ def test_patch_sweep_remakes_patches_per_trial_and_reports_quality_to_asha(
     settings = SweepSettings(kind="patches", body_part=BODY_PART, space=patches_space((1.0, 2.0), (2, 3)),
                              search="random", scheduler="asha", asha_grace=1, verbose=0)
     start = time.perf_counter()
+    before = _training_actors()
     result = run_sweep(prepared.config, settings, data_uri=prepared.data, run_uri=prepared.run,
                        inputs=prepared.inputs, critic=CRITIC)
     print(f"patch sweep: {time.perf_counter() - start:.0f} s")
-    _assert_no_training_left()
+    _assert_no_training_left(before)
     assert sorted(r["s"] for r in result.rows) == [1.0, 2.0] and all(r["n"] in (2, 3) for r in result.rows)
     assert any(r["status"] == "done" for r in result.rows)
     for row in result.rows:
@@ -342,10 +350,11 @@ def test_unit_sweep_samples_loss_weights_with_optuna_and_writes_them_to_best_yam
     settings = SweepSettings(kind="unit", body_part=BODY_PART, space=space, num_samples=2, search="optuna",
                              scheduler="asha", asha_grace=1, seed=3, verbose=0)
     start = time.perf_counter()
+    before = _training_actors()
     result = run_sweep(prepared.config, settings, data_uri=prepared.data, run_uri=prepared.run,
                        inputs=prepared.inputs, critic=CRITIC)
     print(f"UNIT sweep: {time.perf_counter() - start:.0f} s")
-    _assert_no_training_left()
+    _assert_no_training_left(before)
     assert len(result.rows) == 2
     for row in result.rows:
         for name, param in space.items():
