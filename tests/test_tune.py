@@ -250,12 +250,17 @@ def _loads_as_a_job_config(best_uri: str, tmp: Path) -> BoneaugConfig:
     return config
 
 
-@pytest.mark.slow
-def test_threshold_sweep_resumes_after_an_interruption_and_writes_a_loadable_best_config(
-    prepared: Prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def sweep_env(prepared: Prepared, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep as a job runs it: the prepared run's MLflow store in the environment, its root as cwd."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", prepared.config.tracking.tracking_uri)
     monkeypatch.chdir(prepared.root)
+
+
+@pytest.mark.slow
+def test_threshold_sweep_resumes_after_an_interruption_and_writes_a_loadable_best_config(
+    prepared: Prepared, tmp_path: Path, sweep_env: None
+) -> None:
     candidates = _stand_in_candidates(prepared.run, str(tmp_path / "augmented"))
     grid = (0.3, 0.8)
     settings = SweepSettings(kind="threshold", body_part=BODY_PART, space=threshold_space(grid), verbose=0)
@@ -309,10 +314,8 @@ def test_threshold_sweep_resumes_after_an_interruption_and_writes_a_loadable_bes
 
 @pytest.mark.slow
 def test_patch_sweep_remakes_patches_per_trial_and_reports_quality_to_asha(
-    prepared: Prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    prepared: Prepared, tmp_path: Path, sweep_env: None
 ) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", prepared.config.tracking.tracking_uri)
-    monkeypatch.chdir(prepared.root)
     settings = SweepSettings(kind="patches", body_part=BODY_PART, space=patches_space((1.0, 2.0), (2, 3)),
                              search="random", scheduler="asha", asha_grace=1, verbose=0)
     start = time.perf_counter()
@@ -342,10 +345,8 @@ def test_patch_sweep_remakes_patches_per_trial_and_reports_quality_to_asha(
 
 @pytest.mark.slow
 def test_unit_sweep_samples_loss_weights_with_optuna_and_writes_them_to_best_yaml(
-    prepared: Prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    prepared: Prepared, tmp_path: Path, sweep_env: None
 ) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", prepared.config.tracking.tracking_uri)
-    monkeypatch.chdir(prepared.root)
     space = unit_space(prepared.config.unit, factor=10.0, lr_factor=10.0)
     settings = SweepSettings(kind="unit", body_part=BODY_PART, space=space, num_samples=2, search="optuna",
                              scheduler="asha", asha_grace=1, seed=3, verbose=0)
