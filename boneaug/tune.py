@@ -717,13 +717,9 @@ def _metrics(values: Mapping[str, Any], step: int = 0) -> list[Any]:
 
 
 def _patch_datasets(patches_uri: str) -> dict[str, Any]:
-    import ray.data
+    from boneaug.data.datasets import patch_dataset
 
-    out = {}
-    for kind in ("lesion", "normal"):
-        fs, path = storage.pyarrow_filesystem(storage.join(patches_uri, kind))
-        out[kind] = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
-    return out
+    return {kind: patch_dataset(storage.join(patches_uri, kind)) for kind in ("lesion", "normal")}
 
 
 def _unit_trial(config: BoneaugConfig, context: TrialContext, trial_uri: str, run_id: str, client: Any,

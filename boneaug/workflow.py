@@ -163,16 +163,13 @@ def unit_model(config: BoneaugConfig, data: str, run: str, body_part: str) -> st
     patches = patches_stage(config, data, run, body_part)
 
     def go() -> dict[str, Any]:
-        import ray.data
-
+        from boneaug.data.datasets import patch_dataset
         from boneaug.data.patch_sets import load_patch_array
         from boneaug.eval.quality import QualitySets
         from boneaug.train.unit import fit_unit
 
         sets = {k: storage.join(run, "patches", k) for k in ("lesion", "normal", "source")}
-        read = {k: ray.data.read_parquet(storage.pyarrow_filesystem(uri)[1],
-                                         filesystem=storage.pyarrow_filesystem(uri)[0],
-                                         file_extensions=["parquet"]) for k, uri in sets.items()}
+        read = {k: patch_dataset(sets[k]) for k in ("lesion", "normal")}
         quality = QualitySets(lesion=load_patch_array(sets["lesion"]), normal=load_patch_array(sets["normal"]),
                               source=load_patch_array(sets["source"]))
         result = fit_unit(

@@ -89,12 +89,16 @@ def ray_session(s3_endpoint: str) -> Iterator[None]:
 
     It starts after the S3 server so its workers inherit the AWS variables that point at it, as
     workers on a cluster inherit their nodes' environment.
+
+    The dashboard runs (on 127.0.0.1, a free port) as on a real head: Ray Train's placement-group
+    cleaner asks its state API whether a run's controller is still alive, and without it the
+    worker reservations of Train runs that a Tune scheduler stopped are never released.
     """
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=_free_port(), log_to_driver=False, configure_logging=False)
     try:
         yield
     finally:

@@ -20,6 +20,15 @@ if TYPE_CHECKING:
 
 TRAIN_COLUMNS = ["image_id", "split", "label", "fracture", "task", "height", "width", "pixels"]
 
+FEED_CPUS = 0.25
+"""CPUs that each Ray Data task feeding Train workers (column selection) requests.
+
+A fraction, so the feed runs in whatever the workers leave free: with the default of one CPU, a
+cluster whose CPUs are reserved but for a fraction (Train workers plus anything else holding a
+reservation) never schedules the feed and the run waits forever (seen on a 2-CPU head). Inputs
+are therefore in the object store before training starts (`from_arrow`, or `patch_dataset`'s
+materialised read: Ray Data's file listing always asks for a whole CPU)."""
+
 
 def image_table(run_uri: str, *, task: str = "lesion", classification: bool = True) -> pa.Table:
     """The finished image shards of a run (confounder images dropped when `classification`)."""
@@ -59,6 +68,15 @@ def classification_splits(
         extra = augmented.select(TRAIN_COLUMNS).cast(splits["train"].schema)
         splits["train"] = pa.concat_tables([splits["train"], extra])
     return {name: ray.data.from_arrow(part) for name, part in splits.items()}
+
+
+def patch_dataset(uri: str) -> ray.data.Dataset:
+    """A finished patch set (``<run>/patches/<kind>``) as a Ray Dataset to feed Train workers:
+    read now, across the cluster, into the object store (see `FEED_CPUS`)."""
+    import ray.data
+
+    fs, path = storage.pyarrow_filesystem(uri)
+    return ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"]).materialize()
 
 
 def _cap_negatives(table: pa.Table, cap: int, seed: int) -> pa.Table:

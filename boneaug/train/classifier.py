@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from boneaug import storage, tracking
 from boneaug.config import DrnConfig, TrackingConfig
 from boneaug.data.arrays import decode_pixels
+from boneaug.data.datasets import FEED_CPUS
 from boneaug.errors import DataError, ModelError
 from boneaug.eval.metrics import roc_auc
 from boneaug.models.drn import DRN, build_drn
@@ -597,7 +598,8 @@ def _class_counts(ds: ray.data.Dataset, label_column: str, name: str) -> tuple[i
     if label_column not in ds.columns():
         raise DataError(f"{name} dataset has no {label_column!r} column (columns: {ds.columns()})")
     # one streaming pass over one column (Ray Data aggregations cost a shuffle each)
-    batches = ds.select_columns([label_column]).iter_batches(batch_size=None, batch_format="numpy")
+    batches = ds.select_columns([label_column], num_cpus=FEED_CPUS).iter_batches(
+        batch_size=None, batch_format="numpy")
     labels = [np.asarray(b[label_column]) for b in batches]
     y = np.concatenate(labels) if labels else np.zeros(0)
     return int(y.size), int(np.count_nonzero(y))
@@ -609,7 +611,7 @@ def _select(ds: ray.data.Dataset, label_column: str) -> ray.data.Dataset:
         raise DataError(
             f"classification rows lack columns {missing}; see CONTRACTS.md (image shards)"
         )
-    return ds.select_columns([*_ROW_COLUMNS, label_column])
+    return ds.select_columns([*_ROW_COLUMNS, label_column], num_cpus=FEED_CPUS)
 
 
 def fit_classifier(

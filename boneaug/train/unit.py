@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from boneaug.data.datasets import FEED_CPUS
 from boneaug.errors import DataError, ModelError
 from boneaug.models.unit import UNIT, Discriminators, ForwardPlan, UnitArch, UnitOutputs
 from boneaug.train.distributed import gather, worker_resources, worker_threads
@@ -740,7 +741,7 @@ def _check_patches(ds: ray.data.Dataset, name: str) -> tuple[ray.data.Dataset, i
             f"{name} patches lack columns {missing} (have {ds.columns()}); UNIT reads patch-set "
             "rows (height, width, pixels as boneaug.data.arrays.encode_pixels) - see CONTRACTS.md"
         )
-    ds = ds.select_columns(list(PATCH_COLUMNS))
+    ds = ds.select_columns(list(PATCH_COLUMNS), num_cpus=FEED_CPUS)
     n = ds.count()
     if n == 0:
         raise DataError(f"the {name} patch set is empty")
