@@ -207,21 +207,25 @@ def _stand_in_candidates(run: str, out: str) -> str:
 
 
 def _training_actors() -> dict[str, str]:
-    """{actor id: class} of the live Ray Train / Tune actors (the GCS view; the state API needs
-    the dashboard)."""
+    """{id: what} of the live Ray Train / Tune actors and of the placement groups still
+    reserving resources (GCS views)."""
     from ray._private.state import actors
+    from ray.util import placement_group_table
 
-    return {aid: a["ActorClassName"] for aid, a in actors().items() if a["State"] == "ALIVE"
+    live = {aid: a["ActorClassName"] for aid, a in actors().items() if a["State"] == "ALIVE"
             and a["ActorClassName"] in ("TrainController", "RayTrainWorker", "run_trial")}
+    return live | {pid: f"placement group {p['bundles']}" for pid, p in placement_group_table().items()
+                   if p["state"] != "REMOVED"}
 
 
 def _assert_no_training_left(before: dict[str, str], timeout_s: float = 60.0) -> None:
-    """Every trial's Ray Train run is gone, those ASHA stopped included (their controller and
-    workers die with the trial's process). Actors alive `before` the sweep belong to earlier
-    tests of the session's shared Ray and are not the sweep's."""
+    """Every trial's Ray Train run is gone, those ASHA stopped included: their controller and
+    workers die with the trial's process, and Train's cleaner frees their reservations (a leak
+    here once starved a later test). What was alive `before` the sweep belongs to earlier tests
+    of the session's shared Ray and is not the sweep's."""
     deadline = time.monotonic() + timeout_s
     while True:
-        alive = sorted(cls for aid, cls in _training_actors().items() if aid not in before)
+        alive = sorted(what for key, what in _training_actors().items() if key not in before)
         if not alive or time.monotonic() > deadline:
             break
         time.sleep(1)
