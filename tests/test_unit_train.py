@@ -21,7 +21,9 @@ from boneaug.eval.quality import (
     QualityProbe,
     QualitySets,
     quality_signal,
+    standardize,
     train_critic,
+    youden_threshold,
 )
 from boneaug.models.unit import UNIT, Discriminators, UnitArch
 from boneaug.train.unit import (
@@ -238,6 +240,18 @@ def test_quality_signal_sees_painted_lesions_and_not_untouched_patches() -> None
     rng = np.random.default_rng(0)
     noise = probe(lambda p: rng.random(p.shape, dtype=np.float32))
     assert painted.fd_ratio < 0.3 and 0.5 < identity.fd_ratio < 2 and noise.fd_ratio > 2
+
+
+def test_youden_threshold_separates_and_standardize_removes_exposure() -> None:
+    assert 0.3 < youden_threshold(np.array([0.35, 0.4, 0.9]), np.array([0.1, 0.2, 0.3])) < 0.35
+    # overlapping sets: the cut with the largest TPR - FPR (3/4 - 0/3 at 0.45)
+    cut = youden_threshold(np.array([0.2, 0.5, 0.6, 0.7]), np.array([0.1, 0.3, 0.4]))
+    assert 0.4 < cut <= 0.5
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    brighter = 0.5 * x + 0.3  # another exposure of the same patches
+    torch.testing.assert_close(standardize(x), standardize(brighter), atol=1e-5, rtol=1e-5)
+    flat = standardize(torch.full((1, 1, 8, 8), 0.7))  # no contrast: (about) zeros, not NaN
+    assert flat.abs().max() < 1e-4
 
 
 def test_critic_downsamples_large_patches() -> None:

@@ -837,7 +837,7 @@ def fit_unit(
         critic_config = critic_config or _CriticConfig(seed=config.seed)
         probe, report = QualityProbe.train(quality_sets, critic_config)
         critic = {"state": probe.critic.state_dict(), "width": critic_config.width,
-                  "size": critic_config.size, "threshold": critic_config.threshold,
+                  "size": critic_config.size, "threshold": report.threshold,
                   "source": probe.source, "accuracy": report.train_accuracy,
                   "lesion": subset_patches(quality_sets.lesion, 256),
                   "normal": subset_patches(quality_sets.normal, 256)}
