@@ -271,9 +271,11 @@ _PROFILES: dict[str, dict[str, Any]] = {
                 "femur": {"s": 2, "n": 10, "translation_patches": 112},
             },
         },
+        # width 32 / 4 res blocks took 1.9 s an iteration on 2 cores (1500 iterations: 47 min,
+        # beyond the 15-minute budget of a local UNIT run); this one takes ~0.45 s
         "unit": {
-            "width": 32, "n_res": 4, "n_shared": 1, "disc_width": 32, "disc_layers": 3,
-            "disc_scales": 2, "batch_size": 8, "iterations": 1500, "checkpoint_every": 250,
+            "width": 16, "n_res": 2, "n_shared": 1, "disc_width": 16, "disc_layers": 3,
+            "disc_scales": 2, "batch_size": 8, "iterations": 1000, "checkpoint_every": 250,
             "log_every": 25, "sample_every": 250,
         },
         "drn": {"width_mult": 0.25, "batch_size": 16, "epochs": 8, "pretrain_epochs": 3,
