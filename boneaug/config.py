@@ -143,9 +143,14 @@ class DrnConfig(_Section):
 
     arch: Literal["drn_c_26", "drn_d_22", "drn_d_38", "drn_d_54"] = "drn_d_22"
     width_mult: float = Field(1.0, gt=0)
+    downsample: Literal["stride", "maxpool"] = Field(
+        "stride", description="how stages 2-4 halve the resolution: the reference's strided convs, "
+                              "or 2x2 max-pools (keeps thin findings; see boneaug.models.drn)")
     batch_size: int = Field(8, ge=1)
     epochs: int = Field(gt=0)
     pretrain_epochs: int = Field(gt=0, description="auxiliary fracture pre-training")
+    pretrain_lr: float = Field(1e-3, gt=0, description="Adam lr of the fracture pre-training "
+                                                       "(from scratch; the paper's 1e-4 is for fine-tuning)")
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     lr_decay: float = Field(0.9, gt=0, le=1, description="x this when val AUC plateaus")
@@ -249,7 +254,8 @@ _PROFILES: dict[str, dict[str, Any]] = {
             "disc_scales": 2, "batch_size": 4, "iterations": 4, "checkpoint_every": 2,
             "log_every": 1, "sample_every": 2,
         },
-        "drn": {"width_mult": 0.125, "batch_size": 8, "epochs": 2, "pretrain_epochs": 1},
+        "drn": {"width_mult": 0.125, "downsample": "maxpool", "batch_size": 8, "epochs": 2,
+                "pretrain_epochs": 1},
         "compute": {"num_workers": 1, "cpus_per_worker": 0.5},
         "eval": {"n_bootstrap": 200},
     },
@@ -278,8 +284,8 @@ _PROFILES: dict[str, dict[str, Any]] = {
             "disc_scales": 2, "batch_size": 8, "iterations": 1000, "checkpoint_every": 250,
             "log_every": 25, "sample_every": 250,
         },
-        "drn": {"width_mult": 0.25, "batch_size": 16, "epochs": 8, "pretrain_epochs": 3,
-                "max_train_negatives": 400},
+        "drn": {"width_mult": 0.25, "downsample": "maxpool", "batch_size": 16, "epochs": 8,
+                "pretrain_epochs": 8, "max_train_negatives": 400},
         "compute": {"num_workers": 1, "cpus_per_worker": 1, "torch_threads": 2},
     },
     "paper": {

@@ -53,7 +53,7 @@ def test_errors_name_the_file_and_the_field(tmp_path: Path) -> None:
         load_config("smoke", path)
     with pytest.raises(ConfigError, match="unknown profile 'huge'"):
         load_config("huge")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="n_shared=5 exceeds n_res=4"):
+    with pytest.raises(ConfigError, match="n_shared=5 exceeds n_res=2"):
         load_config("local", overrides={"unit": {"n_shared": 5}})
 
 

@@ -141,3 +141,27 @@ def test_small_width_keeps_a_channel_floor() -> None:
     model = drn_d_22(width_mult=0.01)
     assert min(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)
                and m is not model.fc) == 4
+
+
+@pytest.mark.parametrize("arch", ["drn_c_26", "drn_d_22"])
+def test_maxpool_downsampling_keeps_parameters_and_output_stride(arch: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    strided = build_drn(arch, width_mult=0.25, generator=g)
+    pooled = build_drn(arch, width_mult=0.25, downsample="maxpool",
+                       generator=torch.Generator().manual_seed(0))
+    assert [(k, v.shape) for k, v in pooled.state_dict().items()] == [
+        (k, v.shape) for k, v in strided.state_dict().items()]  # checkpoints interchange
+    assert {m.stride for m in pooled.modules() if isinstance(m, nn.Conv2d)} == {(1, 1)}
+    x = torch.rand(2, 1, 250, 126)  # odd halvings round up, as the strided convs do
+    with torch.no_grad():
+        assert pooled.eval().features(x).shape == strided.eval().features(x).shape
+    with pytest.raises(ValueError, match="downsample must be"):
+        build_drn(arch, downsample="avg")  # type: ignore[arg-type]
+
+
+def test_single_logit_head_starts_unsaturated() -> None:
+    model = build_drn("drn_d_22", num_classes=1, width_mult=0.25,
+                      generator=torch.Generator().manual_seed(0)).eval()
+    with torch.no_grad():
+        logits = model(torch.rand(8, 1, 128, 64, generator=torch.Generator().manual_seed(1)))
+    assert logits.abs().max() < 1.0  # the fan-out rule (std sqrt(2)) gave logits of several units

@@ -18,6 +18,17 @@ Differences from the reference, on purpose: the pool is adaptive (a 1024x512 rad
 128x64 map, not the 28x28 of ImageNet crops); `in_channels` and `width_mult` are arguments; the
 ``fc`` bias starts at 0; a non-residual block gets no (unused) projection shortcut.
 
+Downsampling (`downsample`): the reference halves the resolution in stages 2-4 with stride-2
+convolutions ("stride"). "maxpool" takes the same three halvings with a 2x2 max-pool in front of
+those stages instead (their convolutions then have stride 1; same parameters, about the same
+FLOPs). Small, thin findings (a fracture line, a lesion a few pixels wide at 256x128) survive a
+max-pool but are sampled away by a strided convolution: on the local fracture corpus a
+drn_d_22 at width 0.25 reached validation AUC 0.93 after 5 epochs with max-pools and 0.64 with
+strides (a plain 5-layer CNN: 0.88 with max-pools, 0.60 with strides).
+
+The head's 1x1 conv starts at N(0, 0.01): the reference's fan-out rule gives std sqrt(2) for one
+output class, which starts training with saturated logits.
+
 Fine-tuning ("fine-tune the last two convolutional blocks and the fully-connected layer", Gupta
 et al. 2019): a *block* here is one of the eight stages above (the stem counts with stage 1).
 `DRN.freeze(trainable_stages=2)` leaves stages 7 and 8 and the head trainable; frozen stages also
@@ -49,7 +60,9 @@ __all__ = [
 CHANNELS: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 512, 512)
 MIN_CHANNELS = 4
 NUM_STAGES = 8
+POOLED_STAGES = (2, 3, 4)  # the stages that halve the resolution
 Arch = Literal["C", "D"]
+Downsample = Literal["stride", "maxpool"]
 
 
 def scaled_channels(width_mult: float, base: Sequence[int] = CHANNELS) -> tuple[int, ...]:
@@ -146,9 +159,14 @@ class DRN(nn.Module):
         num_classes: int = 1,
         in_channels: int = 1,
         width_mult: float = 1.0,
+        downsample: Downsample = "stride",
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
+        if downsample not in ("stride", "maxpool"):
+            raise ValueError(f"downsample must be 'stride' or 'maxpool', got {downsample!r}")
+        self.downsample = downsample
+        step = 2 if downsample == "stride" else 1
         _check_args(layers, arch=arch, num_classes=num_classes, in_channels=in_channels,
                     width_mult=width_mult)
         ch = scaled_channels(width_mult)
@@ -162,7 +180,7 @@ class DRN(nn.Module):
             self.bn1 = nn.BatchNorm2d(ch[0])
             self.relu = nn.ReLU(inplace=True)
             self.layer1 = self._residual_stage(BasicBlock, ch[0], layers[0])
-            self.layer2 = self._residual_stage(BasicBlock, ch[1], layers[1], stride=2)
+            self.layer2 = self._residual_stage(BasicBlock, ch[1], layers[1], stride=step)
         else:
             self.layer0 = nn.Sequential(
                 nn.Conv2d(in_channels, ch[0], kernel_size=7, padding=3, bias=False),
@@ -170,9 +188,9 @@ class DRN(nn.Module):
                 nn.ReLU(inplace=True),
             )
             self.layer1 = self._conv_stage(ch[0], layers[0])
-            self.layer2 = self._conv_stage(ch[1], layers[1], stride=2)
-        self.layer3 = self._residual_stage(block, ch[2], layers[2], stride=2)
-        self.layer4 = self._residual_stage(block, ch[3], layers[3], stride=2)
+            self.layer2 = self._conv_stage(ch[1], layers[1], stride=step)
+        self.layer3 = self._residual_stage(block, ch[2], layers[2], stride=step)
+        self.layer4 = self._residual_stage(block, ch[3], layers[3], stride=step)
         self.layer5 = self._residual_stage(block, ch[4], layers[4], dilation=2)
         self.layer6 = (self._residual_stage(block, ch[5], layers[5], dilation=4)
                        if layers[5] else None)
@@ -232,7 +250,7 @@ class DRN(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """He-normal (fan-out) convs as in the reference, BN = identity, fc bias 0."""
+        """He-normal (fan-out) convs as in the reference, BN = identity, fc N(0, 0.01), bias 0."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
@@ -243,6 +261,7 @@ class DRN(nn.Module):
                 m.reset_running_stats()
                 m.weight.fill_(1.0)
                 m.bias.zero_()
+        self.fc.weight.normal_(0.0, 0.01, generator=generator)
 
     # ---- stages and freezing ------------------------------------------------------------
     def stem(self) -> list[nn.Module]:
@@ -290,7 +309,10 @@ class DRN(nn.Module):
             x = self.relu(self.bn1(self.conv1(x)))
         else:
             x = self.layer0(x)
-        for stage in self.stages():
+        pool = self.downsample == "maxpool"
+        for index, stage in enumerate(self.stages(), start=1):
+            if pool and index in POOLED_STAGES:
+                x = nn.functional.max_pool2d(x, 2, ceil_mode=True)
             x = stage(x)
         return x
 
@@ -330,6 +352,7 @@ def build_drn(
     num_classes: int = 1,
     in_channels: int = 1,
     width_mult: float = 1.0,
+    downsample: Downsample = "stride",
     generator: torch.Generator | None = None,
 ) -> DRN:
     """One of `ARCHS` by name (e.g. ``DrnConfig.arch``)."""
@@ -337,7 +360,7 @@ def build_drn(
         raise ValueError(f"unknown DRN arch {arch!r}; choose one of {', '.join(ARCHS)}")
     block, layers, kind = ARCHS[arch]
     return DRN(block, layers, arch=kind, num_classes=num_classes, in_channels=in_channels,
-               width_mult=width_mult, generator=generator)
+               width_mult=width_mult, downsample=downsample, generator=generator)
 
 
 def drn_c_26(*, num_classes: int = 1, in_channels: int = 1, width_mult: float = 1.0,

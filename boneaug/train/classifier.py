@@ -158,6 +158,7 @@ class AffineAugment:
 def build_model(config: DrnConfig, *, generator: torch.Generator | None = None) -> DRN:
     """The configured DRN with one input channel and one (lesion / fracture) logit."""
     return build_drn(config.arch, num_classes=1, in_channels=1, width_mult=config.width_mult,
+                     downsample=config.downsample,
                      generator=generator)
 
 
@@ -743,14 +744,16 @@ def pretrain_fracture(
     """Auxiliary pre-training (paper 4.2): the same DRN on the fracture corpus.
 
     `images` are image-shard rows; those with task == "fracture" are used, label = ``fracture``,
-    split by their ``split`` column, for ``config.pretrain_epochs`` epochs from scratch.
+    split by their ``split`` column, for ``config.pretrain_epochs`` epochs from scratch at
+    ``config.pretrain_lr``.
     """
     from ray.data.expressions import col
 
     split = {s: images.filter(expr=(col("task") == "fracture") & (col("split") == s))
              for s in ("train", "val", "test")}
     return fit_classifier(
-        config, split["train"], split["val"], test=split["test"], run_uri=run_uri,
+        config.model_copy(update={"lr": config.pretrain_lr}), split["train"], split["val"],
+        test=split["test"], run_uri=run_uri,
         num_workers=num_workers, use_gpu=use_gpu, experiment=experiment,
         registered_name=registered_name, init_from=None, image_size=image_size,
         label_column="fracture", epochs=config.pretrain_epochs, **kwargs,
