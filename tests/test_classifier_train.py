@@ -113,7 +113,7 @@ def test_a_few_steps_on_synthetic_bones_lower_the_loss(one_thread: None) -> None
     optimizer = make_optimizer(model, config)
     loss_fn = make_loss(pos_weight=3.0)
     x, y = torch.from_numpy(images), torch.from_numpy(labels)
-    losses = [train_step(model, x, y, optimizer=optimizer, loss_fn=loss_fn) for _ in range(12)]
+    losses = [train_step(model, x, y, optimizer=optimizer, loss_fn=loss_fn) for _ in range(20)]
     assert all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
     scores = predict(model, images, batch_size=5)
