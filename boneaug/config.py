@@ -149,8 +149,10 @@ class DrnConfig(_Section):
     batch_size: int = Field(8, ge=1)
     epochs: int = Field(gt=0)
     pretrain_epochs: int = Field(gt=0, description="auxiliary fracture pre-training")
-    pretrain_lr: float = Field(1e-3, gt=0, description="Adam lr of the fracture pre-training "
-                                                       "(from scratch; the paper's 1e-4 is for fine-tuning)")
+    pretrain_lr: float = Field(
+        1e-3, gt=0,
+        description="Adam lr of the fracture pre-training (from scratch; the paper's 1e-4 is for "
+                    "fine-tuning)")
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     lr_decay: float = Field(0.9, gt=0, le=1, description="x this when val AUC plateaus")

@@ -78,7 +78,8 @@ class PatchCritic(nn.Module):
         w = width
 
         def stage(c_in: int, c_out: int) -> list[nn.Module]:
-            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out),
+                    nn.ReLU(inplace=True)]
 
         self.features = nn.Sequential(
             *stage(1, w), nn.MaxPool2d(2), *stage(w, 2 * w), nn.MaxPool2d(2), *stage(2 * w, 4 * w),
@@ -113,7 +114,7 @@ def standardize(x: Tensor, floor: float = 0.02) -> Tensor:
 def youden_threshold(p_pos: np.ndarray, p_neg: np.ndarray) -> float:
     """The probability cut that maximises TPR - FPR between two score sets (midpoint of the gap)."""
     scores = np.unique(np.concatenate([p_pos, p_neg]))
-    cuts = np.concatenate([[scores[0]], (scores[:-1] + scores[1:]) / 2]) if len(scores) > 1 else scores
+    cuts = np.concatenate([scores[:1], (scores[:-1] + scores[1:]) / 2])
     j = [(p_pos >= c).mean() - (p_neg >= c).mean() for c in cuts]
     return float(cuts[int(np.argmax(j))])
 
