@@ -19,7 +19,7 @@ from boneaug.config import BODY_PARTS, PROFILES, BoneaugConfig, load_config
 def job_parser(description: str, *, body_part: bool = True, workers: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     if workers:
-        parser.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: profile)")
+        parser.add_argument("--workers", type=int, default=None, help="Ray Train workers, each using the CPUs it holds (default: profile)")
     if body_part:
         parser.add_argument("--body-part", choices=BODY_PARTS, required=True)
     parser.add_argument("--profile", choices=PROFILES, default="local", help="sizes (default local)")
@@ -46,7 +46,9 @@ def setup(args: argparse.Namespace) -> tuple[BoneaugConfig, str, str]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(args.profile, args.config)
     if getattr(args, "workers", None) is not None:
-        config = config.model_copy(update={"compute": config.compute.model_copy(update={"num_workers": args.workers})})
+        # each of N workers then uses the CPUs it holds, not the profile's threads for one worker
+        compute = config.compute.model_copy(update={"num_workers": args.workers, "torch_threads": None})
+        config = config.model_copy(update={"compute": compute})
     data = absolute(args.data or config.storage.root)
     out = absolute(args.out or data)
     run_id = args.run_id or f"{getattr(args, 'body_part', 'all')}-{config.profile}"

@@ -750,6 +750,7 @@ def _unit_trial(config: BoneaugConfig, context: TrialContext, trial_uri: str, ru
                 run_name=f"{context.sweep_name}-{Path(trial_uri).name}",
                 tracking_config=TrackingConfig(tracking_uri=context.tracking_uri),
                 cpus_per_worker=compute.cpus_per_worker, max_failures=compute.max_failures,
+                torch_threads=compute.torch_threads,
             )
 
     watcher = QualityWatcher(client, run_id, final_iteration=config.unit.iterations)

@@ -175,7 +175,8 @@ def unit_model(config: BoneaugConfig, data: str, run: str, body_part: str) -> st
         result = fit_unit(
             config.unit, read["lesion"], read["normal"], run_uri=run, quality_sets=quality,
             experiment=f"boneaug/{body_part}/train_unit", registered_name=f"boneaug-unit-{body_part}",
-            overwrite=True, **(_ray_train(config) | {"num_workers": max(1, config.compute.num_workers)}),
+            overwrite=True, torch_threads=config.compute.torch_threads,
+            **(_ray_train(config) | {"num_workers": max(1, config.compute.num_workers)}),
         )
         print(f"[unit] quality: translated sources called lesion {result.frac_translated:.2f} vs "
               f"untranslated {result.frac_source:.2f}", flush=True)

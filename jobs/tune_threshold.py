@@ -12,6 +12,7 @@ once). Each trial selects the candidates at its t and trains an augmented DRN. P
 """
 
 from boneaug import tracking
+from boneaug.config import PAPER_THRESHOLDS
 from boneaug.runtime import absolute, init_ray, job_parser, setup
 from boneaug.tune import (
     SweepSettings,
@@ -24,13 +25,13 @@ from boneaug.tune import (
 
 def main(argv: list[str] | None = None) -> None:
     parser = job_parser(__doc__)
-    parser.add_argument("--grid", default=None, help="comma-separated t values (default: the config's thresholds)")
+    parser.add_argument("--grid", default=None, help="comma-separated t values (default: the paper's, 0.70,0.85,0.90,0.95)")
     add_sweep_arguments(parser)
     args = parser.parse_args(argv)
     config, data, run = setup(args)
     tracking.configure(config.tracking)
     init_ray()
-    grid = [float(t) for t in args.grid.split(",")] if args.grid else list(config.augment.thresholds)
+    grid = [float(t) for t in args.grid.split(",")] if args.grid else list(PAPER_THRESHOLDS)
     inputs = prepare_threshold(config, args.body_part, data_uri=data, out_uri=absolute(args.out or data),
                                run_uri=run, synthesize=args.data is None or args.synthetic)
     settings = SweepSettings(kind="threshold", body_part=args.body_part, space=threshold_space(grid),

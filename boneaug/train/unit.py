@@ -768,6 +768,7 @@ def fit_unit(
     run_name: str | None = None,
     tracking_config: TrackingConfig | None = None,
     cpus_per_worker: float = 1.0,
+    torch_threads: int | None = None,
     max_failures: int = 2,
     overwrite: bool = False,
     _test_hooks: Mapping[str, Any] | None = None,
@@ -777,7 +778,8 @@ def fit_unit(
     `lesion` and `normal` are Ray Datasets of patch-set rows (``height``, ``width``, ``pixels``;
     CONTRACTS.md), e.g. ``ray.data.read_parquet(<run>/patches/lesion)``; every worker gets an
     equal shard of each. ``config.batch_size`` is the global batch: each worker takes
-    ``batch_size // num_workers`` (at least 1) per domain per iteration.
+    ``batch_size // num_workers`` (at least 1) per domain per iteration, with `torch_threads`
+    intra-op threads (default: the CPUs it holds).
 
     Outputs under ``<run_uri>/unit``: Ray checkpoints (``train/checkpoint_*/state.pt``: networks,
     optimisers, schedulers, iteration) every ``checkpoint_every`` iterations, ``final.pt`` and
@@ -870,7 +872,7 @@ def fit_unit(
             **dict(_test_hooks or {}),
         }
         resources = worker_resources(num_workers, cpus_per_worker, use_gpu)
-        loop["torch_threads"] = worker_threads(resources)
+        loop["torch_threads"] = worker_threads(resources, torch_threads)
         trainer = TorchTrainer(
             _train_worker,
             train_loop_config=loop,
