@@ -76,6 +76,9 @@ def test_augment_tibia_smoke_on_a_ray_head(ray_head: dict[str, str], tmp_path: P
     names = {m.name for m in client.search_registered_models()}
     assert {"boneaug-unit-tibia", "boneaug-drn-tibia", "boneaug-drn-tibia-aug", "boneaug-drn-fracture"} <= names
     assert client.get_model_version_by_alias("boneaug-drn-tibia", "champion")
+    # serve/config.yaml loads both models of a body part by @champion
+    assert client.get_model_version_by_alias("boneaug-unit-tibia", "champion").version == \
+        client.get_model_version_by_alias("boneaug-unit-tibia", "challenger").version
     # derived DICOMs pass the reader's check and carry their provenance
     from boneaug.io.dicom import check_uris, read_provenance
 

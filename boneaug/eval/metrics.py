@@ -28,6 +28,7 @@ __all__ = [
     "bootstrap_auc",
     "operating_point",
     "roc_auc",
+    "roc_counts",
     "roc_curve",
     "sens_spec",
     "stratified_bootstrap_indices",
@@ -118,7 +119,7 @@ def roc_auc(labels: object, scores: object) -> float:
     return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
 
 
-def _roc_counts(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_counts(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tps, fps, thresholds) at every distinct score, thresholds decreasing (sklearn's
     `_binary_clf_curve`): tps[k]/fps[k] count positives/negatives with score >= thresholds[k]."""
     order = np.argsort(s, kind="mergesort")[::-1]  # descending score
@@ -140,7 +141,7 @@ def roc_curve(
     segment between their neighbours (invisible in a plot) are dropped, as sklearn does.
     """
     y, s = _check_binary(labels, scores)
-    tps, fps, thresholds = _roc_counts(y, s)
+    tps, fps, thresholds = roc_counts(y, s)
     if drop_intermediate and tps.size > 2:
         keep = np.flatnonzero(
             np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True]
@@ -322,7 +323,7 @@ def operating_point(labels_val: object, scores_val: object) -> float:
     specific operating point).
     """
     y, s = _check_binary(labels_val, scores_val)
-    tps, fps, thresholds = _roc_counts(y, s)
+    tps, fps, thresholds = roc_counts(y, s)
     n_pos = int(y.sum())
     n_neg = y.size - n_pos
     # int64 holds the criterion while 2 (P N)^2 < 2^63; beyond, exact Python integers

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from boneaug.eval.metrics import roc_counts
+
 
 @dataclass(frozen=True)
 class CriticConfig:
@@ -113,10 +115,11 @@ def standardize(x: Tensor, floor: float = 0.02) -> Tensor:
 
 def youden_threshold(p_pos: np.ndarray, p_neg: np.ndarray) -> float:
     """The probability cut that maximises TPR - FPR between two score sets (midpoint of the gap)."""
-    scores = np.unique(np.concatenate([p_pos, p_neg]))
-    cuts = np.concatenate([scores[:1], (scores[:-1] + scores[1:]) / 2])
-    j = [(p_pos >= c).mean() - (p_neg >= c).mean() for c in cuts]
-    return float(cuts[int(np.argmax(j))])
+    labels = np.r_[np.ones(len(p_pos), np.int64), np.zeros(len(p_neg), np.int64)]
+    tps, fps, desc = roc_counts(labels, np.concatenate([p_pos, p_neg]))  # cut >= desc[k]
+    j = tps / len(p_pos) - fps / len(p_neg)
+    cuts = np.r_[(desc[:-1] + desc[1:]) / 2, desc[-1:]]  # same counts as >= desc[k]
+    return float(cuts[len(j) - 1 - int(np.argmax(j[::-1]))])  # the lowest cut among ties
 
 
 def _as_patches(patches: np.ndarray, name: str) -> np.ndarray:
