@@ -63,9 +63,13 @@ def init_ray(num_cpus: int | None = None) -> None:
     (``--runtime-env-json``) or the nodes' own environment, never from code.
     """
     import ray
+    import ray.data
 
     if not ray.is_initialized():
         ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else num_cpus)
+    # the jobs print a line per stage, epoch and UNIT sample; Ray Data's per-pass bars (dozens
+    # per training) would bury them. Datasets made after this carry the setting to the cluster.
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def augment_job(body_part: str, argv: list[str] | None = None) -> None:
@@ -76,7 +80,7 @@ def augment_job(body_part: str, argv: list[str] | None = None) -> None:
 
     parser = job_parser(f"The augmentation chain for {body_part} (Gupta et al. 2019).", body_part=False)
     parser.add_argument("--thresholds", default=None,
-                        help="comma-separated t grid (default: the config's, 0.70,0.85,0.90,0.95)")
+                        help="comma-separated t grid (default: the profile's augment.thresholds)")
     args = parser.parse_args(argv)
     args.body_part = body_part
     config, data, _ = setup(args)
@@ -91,6 +95,8 @@ def augment_job(body_part: str, argv: list[str] | None = None) -> None:
                            run_id=args.run_id, synthesize=synthesize, variants=(OWN,), thresholds=thresholds)
     print("\n" + result.markdown)
     print(f"report:  {result.report_uri}/report.md (ROC figure beside it)")
+    for key, png in result.figures.items():
+        print(f"figure:  {png} (original, translated, blended: {key})")
     for role, uri in result.models.items():
         print(f"model:   {role:10s} {uri}")
     print(f"mlflow:  {tracking.tracking_uri(config.tracking)}")

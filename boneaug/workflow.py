@@ -73,6 +73,7 @@ class BodyPartResult:
     markdown: str
     chosen: dict[str, float] = field(default_factory=dict)  # variant key -> t
     models: dict[str, str] = field(default_factory=dict)  # role -> models:/name/version
+    figures: dict[str, str] = field(default_factory=dict)  # variant key -> Figure 3 PNG URI
 
 
 def ensure_cohort(config: BoneaugConfig, data_uri: str, body_parts: list[str], *, synthesize: bool) -> None:
@@ -236,6 +237,7 @@ def run_body_part(
 ) -> BodyPartResult:
     """The paper's chain for one body part; returns the report and the chosen thresholds."""
     from boneaug.augment.pipeline import select_augmented, write_derived_dicoms
+    from boneaug.eval.figures import figure3
     from boneaug.eval.report import ModelMeta, import_predictions, render_report_from_predictions
 
     tracking.configure(config.tracking)
@@ -284,6 +286,10 @@ def run_body_part(
                                               selected=select_augmented(cands["candidates"], best_t),
                                               out_uri=storage.join(aug_uri, "dicom"), t=best_t))})
         print(f"[{variant.key}] {dicoms['files']} derived DICOMs under {storage.join(aug_uri, 'dicom')}", flush=True)
+        png = figure3(data_uri=data_uri, run_uri=run, candidates_uri=cands["candidates"],
+                      out_png=storage.join(run, "report", f"figure3_{variant.key}.png"))
+        if png:
+            result.figures[variant.key] = png
         alias = "champion" if best["val_auc"] > baseline["val_auc"] else "challenger"
         tracking.set_alias(f"boneaug-drn-{body_part}-aug", alias, best["version"])
         print(f"[{variant.key}] t chosen on validation: {best_t:.2f} (val AUC {best['val_auc']:.3f} vs "

@@ -14,7 +14,6 @@ import time
 
 from boneaug import storage, tracking
 from boneaug.config import PAPER_THRESHOLDS
-from boneaug.eval.figures import figure3
 from boneaug.runtime import absolute, init_ray, job_parser, setup
 from boneaug.workflow import OWN, Variant, ensure_cohort, run_body_part
 
@@ -35,13 +34,10 @@ def main() -> None:
     for part, variants in EXPERIMENTS:
         result = run_body_part(config, part, data_uri=data, out_uri=out, synthesize=False, variants=variants,  # type: ignore[arg-type]
                                thresholds=PAPER_THRESHOLDS if part == "humerus" else None)
-        variant = variants[0].key
-        png = figure3(data_uri=data, run_uri=result.run_uri,
-                      candidates_uri=storage.join(result.run_uri, "augmented", variant, "candidates"),
-                      out_png=storage.join(result.run_uri, "report", f"figure3_{variant}.png"))
+        png = result.figures.get(variants[0].key)
         chosen = ", ".join(f"{k}: t = {t:.2f}" for k, t in result.chosen.items())
-        sections.append(f"## {part}\n\nt chosen on validation: {chosen}\n\n{result.markdown}\n"
-                        f"![Figure 3: original, translated, blended]({png})\n")
+        figure = f"![Figure 3: original, translated, blended]({png})\n" if png else "(no candidates: no Figure 3)\n"
+        sections.append(f"## {part}\n\nt chosen on validation: {chosen}\n\n{result.markdown}\n{figure}")
     report = storage.join(out, "runs", f"reproduce-{config.profile}", "report.md")
     storage.write_text(report, "# boneaug: the paper's experiments on the synthetic cohort\n\n" + "\n".join(sections))
     print("\n".join(sections))

@@ -69,6 +69,7 @@ def test_augment_tibia_smoke_on_a_ray_head(ray_head: dict[str, str], tmp_path: P
 
     run = data / "runs" / "tibia-smoke"
     assert (run / "report" / "report.md").exists() and (run / "report" / "roc_tibia.png").stat().st_size > 10_000
+    assert (run / "report" / "figure3_aug.png").stat().st_size > 10_000 and "figure:  " in out
     # the registry holds every model the job announced, with aliases
     import mlflow
 

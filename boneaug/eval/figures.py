@@ -10,9 +10,10 @@ from boneaug import storage
 from boneaug.data.arrays import decode_pixels
 
 
-def figure3(*, data_uri: str, run_uri: str, candidates_uri: str, out_png: str, n: int = 3) -> str:
+def figure3(*, data_uri: str, run_uri: str, candidates_uri: str, out_png: str, n: int = 3) -> str | None:
     """A grid with, per example, the full original / translated-pasted / blended image and the
-    crop box of each, for the `n` highest-scoring blended candidates. Returns `out_png`."""
+    crop box of each, for the `n` highest-scoring blended candidates. Returns `out_png`, or None
+    (nothing written) when there are no candidates."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,6 +27,8 @@ def figure3(*, data_uri: str, run_uri: str, candidates_uri: str, out_png: str, n
     images = storage.read_parquet(storage.join(run_uri, "images"), columns=["image_id", "key"]).to_pydict()
     keys = dict(zip(images["image_id"], images["key"], strict=True))
     rows = candidates.to_pylist()
+    if not rows:
+        return None
     fig = Figure(figsize=(9, 4.2 * len(rows)), dpi=110)
     for r, row in enumerate(rows):
         uri = storage.join(data_uri, keys[row["source_image_id"]])

@@ -520,6 +520,8 @@ def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
         if client is not None:
             for key in ("train_loss", "val_auc", "lr"):
                 client.log_metric(loop["mlflow_run_id"], key, float(metrics[key]), step=epoch)
+            print(f"[drn] epoch {epoch + 1}/{loop['epochs']}: train loss {train_loss:.4f}, val AUC {auc:.3f} "
+                  f"(best {state.best_auc:.3f}, epoch {state.best_epoch + 1})", flush=True)
         _save_checkpoint(net, optimizer, scheduler, state, best, metrics, rank)
         epoch += 1
 

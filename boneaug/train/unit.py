@@ -507,6 +507,11 @@ def _report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+# what rank 0 prints every sample_every iterations (all of it goes to MLflow)
+PROGRESS_KEYS = ("loss/d_total", "loss/g_total", "loss/recon_h", "loss/cyc_h",
+                 "quality/frac_translated", "quality/frac_source")
+
+
 class _Rank0:
     """Rank 0's side jobs: MLflow metrics, sample grids, the quality probe."""
 
@@ -643,6 +648,9 @@ def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
         if side is not None and (it % config.sample_every == 0 or it == end):
             quality = side.sample_and_probe(unit_w, it)
             side.log_metrics(quality, it)
+            shown = {k: v for k, v in (last | quality).items() if k in PROGRESS_KEYS}
+            print(f"[unit] iteration {it}/{end}: "
+                  + ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in shown.items()), flush=True)
         if it % config.checkpoint_every == 0 or it == end:
             sums = gather(checksum(unit_w, dis_w))
             metrics = {"iteration": it, "resumed_from": start, **last, **quality,
