@@ -649,8 +649,8 @@ def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
             quality = side.sample_and_probe(unit_w, it)
             side.log_metrics(quality, it)
             shown = {k: v for k, v in (last | quality).items() if k in PROGRESS_KEYS}
-            print(f"[unit] iteration {it}/{end}: "
-                  + ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in shown.items()), flush=True)
+            log.info("[unit] iteration %d/%d: %s", it, end,  # (Ray Train's print doubles lines)
+                     ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in shown.items()))
         if it % config.checkpoint_every == 0 or it == end:
             sums = gather(checksum(unit_w, dis_w))
             metrics = {"iteration": it, "resumed_from": start, **last, **quality,
