@@ -152,6 +152,23 @@ def log_torch_model(
     return version
 
 
+# on a scorer's registered version: the pseudo-label threshold t a chain chose on validation for
+# it (with its body part's translator); the service judges `passes_threshold` by it
+PSEUDO_LABEL_T_TAG = "pseudo_label_t"
+
+
+def set_version_tag(registered_name: str, version: str, key: str, value: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_model_version_tag(registered_name, version, key, value)
+
+
+def version_tags(registered_name: str, version: str) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    return dict(MlflowClient().get_model_version(registered_name, version).tags)
+
+
 def set_alias(registered_name: str, alias: str, version: str) -> None:
     from mlflow import MlflowClient
 

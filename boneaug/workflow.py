@@ -296,9 +296,11 @@ def run_body_part(
               f"baseline {baseline['val_auc']:.3f}); boneaug-drn-{body_part}-aug v{best['version']} -> @{alias}",
               flush=True)
     tracking.set_alias(f"boneaug-drn-{body_part}", "champion", baseline["version"])
-    if OWN in variants:  # this body part's own translator is the one its service (serve/) uses
+    if OWN in variants:  # this body part's own translator and t are what its service (serve/) uses
         name, version = tracking.resolve(result.models[f"{OWN.key}-unit"])
         tracking.set_alias(name, "champion", str(version))
+        tracking.set_version_tag(f"boneaug-drn-{body_part}", baseline["version"], tracking.PSEUDO_LABEL_T_TAG,
+                                 f"{result.chosen[OWN.key]:.2f}")
     result.markdown = render_report_from_predictions(run, config.eval)
     result.report_uri = storage.join(run, "report")
     return result

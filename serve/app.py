@@ -30,7 +30,7 @@ import logging
 import os
 import threading
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -43,7 +43,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from boneaug import serving
+from boneaug import serving, tracking
 from boneaug.config import BodyPart, BoneaugConfig, TrackingConfig, load_config
 from boneaug.errors import ConfigError
 from serve.schemas import (
@@ -82,6 +82,7 @@ class ModelOutput:
     version: str = ""
     error: str | None = None  # "not_served" | "no_model" | "bad_input"
     message: str = ""
+    tags: dict[str, str] = field(default_factory=dict)  # of the registered version that answered
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class _Loaded:
     version: str
     model: Any  # torch.nn.Module in eval mode, on `device`
     device: str
+    tags: dict[str, str]  # the registered version's, read at every reconfigure
 
 
 class _RegistryModels:
@@ -118,8 +120,6 @@ class _RegistryModels:
     def _reload(self, config: ModelsConfig) -> None:
         import torch
 
-        from boneaug import tracking
-
         device = config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -129,11 +129,13 @@ class _RegistryModels:
         for body_part, ref in config.models.items():
             try:
                 name, version = tracking.resolve(ref.uri)
+                tags = tracking.version_tags(name, str(version))
                 current = loaded.get(body_part)
                 if current and (current.name, current.version, current.device) == (name, version, device):
+                    loaded[body_part] = replace(current, tags=tags)
                     continue
                 model = tracking.load_torch_model(f"models:/{name}/{version}").to(device)
-                loaded[body_part] = _Loaded(name, str(version), model, device)
+                loaded[body_part] = _Loaded(name, str(version), model, device, tags)
                 log.info("%s: %s serves %s version %s on %s", self.kind, body_part, name, version, device)
             except Exception as exc:  # noqa: BLE001 - keep serving what loads; report the rest
                 errors[body_part] = f"{ref.uri}: {type(exc).__name__}: {exc}"
@@ -184,7 +186,8 @@ class _RegistryModels:
                                              f"{type(exc).__name__}", name=model.name, version=model.version)
                 continue
             for j, i in enumerate(indices):
-                outputs[i] = ModelOutput(values=values[j:j + 1], name=model.name, version=model.version)
+                outputs[i] = ModelOutput(values=values[j:j + 1], name=model.name, version=model.version,
+                                         tags=model.tags)
         return [o for o in outputs if o is not None]
 
 
@@ -551,7 +554,8 @@ class Api:
             probability = float(score_out.values.reshape(-1)[0])
             models = LesionModels(translator=ModelVersion(name=translated_out.name, version=translated_out.version),
                                   scorer=ModelVersion(name=score_out.name, version=score_out.version))
-            threshold = float(cfg.augment.t[body_part])
+            # the t the training chain chose for this scorer, else the profile's
+            threshold = float(score_out.tags.get(tracking.PSEUDO_LABEL_T_TAG, cfg.augment.t[body_part]))
             result = serving.LesionResult(chosen, crop, patch, translated, blended, probability)
             encoded, media_type = await asyncio.to_thread(serving.encode_result, image, result, fmt, n=blend_n,
                                                           models=models.model_dump())

@@ -167,14 +167,20 @@ class Registry:
         return version
 
 
-def make_registry(tmp: Path, *, unit_iterations: int = 3, drn_steps: int = 4) -> Registry:
+def make_registry(tmp: Path, *, unit_iterations: int = 3, drn_steps: int = 4,
+                  pseudo_label_t: float | None = None) -> Registry:
+    """Smoke UNIT + DRN for BODY_PART, both @champion; `pseudo_label_t` tags the DRN version as
+    a training chain does with the t it chose."""
     import mlflow
 
+    from boneaug import tracking
     from boneaug.config import load_config
 
     registry = Registry(uri=f"sqlite:///{tmp / 'mlflow.db'}", config=load_config("smoke"))
     registry.add("unit", train_translator(registry.config, iterations=unit_iterations, seed=0))
-    registry.add("drn", train_scorer(registry.config, steps=drn_steps, seed=0))
+    version = registry.add("drn", train_scorer(registry.config, steps=drn_steps, seed=0))
+    if pseudo_label_t is not None:
+        tracking.set_version_tag(f"boneaug-drn-{BODY_PART}", version, tracking.PSEUDO_LABEL_T_TAG, str(pseudo_label_t))
     mlflow.end_run()
     return registry
 

@@ -88,6 +88,9 @@ def test_augment_tibia_smoke_on_a_ray_head(ray_head: dict[str, str], tmp_path: P
     chosen = [float(line.split("validation: ")[1].split(" ")[0]) for line in out.splitlines()
               if "t chosen on validation" in line][0]
     assert len(dicoms) == sum(s >= chosen for s in candidates.column("score").to_pylist())
+    # the service judges passes_threshold by the chosen t, a tag on the pseudo-labeller's version
+    baseline = client.get_model_version_by_alias("boneaug-drn-tibia", "champion")
+    assert float(baseline.tags["pseudo_label_t"]) == chosen
     assert all(r["ok"] for r in check_uris(dicoms))
     if dicoms:
         provenance = read_provenance(storage.read_bytes(dicoms[0]))
