@@ -19,7 +19,8 @@ from boneaug.config import BODY_PARTS, PROFILES, BoneaugConfig, load_config
 def job_parser(description: str, *, body_part: bool = True, workers: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     if workers:
-        parser.add_argument("--workers", type=int, default=None, help="Ray Train workers, each using the CPUs it holds (default: profile)")
+        parser.add_argument("--workers", type=int, default=None,
+                            help="Ray Train workers, each using the CPUs it holds (default: profile)")
     if body_part:
         parser.add_argument("--body-part", choices=BODY_PARTS, required=True)
     parser.add_argument("--profile", choices=PROFILES, default="local", help="sizes (default local)")
@@ -63,12 +64,18 @@ def init_ray(num_cpus: int | None = None) -> None:
     (``--runtime-env-json``) or the nodes' own environment, never from code.
     """
     import ray
-    import ray.data
 
     if not ray.is_initialized():
         ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else num_cpus)
-    # the jobs print a line per stage, epoch and UNIT sample; Ray Data's per-pass bars (dozens
-    # per training) would bury them. Datasets made after this carry the setting to the cluster.
+    quiet_ray_data()
+
+
+def quiet_ray_data() -> None:
+    """No Ray Data progress bars for datasets this process makes from now on (they carry the
+    setting to the cluster). The jobs print a line per stage, epoch and UNIT sample; the per-pass
+    bars, dozens per training, would bury them."""
+    import ray.data
+
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

@@ -593,11 +593,12 @@ def child_runs(parent_run_id: str, *, tracking_config: TrackingConfig | None = N
 # ---- the trial -------------------------------------------------------------------------------------
 def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     """Tune's trainable (function API): one trial of any kind; reports to ``ray.tune.report``."""
-    import ray.data
     import ray.tune
     from mlflow import MlflowClient
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # as the jobs' driver does
+    from boneaug.runtime import quiet_ray_data
+
+    quiet_ray_data()  # a trial makes its own datasets, as a job's driver does
     trial_id = ray.tune.get_context().get_trial_id()
     tracking.configure(TrackingConfig(tracking_uri=context.tracking_uri))
     client = MlflowClient(tracking_uri=context.tracking_uri, registry_uri=context.tracking_uri)

@@ -36,7 +36,8 @@ def main() -> None:
                                thresholds=PAPER_THRESHOLDS if part == "humerus" else None)
         png = result.figures.get(variants[0].key)
         chosen = ", ".join(f"{k}: t = {t:.2f}" for k, t in result.chosen.items())
-        figure = f"![Figure 3: original, translated, blended]({png})\n" if png else "(no candidates: no Figure 3)\n"
+        figure = (f"![Figure 3: original, translated, blended]({png})\n" if png
+                  else "(no candidates: no Figure 3)\n")
         sections.append(f"## {part}\n\nt chosen on validation: {chosen}\n\n{result.markdown}\n{figure}")
     report = storage.join(out, "runs", f"reproduce-{config.profile}", "report.md")
     storage.write_text(report, "# boneaug: the paper's experiments on the synthetic cohort\n\n" + "\n".join(sections))

@@ -25,7 +25,8 @@ from boneaug.tune import (
 
 def main(argv: list[str] | None = None) -> None:
     parser = job_parser(__doc__)
-    parser.add_argument("--grid", default=None, help="comma-separated t values (default: the paper's, 0.70,0.85,0.90,0.95)")
+    parser.add_argument("--grid", default=None,
+                        help="comma-separated t values (default: the paper's, 0.70,0.85,0.90,0.95)")
     add_sweep_arguments(parser)
     args = parser.parse_args(argv)
     config, data, run = setup(args)

@@ -507,7 +507,7 @@ def _report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-# what rank 0 prints every sample_every iterations (all of it goes to MLflow)
+# what rank 0 logs to the console every sample_every iterations (all of it goes to MLflow)
 PROGRESS_KEYS = ("loss/d_total", "loss/g_total", "loss/recon_h", "loss/cyc_h",
                  "quality/frac_translated", "quality/frac_source")
 
