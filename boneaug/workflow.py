@@ -179,8 +179,10 @@ def unit_model(config: BoneaugConfig, data: str, run: str, body_part: str) -> st
             overwrite=True, torch_threads=config.compute.torch_threads,
             **(_ray_train(config) | {"num_workers": max(1, config.compute.num_workers)}),
         )
+        trust = ("" if result.critic_heldout_auc is None
+                 else f" (critic held-out AUC {result.critic_heldout_auc:.2f})")
         print(f"[unit] quality: translated sources called lesion {result.frac_translated:.2f} vs "
-              f"untranslated {result.frac_source:.2f}", flush=True)
+              f"untranslated {result.frac_source:.2f}{trust}", flush=True)
         return {"model": f"models:/boneaug-unit-{body_part}/{result.model_version}",
                 "frac_translated": result.frac_translated, "frac_source": result.frac_source}
 

@@ -20,6 +20,8 @@ from boneaug.eval.quality import (
     CriticConfig,
     QualityProbe,
     QualitySets,
+    degrade,
+    gaussian_blur,
     quality_signal,
     standardize,
     train_critic,
@@ -254,6 +256,42 @@ def test_youden_threshold_separates_and_standardize_removes_exposure() -> None:
     assert flat.abs().max() < 1e-4
 
 
+def test_critic_ignores_blur_and_noise_and_reports_its_heldout_auc() -> None:
+    """Degradations shared by both classes in training: a translator that only blurs or adds
+    noise gains (almost) nothing, and the held-out AUC says the critic generalises."""
+    sets = QualitySets(lesion=patches(48, S, lesion=True, seed=20),
+                       normal=patches(48, S, lesion=False, seed=21),
+                       source=patches(40, S, lesion=False, seed=22))
+    probe, report = QualityProbe.train(sets, CriticConfig(steps=200, seed=0))
+    assert report.heldout_auc is not None and report.heldout_auc >= 0.9
+    rng = np.random.default_rng(0)
+    for sigma in (1.0, 2.0):
+        blurred = probe(lambda p, s=sigma: gaussian_blur(torch.from_numpy(p),
+                                                         torch.full((len(p),), s)).numpy())
+        assert blurred.gain <= 0.1, (sigma, blurred)
+    noisy = probe(lambda p: np.clip(p + rng.normal(0, 0.05, p.shape), 0, 1).astype(np.float32))
+    assert noisy.gain <= 0.1, noisy
+    assert probe(lambda p: patches(len(p), S, lesion=True, seed=23)).gain >= 0.6
+    _, no_holdout = train_critic(sets.lesion, sets.normal, CriticConfig(steps=5, holdout=0))
+    assert no_holdout.heldout_auc is None
+
+
+def test_degrade_is_seeded_and_keeps_shape_and_range() -> None:
+    x = torch.from_numpy(patches(6, 32, lesion=True, seed=0))
+    config = CriticConfig()
+    a = degrade(x, config, torch.Generator().manual_seed(3))
+    b = degrade(x, config, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, b)
+    assert a.shape == x.shape and not torch.equal(a, x)
+    off = CriticConfig(max_blur=0, shift=False)
+    flipped = degrade(x, off, torch.Generator().manual_seed(3))  # flips only: same pixel values
+    torch.testing.assert_close(flipped.flatten(1).sort(1).values, x.flatten(1).sort(1).values)
+    # blur with sigma 0 leaves a patch alone; a flat patch stays flat under any blur
+    torch.testing.assert_close(gaussian_blur(x, torch.zeros(6)), x, atol=1e-6, rtol=0)
+    flat = torch.full((2, 1, 16, 16), 0.4)
+    torch.testing.assert_close(gaussian_blur(flat, torch.tensor([0.5, 2.0])), flat)
+
+
 def test_critic_downsamples_large_patches() -> None:
     critic, _ = train_critic(patches(8, 64, lesion=True, seed=0),
                              patches(8, 64, lesion=False, seed=1), CriticConfig(size=32, steps=5))
@@ -369,6 +407,7 @@ def test_two_worker_run_on_s3_resumes_after_a_failure_and_registers_the_translat
     assert result.model_version == "1" and result.model_uri == f"models:/{name}/1"
     assert 0 <= result.frac_source <= 1 and 0 <= result.frac_translated <= 1
     assert result.fd_ratio is not None and result.fd_ratio > 0 and result.critic_accuracy >= 0.9
+    assert result.critic_heldout_auc is not None and 0 <= result.critic_heldout_auc <= 1
     assert result.quality_gain == pytest.approx(result.frac_translated - result.frac_source)
 
     # Ray's record of the run: the attempt that finished started from the iteration-2

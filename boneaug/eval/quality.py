@@ -1,7 +1,9 @@
 """A quality signal for a healthy -> lesion translator: does a lesion detector believe it?
 
-A small CNN patch critic is trained (seeded, a few hundred steps, seconds on a CPU) to tell
-real lesion patches from real non-lesion patches, e.g. the UNIT translation sets. Then, on
+A small CNN patch critic is trained (seeded, 1000 steps, seconds on a CPU) to tell real lesion
+patches from real non-lesion patches, e.g. the UNIT translation sets. Every training patch of
+either class is flipped, shifted and blurred at random (`degrade`), so none of these carries the
+label and a translator cannot score by blurring or shifting. Then, on
 held-out non-lesion *source* patches (the ones augmentation will translate):
 
 - ``frac_source``: the fraction of the untranslated source patches the critic calls lesion
@@ -22,7 +24,8 @@ only together with a small ``fd_ratio`` (e.g. Tune: maximise gain subject to fd_
 critic sees patches resized to at most `CriticConfig.size` pixels a side (area averaging), so
 the signal is cheap for 256-pixel patches too. It is a proxy, not the paper's end metric
 (classifier AUC after augmentation), and a critic that separates the real sets poorly makes it
-noisy: `CriticReport.train_accuracy` says how well it separated them.
+noisy: `CriticReport.heldout_auc` says how well a critic trained the same way separates real
+patches it never saw (local humerus: 0.88; without the degradations and at 300 steps, 0.69).
 
 Pure functions (`train_critic`, `lesion_fraction`, `quality_signal`) and one small class
 (`QualityProbe`) that holds a trained critic and the source patches.
@@ -30,6 +33,7 @@ Pure functions (`train_critic`, `lesion_fraction`, `quality_signal`) and one sma
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,16 +42,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from boneaug.eval.metrics import roc_counts
+from boneaug.eval.metrics import roc_auc, roc_counts
 
 
 @dataclass(frozen=True)
 class CriticConfig:
-    """Training settings of the patch critic (defaults: ~300 steps, a few seconds on 2 cores)."""
+    """Training settings of the patch critic (defaults: 1000 steps, ~15 s on 2 cores, twice
+    that with the held-out check)."""
 
     size: int = 32  # patches are area-downsampled to at most this side
     width: int = 16
-    steps: int = 300
+    steps: int = 1000
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -55,12 +60,22 @@ class CriticConfig:
     # patches (the threshold that best separates them, Youden's J), as batch statistics and a
     # short schedule leave the raw probabilities off-centre
     threshold: float | None = None
+    # label-independent degradations of every training patch (see `degrade`): blur up to this
+    # sigma (critic pixels; 0: none) and shifts up to size / 8. (Added noise was tried too: the
+    # critic then called pure noise lesion.)
+    max_blur: float = 1.0
+    shift: bool = True
+    # fraction of each class held out to measure the critic's AUC on patches it never saw (a
+    # second, same-seeded critic on the rest); 0 skips it
+    holdout: float = 0.25
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.size < 8 or self.width < 1 or self.steps < 1 or self.batch_size < 2:
             raise ValueError(
                 f"invalid critic settings {self}: size >= 8, width, steps >= 1, batch >= 2")
+        if self.max_blur < 0 or not 0 <= self.holdout < 1:
+            raise ValueError(f"invalid critic settings {self}: max_blur >= 0, 0 <= holdout < 1")
         if self.threshold is not None and not 0 < self.threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
 
@@ -71,7 +86,7 @@ class PatchCritic(nn.Module):
     Each patch is standardised first (zero mean, unit contrast): exposure and bone density vary
     more between radiographs than a lucent lesion changes a patch, and without it the critic
     learnt brightness. On the local humerus sets (held-out half) this raised the critic's AUC
-    from 0.41 to 0.67; BatchNorm lets 300 steps fit the training patches.
+    from 0.41 to 0.67; BatchNorm lets a few hundred steps fit the training patches.
     """
 
     def __init__(self, width: int = 16, size: int = 32) -> None:
@@ -137,23 +152,57 @@ class CriticReport:
     train_accuracy: float  # on the (real) training patches at the threshold
     final_loss: float
     threshold: float  # the lesion cut used (configured or calibrated)
+    # ROC AUC on held-out real patches of a critic trained without them (None: holdout 0 or
+    # too few patches). How far to trust the signal: 0.5 is a critic that learnt nothing general
+    heldout_auc: float | None = None
 
 
-def train_critic(
-    lesion: np.ndarray,  # (N_l, 1, S, S) float32 in [0, 1]
-    normal: np.ndarray,  # (N_n, 1, S, S)
-    config: CriticConfig = CriticConfig(),
-) -> tuple[PatchCritic, CriticReport]:
-    """A seeded critic trained on class-balanced batches with random flips (CPU, eval mode out)."""
-    lesion, normal = _as_patches(lesion, "lesion"), _as_patches(normal, "normal")
+def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
+    """(B, C, H, W) blurred per patch with its own sigma (B,) in pixels (0 leaves it); reflect."""
+    radius = max(1, math.ceil(3 * float(sigma.max())))
+    taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (taps[None] / sigma.clamp_min(1e-3)[:, None].to(x)) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(x.shape[1], 0)
+    b, c, h, w = x.shape
+    y = F.pad(x.reshape(1, b * c, h, w), (radius,) * 4, mode="reflect")
+    y = F.conv2d(y, kernel[:, None, None, :], groups=b * c)
+    y = F.conv2d(y, kernel[:, None, :, None], groups=b * c)
+    return y.reshape(b, c, h, w)
+
+
+def degrade(x: Tensor, config: CriticConfig, generator: torch.Generator) -> Tensor:
+    """Random flips, shifts (up to 1/8 of the side) and blur, drawn per patch.
+
+    They are applied to lesion and healthy training patches alike, so they carry no label: a
+    translator's usual failure modes (blur, a shifted bone) cannot read as lesion, and
+    only what differs between the classes, the lesion itself, separates them. On the local humerus
+    sets they also raised the critic's held-out AUC (0.69 -> 0.88 at 1000 steps).
+    """
+    b, _, h, w = x.shape
+    flips = torch.rand(2, b, generator=generator) < 0.5
+    x = torch.where(flips[0, :, None, None, None], x.flip(-1), x)
+    x = torch.where(flips[1, :, None, None, None], x.flip(-2), x)
+    if config.shift:
+        s = max(1, min(h, w) // 8)
+        padded = F.pad(x, (s, s, s, s), mode="reflect")
+        dy, dx = torch.randint(0, 2 * s + 1, (2, b), generator=generator)
+        rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+        x = padded[torch.arange(b)[:, None, None, None], torch.arange(x.shape[1])[:, None, None],
+                   rows, cols]
+    if config.max_blur > 0:
+        x = gaussian_blur(x, torch.rand(b, generator=generator) * config.max_blur)
+    return x
+
+
+def _fit_critic(pos: Tensor, neg: Tensor, config: CriticConfig) -> tuple[PatchCritic, float]:
+    """A seeded critic trained on class-balanced, degraded batches; (model in eval mode, loss)."""
     gen = torch.Generator().manual_seed(config.seed)
     critic = PatchCritic(config.width, config.size)
     for m in critic.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=gen)
             nn.init.zeros_(m.bias)
-    pos = shrink(torch.from_numpy(lesion), config.size)
-    neg = shrink(torch.from_numpy(normal), config.size)
     optimizer = torch.optim.AdamW(critic.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
     half = config.batch_size // 2
@@ -163,22 +212,43 @@ def train_critic(
     for _ in range(config.steps):
         x = torch.cat([pos[torch.randint(len(pos), (half,), generator=gen)],
                        neg[torch.randint(len(neg), (half,), generator=gen)]])
-        flips = torch.rand(2, generator=gen)
-        if flips[0] < 0.5:
-            x = x.flip(-1)
-        if flips[1] < 0.5:
-            x = x.flip(-2)
-        loss = F.binary_cross_entropy_with_logits(critic(x), labels)
+        loss = F.binary_cross_entropy_with_logits(critic(degrade(x, config, gen)), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    critic.eval()
+    return critic.eval(), float(loss.detach())
+
+
+def _heldout_auc(pos: Tensor, neg: Tensor, config: CriticConfig) -> float | None:
+    """AUC on a seeded `holdout` fraction of each class of a critic fit on the rest."""
+    n_pos, n_neg = round(len(pos) * config.holdout), round(len(neg) * config.holdout)
+    if n_pos < 2 or n_neg < 2 or len(pos) - n_pos < 2 or len(neg) - n_neg < 2:
+        return None
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    ip, in_ = torch.randperm(len(pos), generator=gen), torch.randperm(len(neg), generator=gen)
+    critic, _ = _fit_critic(pos[ip[n_pos:]], neg[in_[n_neg:]], config)
+    p_pos = lesion_probability(critic, pos[ip[:n_pos]].numpy())
+    p_neg = lesion_probability(critic, neg[in_[:n_neg]].numpy())
+    return roc_auc(np.r_[np.ones(n_pos), np.zeros(n_neg)], np.r_[p_pos, p_neg])
+
+
+def train_critic(
+    lesion: np.ndarray,  # (N_l, 1, S, S) float32 in [0, 1]
+    normal: np.ndarray,  # (N_n, 1, S, S)
+    config: CriticConfig = CriticConfig(),
+) -> tuple[PatchCritic, CriticReport]:
+    """A seeded critic on all patches (CPU, eval mode out), its threshold, and its held-out AUC."""
+    lesion, normal = _as_patches(lesion, "lesion"), _as_patches(normal, "normal")
+    pos = shrink(torch.from_numpy(lesion), config.size)
+    neg = shrink(torch.from_numpy(normal), config.size)
+    heldout = _heldout_auc(pos, neg, config) if config.holdout > 0 else None
+    critic, loss = _fit_critic(pos, neg, config)
     p_pos = lesion_probability(critic, lesion)
     p_neg = lesion_probability(critic, normal)
     cut = config.threshold if config.threshold is not None else youden_threshold(p_pos, p_neg)
     accuracy = float(((p_pos >= cut).sum() + (p_neg < cut).sum()) / (len(p_pos) + len(p_neg)))
-    return critic, CriticReport(train_accuracy=accuracy, final_loss=float(loss.detach()),
-                                threshold=cut)
+    return critic, CriticReport(train_accuracy=accuracy, final_loss=loss, threshold=cut,
+                                heldout_auc=heldout)
 
 
 @torch.no_grad()
@@ -316,6 +386,6 @@ def subset_patches(patches: np.ndarray, limit: int | None) -> np.ndarray:
 
 __all__ = [
     "CriticConfig", "CriticReport", "PatchCritic", "QualityProbe", "QualitySets", "QualitySignal",
-    "critic_features", "diagonal_frechet", "lesion_fraction", "lesion_probability",
-    "quality_signal", "shrink", "standardize", "subset_patches", "train_critic", "youden_threshold",
+    "critic_features", "degrade", "diagonal_frechet", "gaussian_blur", "lesion_fraction",
+    "lesion_probability", "quality_signal", "shrink", "standardize", "subset_patches", "train_critic", "youden_threshold",
 ]

@@ -703,6 +703,8 @@ def _publish(loop: Mapping[str, Any], final: dict[str, Any], losses: Mapping[str
         "frac_translated": quality.get("quality/frac_translated"),
         "fd_ratio": quality.get("quality/fd_ratio"),
         "critic_accuracy": loop["critic"]["accuracy"] if loop["critic"] is not None else None,
+        "critic_heldout_auc": (loop["critic"]["heldout_auc"] if loop["critic"] is not None
+                               else None),
     }
     storage.publish_manifest(unit_uri, content, endpoint_url=endpoint)
     return content
@@ -724,6 +726,7 @@ class UnitResult:
     frac_translated: float | None = None
     fd_ratio: float | None = None  # critic-feature distance to real lesions (see eval.quality)
     critic_accuracy: float | None = None
+    critic_heldout_auc: float | None = None  # how far to trust the quality signal (0.5: not)
 
     @property
     def quality_gain(self) -> float | None:
@@ -844,14 +847,18 @@ def fit_unit(
         from boneaug.eval.quality import CriticConfig as _CriticConfig
         from boneaug.eval.quality import QualityProbe, subset_patches
 
-        critic_config = critic_config or _CriticConfig(seed=config.seed)
+        critic_config = critic_config or _CriticConfig(steps=config.critic_steps,
+                                                        seed=config.seed)
         probe, report = QualityProbe.train(quality_sets, critic_config)
         critic = {"state": probe.critic.state_dict(), "width": critic_config.width,
                   "size": critic_config.size, "threshold": report.threshold,
                   "source": probe.source, "accuracy": report.train_accuracy,
+                  "heldout_auc": report.heldout_auc,
                   "lesion": subset_patches(quality_sets.lesion, 256),
                   "normal": subset_patches(quality_sets.normal, 256)}
-        log.info("quality critic: train accuracy %.3f, frac_source %.3f", report.train_accuracy,
+        log.info("quality critic: train accuracy %.3f, held-out AUC %s, frac_source %.3f",
+                 report.train_accuracy,
+                 "n/a" if report.heldout_auc is None else f"{report.heldout_auc:.3f}",
                  probe.frac_source)
 
     uri = tracking.tracking_uri(tracking_config)
@@ -860,7 +867,8 @@ def fit_unit(
         "data": {"lesion_n": n_lesion, "normal_n": n_normal, "patch_size": size},
         "num_workers": num_workers, "per_worker_batch": per_worker, "use_gpu": use_gpu,
         "run_uri": run_uri,
-        "critic": ({k: critic[k] for k in ("width", "size", "threshold", "accuracy")}
+        "critic": ({k: critic[k]
+                    for k in ("width", "size", "threshold", "accuracy", "heldout_auc")}
                    | {"source_n": len(critic["source"])}) if critic else "none",
     }
     fs, path = storage.pyarrow_filesystem(unit_uri)
