@@ -139,6 +139,8 @@ def youden_threshold(p_pos: np.ndarray, p_neg: np.ndarray) -> float:
 
 def _as_patches(patches: np.ndarray, name: str) -> np.ndarray:
     patches = np.asarray(patches, dtype=np.float32)
+    if not patches.flags.writeable:  # e.g. from Ray's object store: torch warns on these
+        patches = patches.copy()
     if patches.ndim != 4 or patches.shape[1] != 1 or len(patches) == 0:
         raise ValueError(
             f"{name} must be a non-empty (N, 1, S, S) array, got shape {patches.shape}")
