@@ -283,6 +283,7 @@ def test_degrade_is_seeded_and_keeps_shape_and_range() -> None:
     b = degrade(x, config, torch.Generator().manual_seed(3))
     torch.testing.assert_close(a, b)
     assert a.shape == x.shape and not torch.equal(a, x)
+    assert a.min() >= 0 and a.max() <= 1  # shifts reflect, blur averages: no new values
     off = CriticConfig(max_blur=0, shift=False)
     flipped = degrade(x, off, torch.Generator().manual_seed(3))  # flips only: same pixel values
     torch.testing.assert_close(flipped.flatten(1).sort(1).values, x.flatten(1).sort(1).values)
