@@ -742,8 +742,7 @@ def _unit_trial(config: BoneaugConfig, context: TrialContext, trial_uri: str, ru
                           source=load_patch_array(storage.join(patches_uri, "source")))
     data = _patch_datasets(patches_uri)
     compute = config.compute
-    critic = (CriticConfig(**context.critic) if context.critic
-              else CriticConfig(steps=config.unit.critic_steps, seed=config.unit.seed))
+    critic = CriticConfig(**context.critic) if context.critic else None  # None: fit_unit's default
 
     def fit() -> Any:
         with _as_mlflow_run(run_id):

@@ -246,8 +246,8 @@ def train_critic(
     neg = shrink(torch.from_numpy(normal), config.size)
     heldout = _heldout_auc(pos, neg, config) if config.holdout > 0 else None
     critic, loss = _fit_critic(pos, neg, config)
-    p_pos = lesion_probability(critic, lesion)
-    p_neg = lesion_probability(critic, normal)
+    p_pos = lesion_probability(critic, pos.numpy())  # already shrunk: the critic's input size
+    p_neg = lesion_probability(critic, neg.numpy())
     cut = config.threshold if config.threshold is not None else youden_threshold(p_pos, p_neg)
     accuracy = float(((p_pos >= cut).sum() + (p_neg < cut).sum()) / (len(p_pos) + len(p_neg)))
     return critic, CriticReport(train_accuracy=accuracy, final_loss=loss, threshold=cut,
