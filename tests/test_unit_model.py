@@ -180,8 +180,13 @@ def test_translator_maps_unit_interval_deterministically_and_checks_sizes() -> N
     torch.testing.assert_close(y1, direct)
     with pytest.raises(ValueError, match="multiples of 4"):
         translator(torch.rand(1, 1, 30, 32))
-    with pytest.raises(ValueError, match="h2l"):
-        unit.translator("sideways")
+    for direction, (enc, gen) in {"l2h": (unit.enc_l, unit.gen_h), "h2h": (unit.enc_h, unit.gen_h),
+                                  "l2l": (unit.enc_l, unit.gen_l)}.items():
+        t = unit.translator(direction)
+        assert t.encoder is enc and t.decoder is gen
+    for bad in ("sideways", "h2", "2l", "h2x"):
+        with pytest.raises(ValueError, match="h2l"):
+            unit.translator(bad)
 
 
 def test_initialisation_follows_the_reference_and_is_seeded() -> None:

@@ -29,6 +29,7 @@ from boneaug.eval.quality import (
 )
 from boneaug.models.unit import UNIT, Discriminators, UnitArch
 from boneaug.train.unit import (
+    GRID_LABEL_WIDTH,
     LossWeights,
     PatchStream,
     checksum,
@@ -211,11 +212,23 @@ def test_patch_stream_yields_full_batches_forever_from_a_cached_shard(ray_s3: No
         next(PatchStream(ds, batch_size=16, size=S, seed=0, device=torch.device("cpu")))
 
 
-def test_sample_grid_stacks_the_four_rows() -> None:
+def test_sample_grid_stacks_six_rows_and_shows_what_the_translation_adds() -> None:
     x = torch.rand(3, 1, 8, 8)
-    grid = sample_grid(x, 1 - x, x, 1 - x, pad=1)
-    assert grid.shape == (4 * 10, 3 * 10) and grid.dtype == np.uint8
-    np.testing.assert_array_equal(grid[1:9, 1:9], np.round(x[0, 0].numpy() * 255).astype(np.uint8))
+    recon = x * 0.5 + 0.25  # what h -> h would give: the blur the translation shares
+    lesion = recon.clone()
+    lesion[:, :, 3:5, 3:5] -= 0.1  # the translation = the reconstruction plus a lucent spot
+    grid = sample_grid(x, recon, lesion, x, 1 - x, pad=1, labels=False)
+    assert grid.shape == (6 * 10, 3 * 10) and grid.dtype == np.uint8
+    u8 = lambda t: np.round(t.numpy() * 255).astype(np.uint8)  # noqa: E731
+    np.testing.assert_array_equal(grid[1:9, 1:9], u8(x[0, 0]))  # row 0: healthy
+    np.testing.assert_array_equal(grid[21:29, 11:19], u8(lesion[1, 0]))  # row 2, tile 1: h -> l
+    added = grid[31:39, 1:9].astype(int)  # row 3: (h -> l - h -> h) x 4 around mid-grey
+    assert np.abs(added[3:5, 3:5] - 0.1 * 255).max() <= 1  # 0.5 - 4 x 0.1: darker = lucent
+    assert np.abs(np.r_[added[:3], added[5:]] - 0.5 * 255).max() <= 1  # nothing added: mid-grey
+    labelled = sample_grid(x, recon, lesion, x, 1 - x, pad=1)
+    assert labelled.shape == (60, GRID_LABEL_WIDTH + 30)
+    np.testing.assert_array_equal(labelled[:, GRID_LABEL_WIDTH:], grid)
+    assert labelled[:, :GRID_LABEL_WIDTH].min() < 128  # the row names are drawn
 
 
 # ---- quality signal ------------------------------------------------------------------------------

@@ -370,12 +370,13 @@ class UNIT(nn.Module):
         return out
 
     def translator(self, direction: str = "h2l") -> Translator:
-        """The deterministic translator h -> l (E_h then G_l) or l -> h, sharing these weights."""
-        if direction == "h2l":
-            return Translator(self.enc_h, self.gen_l)
-        if direction == "l2h":
-            return Translator(self.enc_l, self.gen_h)
-        raise ValueError(f"direction must be 'h2l' or 'l2h', got {direction!r}")
+        """The deterministic map E_a then G_b for direction "a2b" (a, b in h, l), sharing these
+        weights: "h2l" translates healthy -> lesion, "l2h" back, "h2h" and "l2l" reconstruct."""
+        domains = {"h": (self.enc_h, self.gen_h), "l": (self.enc_l, self.gen_l)}
+        source, _, target = direction.partition("2")
+        if source not in domains or target not in domains:
+            raise ValueError(f"direction must be 'h2l', 'l2h', 'h2h' or 'l2l', got {direction!r}")
+        return Translator(domains[source][0], domains[target][1])
 
 
 class Translator(nn.Module):

@@ -462,18 +462,44 @@ def training_state(unit: nn.Module, dis: nn.Module, optimizers: Optimizers | Non
     return state
 
 
+GRID_ROWS = ("healthy", "h -> h", "h -> l", "added x4", "lesion", "l -> h")
+GRID_LABEL_WIDTH = 64
+
+
 def sample_grid(
-    x_h: Tensor, x_hl: Tensor, x_l: Tensor, x_lh: Tensor, *, pad: int = 2
+    x_h: Tensor, x_hh: Tensor, x_hl: Tensor, x_l: Tensor, x_lh: Tensor, *, pad: int = 2,
+    gain: float = 4.0, labels: bool = True,
 ) -> np.ndarray:
-    """Rows x_h, x_h->l, x_l, x_l->h (each (B, 1, S, S) in [0, 1]) -> (H, W) uint8 image."""
+    """A labelled (H, W) uint8 grid; each input (B, 1, S, S) in [0, 1], one row each (GRID_ROWS):
+
+    healthy x_h, its reconstruction x_h->h, its translation x_h->l, what the translation adds
+    (x_h->l - x_h->h, times `gain`, mid-grey = nothing, dark = more lucent), lesion x_l and its
+    translation x_l->h. The "added" row compares the translation with the same encoder's
+    reconstruction, so the blur both share cancels and only the lesion G_l draws remains.
+    With `labels`, a GRID_LABEL_WIDTH-pixel column on the left names the rows.
+    """
+    added = ((x_hl.float() - x_hh.float()) * gain + 0.5)
     rows = []
-    for x in (x_h, x_hl, x_l, x_lh):
+    for x in (x_h, x_hh, x_hl, added, x_l, x_lh):
         tiles = x.detach().float().clamp(0, 1).cpu().numpy()[:, 0]  # (B, S, S)
         padded = np.pad(tiles, ((0, 0), (pad, pad), (pad, pad)), constant_values=1.0)
         rows.append(np.concatenate(list(padded), axis=1))
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1])), constant_values=1.0) for r in rows]
-    return (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
+    grid = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
+    return _label_rows(grid, len(rows)) if labels else grid
+
+
+def _label_rows(grid: np.ndarray, n_rows: int) -> np.ndarray:
+    """`grid` with a white column on the left naming its `n_rows` equal-height rows."""
+    from PIL import Image, ImageDraw
+
+    column = Image.new("L", (GRID_LABEL_WIDTH, grid.shape[0]), 255)
+    draw = ImageDraw.Draw(column)
+    row_height = grid.shape[0] // n_rows
+    for i, name in enumerate(GRID_ROWS[:n_rows]):
+        draw.text((3, i * row_height + row_height // 2 - 5), name, fill=0)
+    return np.concatenate([np.asarray(column), grid], axis=1)
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -555,9 +581,9 @@ class _Rank0:
         metrics: dict[str, float] = {}
         if self.samples is not None:
             x_h, x_l = ((x + 1) / 2 for x in self.samples)
-            h2l, l2h = net.translator("h2l"), net.translator("l2h")
+            h2h, h2l, l2h = (net.translator(d) for d in ("h2h", "h2l", "l2h"))
             with autocast(x_h.device):
-                grid = sample_grid(x_h, h2l(x_h), x_l, l2h(x_l))
+                grid = sample_grid(x_h, h2h(x_h), h2l(x_h), x_l, l2h(x_l))
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / f"iter_{step:07d}.png"
                 path.write_bytes(png_bytes(grid))
@@ -909,8 +935,8 @@ def fit_unit(
 
 
 __all__ = [
-    "LossMeter", "LossWeights", "Optimizers", "PatchStream", "UnitResult", "checksum", "d_step",
-    "decode_patch_batch", "fit_unit", "g_step", "generate", "kl_loss", "l1_loss", "lsgan_d_loss",
-    "lsgan_g_loss", "make_optimizers", "registered_unit_name", "sample_grid", "train_iteration",
-    "training_state",
+    "GRID_LABEL_WIDTH", "GRID_ROWS", "LossMeter", "LossWeights", "Optimizers", "PatchStream",
+    "UnitResult", "checksum", "d_step", "decode_patch_batch", "fit_unit", "g_step", "generate",
+    "kl_loss", "l1_loss", "lsgan_d_loss", "lsgan_g_loss", "make_optimizers", "registered_unit_name",
+    "sample_grid", "train_iteration", "training_state",
 ]
