@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -443,6 +444,9 @@ def test_two_worker_run_on_s3_resumes_after_a_failure_and_registers_the_translat
     assert [m.step for m in client.get_metric_history(run.info.run_id, "quality/gain")] == [2, 4]
     samples = [f.path for f in client.list_artifacts(run.info.run_id, "samples")]
     assert samples == ["samples/iter_0000002.png", "samples/iter_0000004.png"]
+    # the six labelled rows; 4 tiles each: 2 rows per worker batch, collected over 2 batches
+    grid_png = client.download_artifacts(run.info.run_id, samples[-1], str(tmp_path))
+    assert Image.open(grid_png).size == (GRID_LABEL_WIDTH + 4 * (S + 4), 6 * (S + 4))
     assert str(client.get_model_version_by_alias(name, "challenger").version) == "1"
 
     # the registered translator is the final weights; a checkpoint loads too

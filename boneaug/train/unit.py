@@ -569,8 +569,13 @@ class _Rank0:
             self.client.log_batch(self.run_id, metrics=batch[i : i + 500])
 
     def keep_samples(self, x_h: Tensor, x_l: Tensor, count: int = 8) -> None:
-        if self.samples is None:
-            self.samples = (x_h[:count].detach().clone(), x_l[:count].detach().clone())
+        """Collect the grid's `count` healthy and lesion patches from the first batches (a
+        worker's batch is batch_size / workers rows, fewer than `count` with 2+ workers)."""
+        if self.samples is not None and len(self.samples[0]) >= count:
+            return
+        kept_h, kept_l = self.samples or (x_h[:0], x_l[:0])
+        self.samples = (torch.cat([kept_h, x_h.detach()])[:count].clone(),
+                        torch.cat([kept_l, x_l.detach()])[:count].clone())
 
     @torch.no_grad()
     def sample_and_probe(self, unit: nn.Module, step: int) -> dict[str, float]:
