@@ -478,7 +478,7 @@ def sample_grid(
     reconstruction, so the blur both share cancels and only the lesion G_l draws remains.
     With `labels`, a GRID_LABEL_WIDTH-pixel column on the left names the rows.
     """
-    added = ((x_hl.float() - x_hh.float()) * gain + 0.5)
+    added = (x_hl.float() - x_hh.float()) * gain + 0.5
     rows = []
     for x in (x_h, x_hh, x_hl, added, x_l, x_lh):
         tiles = x.detach().float().clamp(0, 1).cpu().numpy()[:, 0]  # (B, S, S)
