@@ -487,17 +487,17 @@ def sample_grid(
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1])), constant_values=1.0) for r in rows]
     grid = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
-    return _label_rows(grid, len(rows)) if labels else grid
+    return _label_rows(grid) if labels else grid
 
 
-def _label_rows(grid: np.ndarray, n_rows: int) -> np.ndarray:
-    """`grid` with a white column on the left naming its `n_rows` equal-height rows."""
+def _label_rows(grid: np.ndarray) -> np.ndarray:
+    """`grid` with a white column on the left naming its GRID_ROWS (equal-height rows)."""
     from PIL import Image, ImageDraw
 
     column = Image.new("L", (GRID_LABEL_WIDTH, grid.shape[0]), 255)
     draw = ImageDraw.Draw(column)
-    row_height = grid.shape[0] // n_rows
-    for i, name in enumerate(GRID_ROWS[:n_rows]):
+    row_height = grid.shape[0] // len(GRID_ROWS)
+    for i, name in enumerate(GRID_ROWS):
         draw.text((3, i * row_height + row_height // 2 - 5), name, fill=0)
     return np.concatenate([np.asarray(column), grid], axis=1)
 
