@@ -163,3 +163,18 @@ def test_plan_without_lesions_says_why() -> None:
 def test_balance_subsamples_the_larger_class() -> None:
     lesion, normal = balance([f"l{i}" for i in range(5)], [f"n{i}" for i in range(9)], np.random.default_rng(0))
     assert len(lesion) == len(normal) == 5 and len(set(normal)) == 5
+
+
+def test_balance_does_not_depend_on_the_order_ids_arrive_in() -> None:
+    lesion = [f"l{i}" for i in range(5)]
+    normal = [f"n{i}" for i in range(9)]
+    first = balance(lesion, normal, np.random.default_rng(3))
+    assert balance(lesion[::-1], normal[::-1], np.random.default_rng(3)) == first
+
+
+def test_plan_does_not_depend_on_the_order_images_arrive_in() -> None:
+    # a table read back from Ray Data's files comes in scheduling order; the plan must not follow it
+    images = [_meta(i, 1) for i in range(4)] + [_meta(i, 0) for i in range(10, 40)]
+    plans = [plan_patches(order, s=2, n=3, target_per_class=10, rng=np.random.default_rng(0))
+             for order in (images, images[::-1])]
+    assert plans[0] == plans[1]

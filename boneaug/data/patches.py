@@ -172,6 +172,9 @@ def plan_patches(
     - source: clean non-lesion images not used for translation, each cropped at the box of its
       most similar lesion image.
     """
+    # the rng draws follow the images' order, and a table read back from Ray Data's files comes in
+    # scheduling order: sorting makes the plan a function of the images and the seed alone
+    images = sorted(images, key=lambda im: im.image_id)
     lesions = [im for im in images if im.label == 1 and im.boxes]
     clean_neg = [im for im in images if im.label == 0 and not im.confounded]
     if not lesions:
@@ -227,7 +230,8 @@ def balance(lesion_ids: Sequence[str], normal_ids: Sequence[str], rng: np.random
     size = min(len(lesion_ids), len(normal_ids))
 
     def pick(ids: Sequence[str]) -> list[str]:
-        chosen = rng.choice(len(ids), size=size, replace=False)
-        return sorted(ids[i] for i in chosen)
+        ordered = sorted(ids)  # the draw must not depend on the order the ids arrived in
+        chosen = rng.choice(len(ordered), size=size, replace=False)
+        return sorted(ordered[i] for i in chosen)
 
     return pick(lesion_ids), pick(normal_ids)
