@@ -15,7 +15,8 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def moto_server() -> Iterator[str]:
-    """A real S3-protocol server on 127.0.0.1 (free port); env points boneaug at it; stopped after."""
+    """A real S3-protocol server on 127.0.0.1 (free port); env points boneaug at it; stopped
+    after."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -94,7 +94,8 @@ def ours(method: str) -> Callable[[bytes], np.ndarray]:
 
 
 def time_interleaved(keys: list[str], read: Callable[[str], bytes],
-                     methods: dict[str, Callable[[bytes], object]], repeats: int) -> dict[str, float]:
+                     methods: dict[str, Callable[[bytes], object]],
+                     repeats: int) -> dict[str, float]:
     """images/s (read + decode) per method, best of `repeats` passes, after a 2-image warm-up.
 
     Methods take turns image by image, so a burst of load from other processes on this shared
@@ -131,7 +132,8 @@ def stage_breakdown(blobs: list[bytes]) -> list[tuple[str, float]]:
 
     decoded = [read_xray(b).pixels for b in blobs]  # type: ignore[union-attr]
     headers = [pydicom.dcmread(io.BytesIO(b), stop_before_pixels=True) for b in blobs]
-    stored = [np.frombuffer(b, "<u2", count=h.Rows * h.Columns, offset=len(b) - h.Rows * h.Columns * 2)
+    stored = [np.frombuffer(b, "<u2", count=h.Rows * h.Columns,
+                            offset=len(b) - h.Rows * h.Columns * 2)
               .reshape(h.Rows, h.Columns) for b, h in zip(blobs, headers, strict=True)]
     it = iter(range(10**9))
 

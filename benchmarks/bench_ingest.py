@@ -53,9 +53,11 @@ def loop_baseline(root: str, run: str, config) -> tuple[float, float, int, int]:
     for key, tasks in by_key.items():
         image = decode_xray(storage.read_bytes(storage.join(root, key))).pixels
         for task in tasks:
-            cut[task.kind].append({"key": key, "pixels": encode_pixels(crop_resize(image, task.crop, config.patches.size))})
+            cut[task.kind].append({"key": key, "pixels": encode_pixels(
+                crop_resize(image, task.crop, config.patches.size))})
     for kind, items in cut.items():
-        storage.write_parquet(storage.join(run, "loop", "patches", f"{kind}.parquet"), pa.Table.from_pylist(items))
+        storage.write_parquet(storage.join(run, "loop", "patches", f"{kind}.parquet"),
+                              pa.Table.from_pylist(items))
     return t_ingest, time.perf_counter() - t0, len(files), sum(len(t) for t in by_key.values())
 
 
@@ -82,16 +84,20 @@ def main() -> None:
             ing = ingest(data_uri=root, run_uri=run, image=config.image,
                          descriptor_rows=config.patches.descriptor_size, body_part="tibia")
             pat = make_patch_sets(data_uri=root, run_uri=run, body_part="tibia",
-                                  settings=config.patches.body_parts["tibia"], size=config.patches.size,
+                                  settings=config.patches.body_parts["tibia"],
+                                  size=config.patches.size,
                                   min_mean_intensity=config.patches.min_mean_intensity, seed=0)
             ray.shutdown()
-            results[cpus] = (ing.listed / ing.seconds, sum(pat.candidates.values()) / pat.seconds)
-        t_ing, t_pat, n_img, n_pat = loop_baseline(root, storage.join(root, "runs", "bench-1"), config)
+            results[cpus] = (ing.listed / ing.seconds,
+                             sum(pat.candidates.values()) / pat.seconds)
+        t_ing, t_pat, n_img, n_pat = loop_baseline(root, storage.join(root, "runs", "bench-1"),
+                                                   config)
         base = (n_img / t_ing, n_pat / t_pat)
         rows.append(["single-process loop", "1", base[0], 1.0, base[1], 1.0])
         for cpus, (img_s, pat_s) in results.items():
             rows.append(["Ray Data", str(cpus), img_s, img_s / base[0], pat_s, pat_s / base[1]])
-        print(f"\ncohort: {n_img} local-profile tibia DICOMs on S3 (moto, loopback); {n_pat} patches cut")
+        print(f"\ncohort: {n_img} local-profile tibia DICOMs on S3 (moto, loopback); "
+              f"{n_pat} patches cut")
         print_table(["pipeline", "CPUs", "images/s", "x loop", "patches/s", "x loop"], rows)
         print(f"scaling 1 -> 2 CPUs: ingest x{results[2][0] / results[1][0]:.2f}, "
               f"patches x{results[2][1] / results[1][1]:.2f}")

@@ -1,4 +1,5 @@
-"""POST /v1/lesions latency and throughput vs the same functions in-process (the zero-overhead anchor).
+"""POST /v1/lesions latency and throughput vs the same functions in-process (the zero-overhead
+anchor).
 
 One local-profile synthetic tibia radiograph (1024x512 DICOM, MONOCHROME1 12-bit, from
 boneaug.synth), local-profile UNIT translator and DRN scorer (seed-initialised: weights do not
@@ -67,14 +68,17 @@ def register(config, translator, scorer) -> None:  # noqa: ANN001
     size, (h, w) = config.patches.size, (config.image.height, config.image.width)
     mlflow.set_experiment("boneaug/bench/serve")
     with mlflow.start_run():
-        tracking.log_torch_model(translator, name="unit", input_example=np.zeros((1, 1, size, size), np.float32),
+        tracking.log_torch_model(translator, name="unit",
+                                 input_example=np.zeros((1, 1, size, size), np.float32),
                                  registered_name=f"boneaug-unit-{BODY_PART}", alias="champion")
-        tracking.log_torch_model(scorer, name="drn", input_example=np.zeros((1, 1, h, w), np.float32),
+        tracking.log_torch_model(scorer, name="drn",
+                                 input_example=np.zeros((1, 1, h, w), np.float32),
                                  registered_name=f"boneaug-drn-{BODY_PART}", alias="champion")
 
 
 def in_process(config, translator, scorer) -> Callable[[bytes, int], int]:  # noqa: ANN001
-    """What one /v1/lesions request computes, as a plain function: (upload, seed) -> response bytes."""
+    """What one /v1/lesions request computes, as a plain function: (upload, seed) -> response
+    bytes."""
     from boneaug import serving
 
     settings = config.patches.body_parts[BODY_PART]
@@ -88,14 +92,16 @@ def in_process(config, translator, scorer) -> Callable[[bytes, int], int]:  # no
             score=lambda x: serving.run_scorer(scorer, x), size=config.patches.size, s=settings.s,
             n=config.augment.blend_n, score_hw=(config.image.height, config.image.width),
             min_mean_intensity=config.patches.min_mean_intensity, rng=np.random.default_rng(seed))
-        data, _ = serving.encode_result(image, result, "dicom", n=config.augment.blend_n, models=models)
+        data, _ = serving.encode_result(image, result, "dicom", n=config.augment.blend_n,
+                                        models=models)
         parts = [data, serving.encode_png(result.translated), serving.encode_png(result.patch)]
         return sum(len(base64.b64encode(p)) for p in parts)
 
     return run
 
 
-def measure(call: Callable[[int], None], requests: int, concurrency: int) -> tuple[float, float, float]:
+def measure(call: Callable[[int], None], requests: int,
+            concurrency: int) -> tuple[float, float, float]:
     """(p50 ms, p99 ms, requests/s) of `requests` calls from `concurrency` threads."""
     latencies: list[float] = []
 
@@ -113,8 +119,10 @@ def measure(call: Callable[[int], None], requests: int, concurrency: int) -> tup
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=24, help="requests per level (at least 3x concurrency)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=24,
+                        help="requests per level (at least 3x concurrency)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     args = parser.parse_args()
 
@@ -163,9 +171,11 @@ def main() -> None:
             import threading
 
             session = sessions.setdefault(threading.get_ident(), http.Session())
-            response = session.post(base + "/v1/lesions", headers={"Authorization": f"Bearer {token}"},
+            response = session.post(base + "/v1/lesions",
+                                    headers={"Authorization": f"Bearer {token}"},
                                     files={"file": ("x.dcm", upload)},
-                                    data={"body_part": BODY_PART, "box": "auto", "seed": str(i)}, timeout=300)
+                                    data={"body_part": BODY_PART, "box": "auto", "seed": str(i)},
+                                    timeout=300)
             if response.status_code != 200:
                 raise RuntimeError(f"{response.status_code}: {response.text[:300]}")
 
@@ -175,14 +185,16 @@ def main() -> None:
         for c, n in levels:
             p50, p99, rps = measure(post, n, c)
             a50, a99, arps = anchor_rows[c]
-            rows.append([c, n, round(p50), round(p99), rps, round(a50), round(a99), arps, p50 / a50, rps / arps])
+            rows.append([c, n, round(p50), round(p99), rps, round(a50), round(a99), arps, p50 / a50,
+                         rps / arps])
             print(f"concurrency {c} done", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
 
-    print(f"\nPOST /v1/lesions, 1024x512 DICOM in, derived DICOM out, local profile (UNIT {config.patches.size}px, "
-          f"DRN {config.image.height}x{config.image.width}), 1 replica each at 0.5 CPU, {os.cpu_count()} cores\n")
+    print(f"\nPOST /v1/lesions, 1024x512 DICOM in, derived DICOM out, local profile "
+          f"(UNIT {config.patches.size}px, DRN {config.image.height}x{config.image.width}), "
+          f"1 replica each at 0.5 CPU, {os.cpu_count()} cores\n")
     print_table(["concurrency", "requests", "serve p50 ms", "serve p99 ms", "serve req/s",
                  "in-proc p50 ms", "in-proc p99 ms", "in-proc req/s", "x p50", "x req/s"], rows)
 

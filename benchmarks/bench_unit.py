@@ -10,9 +10,9 @@ through the frozen D no weight gradients, and uses torch's fused Adam (the same 
 
 Besides the anchors, the reference iteration is re-run here on the same networks (with the
 direct upsample + conv) interleaved with ours, so the ratio does not depend on how busy the
-machine is; times are the best of `--iters` (the least disturbed). FLOP are counted with torch.utils.flop_counter.FlopCounterMode (convolutions and
-matrix products, forward and backward); the fp32 GEMM peak (2048^2, same threads) is measured in
-the same run.
+machine is; times are the best of `--iters` (the least disturbed). FLOP are counted with
+torch.utils.flop_counter.FlopCounterMode (convolutions and matrix products, forward and
+backward); the fp32 GEMM peak (2048^2, same threads) is measured in the same run.
 
     .venv/bin/python benchmarks/bench_unit.py [--iters 3] [--threads 2] [--skip-b8]
 """

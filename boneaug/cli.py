@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_preview)
 
-    p = sub.add_parser("check-dicom", help="one JSON line per file: can boneaug read it, and why not")
+    p = sub.add_parser("check-dicom",
+                       help="one JSON line per file: can boneaug read it, and why not")
     p.add_argument("paths", nargs="+", metavar="PATH_OR_URI", help="files or prefixes")
     p.set_defaults(func=_cmd_check_dicom)
 

@@ -179,7 +179,8 @@ class AugmentConfig(_Section):
     """Blending and pseudo-labelling (SPEC 4, 5)."""
 
     blend_n: float = Field(2.0, gt=0, description="alpha-mask exponent")
-    thresholds: tuple[float, ...] = Field(PAPER_THRESHOLDS, description="the t grid, chosen on validation")
+    thresholds: tuple[float, ...] = Field(PAPER_THRESHOLDS,
+                                          description="the t grid, chosen on validation")
     t: dict[BodyPart, float] = Field(
         default_factory=lambda: {"humerus": 0.90, "tibia": 0.90, "femur": 0.95}
     )
@@ -365,7 +366,8 @@ def load_config(
         except (OSError, StorageError, yaml.YAMLError) as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
+            raise ConfigError(f"config file {path} must hold a mapping, "
+                              f"got {type(loaded).__name__}")
         data = loaded
     data = _merge(data, overrides or {})
     name = data.pop("profile", profile)

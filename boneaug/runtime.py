@@ -16,22 +16,28 @@ from boneaug import storage
 from boneaug.config import BODY_PARTS, PROFILES, BoneaugConfig, load_config
 
 
-def job_parser(description: str, *, body_part: bool = True, workers: bool = False) -> argparse.ArgumentParser:
+def job_parser(description: str, *, body_part: bool = True,
+               workers: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     if workers:
         parser.add_argument("--workers", type=int, default=None,
-                            help="Ray Train workers, each using the CPUs it holds (default: profile)")
+                            help="Ray Train workers, each using the CPUs it holds "
+                                 "(default: profile)")
     if body_part:
         parser.add_argument("--body-part", choices=BODY_PARTS, required=True)
-    parser.add_argument("--profile", choices=PROFILES, default="local", help="sizes (default local)")
-    parser.add_argument("--config", default=None, help="YAML overriding the profile (e.g. a Tune best.yaml)")
+    parser.add_argument("--profile", choices=PROFILES, default="local",
+                        help="sizes (default local)")
+    parser.add_argument("--config", default=None,
+                        help="YAML overriding the profile (e.g. a Tune best.yaml)")
     parser.add_argument("--data", default=None,
-                        help="cohort root URI (DICOM + annotations.parquet); default: the config's storage root, "
+                        help="cohort root URI (DICOM + annotations.parquet); "
+                             "default: the config's storage root, "
                              "where the synthetic cohort is generated when missing")
     parser.add_argument("--synthetic", action="store_true",
                         help="generate the synthetic cohort at --data when it is not there yet")
     parser.add_argument("--out", default=None, help="where runs/<run-id>/ goes; default: --data")
-    parser.add_argument("--run-id", default=None, help="default <body-part>-<profile>; re-running replaces it")
+    parser.add_argument("--run-id", default=None,
+                        help="default <body-part>-<profile>; re-running replaces it")
     return parser
 
 
@@ -44,11 +50,13 @@ def absolute(uri: str) -> str:
 
 def setup(args: argparse.Namespace) -> tuple[BoneaugConfig, str, str]:
     """(config, data URI, run URI) from the common arguments; logging configured."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(args.profile, args.config)
     if getattr(args, "workers", None) is not None:
         # each of N workers then uses the CPUs it holds, not the profile's threads for one worker
-        compute = config.compute.model_copy(update={"num_workers": args.workers, "torch_threads": None})
+        compute = config.compute.model_copy(update={"num_workers": args.workers,
+                                                    "torch_threads": None})
         config = config.model_copy(update={"compute": compute})
     data = absolute(args.data or config.storage.root)
     out = absolute(args.out or data)
@@ -85,7 +93,8 @@ def augment_job(body_part: str, argv: list[str] | None = None) -> None:
 
     from boneaug.workflow import OWN, run_body_part
 
-    parser = job_parser(f"The augmentation chain for {body_part} (Gupta et al. 2019).", body_part=False)
+    parser = job_parser(f"The augmentation chain for {body_part} (Gupta et al. 2019).",
+                        body_part=False)
     parser.add_argument("--thresholds", default=None,
                         help="comma-separated t grid (default: the profile's augment.thresholds)")
     args = parser.parse_args(argv)
@@ -98,8 +107,9 @@ def augment_job(body_part: str, argv: list[str] | None = None) -> None:
     tracking.configure(config.tracking)
     init_ray()
     thresholds = tuple(float(t) for t in args.thresholds.split(",")) if args.thresholds else None
-    result = run_body_part(config, body_part, data_uri=data, out_uri=absolute(args.out or data),  # type: ignore[arg-type]
-                           run_id=args.run_id, synthesize=synthesize, variants=(OWN,), thresholds=thresholds)
+    result = run_body_part(config, body_part,  # type: ignore[arg-type]
+                           data_uri=data, out_uri=absolute(args.out or data), run_id=args.run_id,
+                           synthesize=synthesize, variants=(OWN,), thresholds=thresholds)
     print("\n" + result.markdown)
     print(f"report:  {result.report_uri}/report.md (ROC figure beside it)")
     for key, png in result.figures.items():

@@ -72,8 +72,8 @@ class Limits:
             raise RequestError("image_too_small", f"{what} is {rows}x{columns} pixels; at least "
                                f"{self.min_side}x{self.min_side} is needed")
         if rows > self.max_side or columns > self.max_side or rows * columns > self.max_pixels:
-            raise RequestError("image_too_large", f"{what} is {rows}x{columns} pixels; the limit is "
-                               f"{self.max_side} per side and {self.max_pixels} pixels in all. "
+            raise RequestError("image_too_large", f"{what} is {rows}x{columns} pixels; the limit "
+                               f"is {self.max_side} per side and {self.max_pixels} pixels in all. "
                                "Downsample it before uploading")
 
 
@@ -119,16 +119,19 @@ def decode_png(data: bytes, limits: Limits = Limits()) -> Radiograph:
             columns, rows = image.size
             limits.check(rows, columns, "the PNG")
             if image.mode not in _PNG_MODES:
-                raise RequestError("unsupported_png", f"PNG mode {image.mode!r} is not a grayscale radiograph; "
+                raise RequestError("unsupported_png",
+                                   f"PNG mode {image.mode!r} is not a grayscale radiograph; "
                                    "send an 8- or 16-bit grayscale PNG (mode L or I;16)")
             image.load()
             array = np.asarray(image)
     except RequestError:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt files
-        raise RequestError("corrupt_png", f"the PNG cannot be decoded: {type(exc).__name__}: {exc}") from exc
+        raise RequestError("corrupt_png",
+                           f"the PNG cannot be decoded: {type(exc).__name__}: {exc}") from exc
     if array.ndim != 2:
-        raise RequestError("unsupported_png", f"PNG decodes to shape {array.shape}, expected one channel")
+        raise RequestError("unsupported_png",
+                           f"PNG decodes to shape {array.shape}, expected one channel")
     top = _PNG_MODES[image.mode]
     pixels = np.clip(array.astype(np.float32) / np.float32(top), 0.0, 1.0)
     return Radiograph(pixels=pixels, kind="png")
@@ -142,9 +145,11 @@ def decode_dicom(data: bytes, limits: Limits = Limits()) -> Radiograph:
     from boneaug.io.dicom import Rejection, read_xray
 
     try:
-        image = read_xray(data, path="upload", max_pixels=limits.max_pixels, max_side=limits.max_side)
+        image = read_xray(data, path="upload", max_pixels=limits.max_pixels,
+                          max_side=limits.max_side)
     except Exception as exc:  # noqa: BLE001 - read_xray should not raise for bad data; never a 5xx
-        raise RequestError("decode_error", f"the DICOM cannot be decoded: {type(exc).__name__}: {exc}") from exc
+        raise RequestError("decode_error",
+                           f"the DICOM cannot be decoded: {type(exc).__name__}: {exc}") from exc
     if isinstance(image, Rejection):
         raise RequestError(image.reason, image.message)
     limits.check(image.rows, image.columns, "the DICOM image")
@@ -166,8 +171,8 @@ def parse_box(text: str) -> Box | None:
     except ValueError:
         values = ()
     if len(values) != 4:
-        raise RequestError("bad_box", f"box {text[:80]!r} must be 'x0,y0,x1,y1' (integers, pixels of the "
-                           "uploaded image, x1/y1 exclusive) or 'auto'")
+        raise RequestError("bad_box", f"box {text[:80]!r} must be 'x0,y0,x1,y1' "
+                           "(integers, pixels of the uploaded image, x1/y1 exclusive) or 'auto'")
     return values  # type: ignore[return-value]
 
 
@@ -176,7 +181,8 @@ def check_box(box: Sequence[int], shape: tuple[int, int]) -> Box:
     rows, columns = shape
     if not (0 <= x0 < x1 <= columns and 0 <= y0 < y1 <= rows):
         raise RequestError("box_outside_image", f"box {[x0, y0, x1, y1]} is empty or outside the "
-                           f"{rows}x{columns} image (need 0 <= x0 < x1 <= {columns}, 0 <= y0 < y1 <= {rows})")
+                           f"{rows}x{columns} image "
+                           f"(need 0 <= x0 < x1 <= {columns}, 0 <= y0 < y1 <= {rows})")
     return x0, y0, x1, y1
 
 
@@ -224,8 +230,9 @@ def auto_box(
     window = np.convolve(band, np.ones(side_small) / side_small, mode="valid")  # (h - side + 1,)
     candidates = np.flatnonzero(window >= min_mean_intensity)
     if candidates.size == 0:
-        raise RequestError("no_bone", f"no window of {side}x{side} px on the brightest column has mean "
-                           f"intensity >= {min_mean_intensity} (patch-making's bone threshold); "
+        raise RequestError("no_bone", f"no window of {side}x{side} px on the brightest column "
+                           f"has mean intensity >= {min_mean_intensity} "
+                           "(patch-making's bone threshold); "
                            "give the lesion box explicitly")
     cutoff = np.percentile(window[candidates], 75)
     best = candidates[window[candidates] >= cutoff]
@@ -355,25 +362,28 @@ def synthesise(
     return LesionResult(chosen, crop, patch, translated, blended, probability)
 
 
-def encode_result(image: Radiograph, result: LesionResult, fmt: Literal["dicom", "png"], *, n: float,
-                  models: dict[str, dict[str, str]], creator: str = "boneaug-serve") -> tuple[bytes, str]:
+def encode_result(image: Radiograph, result: LesionResult, fmt: Literal["dicom", "png"], *,
+                  n: float, models: dict[str, dict[str, str]],
+                  creator: str = "boneaug-serve") -> tuple[bytes, str]:
     """The blended image as (bytes, media type): a derived DICOM carrying the provenance (source
     UID, models and versions, n, score, box), or a 16-bit PNG."""
     if fmt == "png":
         return encode_png(result.blended, bits=16), "image/png"
     if image.source is None:
-        raise RequestError("dicom_needs_dicom_upload", "format=dicom derives a DICOM from the uploaded "
-                           "DICOM; for a PNG upload ask for format=png")
+        raise RequestError("dicom_needs_dicom_upload", "format=dicom derives a DICOM from the "
+                           "uploaded DICOM; for a PNG upload ask for format=png")
     from boneaug.io.dicom import encode_derived
 
     translator = models.get("translator", {})
     data = encode_derived(result.blended, source=image.source, creator=creator,
-                          model_name=translator.get("name"), model_version=translator.get("version"),
+                          model_name=translator.get("name"),
+                          model_version=translator.get("version"),
                           provenance=provenance(result, n=n, models=models))
     return data, "application/dicom"
 
 
-def provenance(result: LesionResult, *, n: float, models: dict[str, dict[str, str]]) -> dict[str, str | float]:
+def provenance(result: LesionResult, *, n: float,
+               models: dict[str, dict[str, str]]) -> dict[str, str | float]:
     """What a derived object records about how it was made (flat str/number values)."""
     out: dict[str, str | float] = {
         "box": ",".join(str(v) for v in result.box), "crop": ",".join(str(v) for v in result.crop),

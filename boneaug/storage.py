@@ -66,7 +66,8 @@ def _s3fs(endpoint: str | None) -> fsspec.AbstractFileSystem:
     return s3fs.S3FileSystem(client_kwargs=kwargs, use_listings_cache=False)
 
 
-def filesystem(uri: str, *, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(uri: str, *,
+               endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for `uri`."""
     path = _strip(uri)
     if is_s3(uri):
@@ -150,7 +151,8 @@ def _tmp_sibling(path: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_open(uri: str, mode: str = "wb", *, endpoint_url: str | None = None) -> Iterator[IO[Any]]:
+def atomic_open(uri: str, mode: str = "wb", *,
+                endpoint_url: str | None = None) -> Iterator[IO[Any]]:
     """Open `uri` for writing; the final key appears only when the block exits cleanly."""
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_open writes only ('wb' or 'w'), got mode {mode!r}")
@@ -191,7 +193,8 @@ def write_parquet(uri: str, table: Any, *, endpoint_url: str | None = None) -> N
         pq.write_table(table, handle, compression="zstd")
 
 
-def read_parquet(uri: str, *, endpoint_url: str | None = None, columns: list[str] | None = None) -> Any:
+def read_parquet(uri: str, *, endpoint_url: str | None = None,
+                 columns: list[str] | None = None) -> Any:
     """A pyarrow Table from one Parquet file or every Parquet file under a prefix."""
     import pyarrow.parquet as pq
 
@@ -204,10 +207,12 @@ def read_parquet(uri: str, *, endpoint_url: str | None = None, columns: list[str
         raise StorageError(f"cannot read Parquet at {uri}: {exc}") from exc
 
 
-def publish_manifest(prefix: str, content: dict[str, Any], *, endpoint_url: str | None = None) -> str:
+def publish_manifest(prefix: str, content: dict[str, Any], *,
+                     endpoint_url: str | None = None) -> str:
     """Mark the outputs under `prefix` as complete. Write this last, after every output."""
     uri = join(prefix, MANIFEST)
-    write_text(uri, json.dumps(content, indent=2, sort_keys=True, default=str), endpoint_url=endpoint_url)
+    write_text(uri, json.dumps(content, indent=2, sort_keys=True, default=str),
+               endpoint_url=endpoint_url)
     return uri
 
 

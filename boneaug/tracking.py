@@ -206,5 +206,6 @@ def load_torch_model(uri: str, *, tracking: TrackingConfig | None = None) -> tor
     try:
         model = mlflow.pytorch.load_model(uri, map_location="cpu")
     except MlflowException as exc:
-        raise ModelError(f"cannot load model {uri!r} from {tracking_uri(tracking)}: {exc.message}") from exc
+        raise ModelError(f"cannot load model {uri!r} from {tracking_uri(tracking)}: "
+                         f"{exc.message}") from exc
     return model.eval()

@@ -1,6 +1,7 @@
 """Ray Tune sweeps over the paper's hyper-parameters, tracked in MLflow.
 
-Three sweeps, one per job (``jobs/tune_threshold.py``, ``jobs/tune_patches.py``, ``jobs/tune_unit.py``):
+Three sweeps, one per job (``jobs/tune_threshold.py``, ``jobs/tune_patches.py``,
+``jobs/tune_unit.py``):
 
 - ``threshold`` (SPEC 5): a grid over the pseudo-label threshold t. The blended candidates are
   made once (workflow stages); each trial selects by t and trains an augmented DRN. Objective:
@@ -36,7 +37,8 @@ Storage (``<run>`` = ``<out>/runs/<run-id>``, any storage URI)::
         sweep.json                              settings + parent MLflow run id (written first)
         trials/<trial_id>/...                   each trial's outputs (DRN or patches + UNIT)
         results.json, results.md                the table (also in MLflow)
-        best.yaml                               the profile with the best values: --config of any job
+        best.yaml                               the profile with the best values: --config of
+                                                any job
 
 The fingerprint covers the sweep's settings and the base configuration, so running the same
 command again restores the same Tune experiment (``Tuner.restore``: finished trials are kept,
@@ -120,7 +122,8 @@ def threshold_space(grid: Sequence[float]) -> Space:
     return {"t": Param("grid", tuple(sorted(set(values))))}
 
 
-def patches_space(s_values: Sequence[float] = (1.0, 2.0), n_range: tuple[int, int] = (3, 12)) -> Space:
+def patches_space(s_values: Sequence[float] = (1.0, 2.0),
+                  n_range: tuple[int, int] = (3, 12)) -> Space:
     """s over a grid (paper: 1 or 2) and n uniformly in the integer range (paper: 7-10)."""
     if any(s < 1 for s in s_values):
         raise ConfigError(f"s must be >= 1 (patch side / box side), got {list(s_values)}")
@@ -146,7 +149,8 @@ def unit_space(unit: UnitConfig, *, factor: float = 10.0, lr_factor: float = 10.
     return space
 
 
-def apply_params(config: BoneaugConfig, kind: SweepKind, body_part: str, params: Mapping[str, Any]) -> BoneaugConfig:
+def apply_params(config: BoneaugConfig, kind: SweepKind, body_part: str,
+                 params: Mapping[str, Any]) -> BoneaugConfig:
     """`config` with a trial's values put where the steps read them (validated again).
 
     threshold: ``augment.thresholds = (t,)`` and ``augment.t[body_part] = t`` (the augment jobs then
@@ -169,17 +173,19 @@ def apply_params(config: BoneaugConfig, kind: SweepKind, body_part: str, params:
     try:
         return BoneaugConfig.model_validate(data)
     except Exception as exc:  # pydantic's ValidationError; say which trial values broke it
-        raise ConfigError(f"{kind} trial values {dict(params)} give an invalid config: {exc}") from exc
+        raise ConfigError(
+            f"{kind} trial values {dict(params)} give an invalid config: {exc}") from exc
 
 
 def quality_objective(gain: float, fd_ratio: float | None) -> float:
-    """The UNIT sweeps' objective: gain, less how far fd_ratio exceeds 1 (see the module docstring)."""
+    """The UNIT sweeps' objective: gain, less how far fd_ratio exceeds 1 (see the module
+    docstring)."""
     if fd_ratio is None or not math.isfinite(fd_ratio):
         return gain
     return gain - max(0.0, fd_ratio - 1.0)
 
 
-# ---- resources ------------------------------------------------------------------------------------
+# ---- resources -----------------------------------------------------------------------------
 def trial_resources(cluster: Mapping[str, float]) -> dict[str, float]:
     """What a trial's own process reserves: almost nothing, and a ``tune_driver`` slot when the
     cluster has them (cluster.yaml pins trial drivers to the head that way)."""
@@ -189,7 +195,8 @@ def trial_resources(cluster: Mapping[str, float]) -> dict[str, float]:
     return resources
 
 
-def max_concurrent(compute: ComputeConfig, cluster: Mapping[str, float], *, reserve_cpus: float = 1.0) -> int:
+def max_concurrent(compute: ComputeConfig, cluster: Mapping[str, float], *,
+                   reserve_cpus: float = 1.0) -> int:
     """Trials that fit at once: the cluster's CPUs less `reserve_cpus`, over what one trial holds
     (its Train workers' CPUs and its own small share); GPUs and ``tune_driver`` slots likewise.
 
@@ -208,7 +215,7 @@ def max_concurrent(compute: ComputeConfig, cluster: Mapping[str, float], *, rese
     return max(1, limit)
 
 
-# ---- settings, context, results --------------------------------------------------------------------
+# ---- settings, context, results ------------------------------------------------------------
 @dataclass(frozen=True)
 class SweepSettings:
     """How to sweep. `num_samples` is per grid point (Tune's meaning)."""
@@ -219,7 +226,8 @@ class SweepSettings:
     num_samples: int = 1
     search: Literal["grid", "random", "optuna"] = "grid"
     scheduler: Literal["fifo", "asha"] = "fifo"
-    asha_grace: int | None = None  # UNIT iterations before ASHA may stop a trial (default: sample_every)
+    # UNIT iterations before ASHA may stop a trial (default: sample_every)
+    asha_grace: int | None = None
     asha_reduction: int = 2
     max_concurrent: int | None = None  # None: from the cluster's resources (`max_concurrent`)
     max_failures: int = 0  # Tune retries per trial (each retry resumes its Train run)
@@ -235,7 +243,8 @@ class SweepSettings:
         return {"kind": self.kind, "body_part": self.body_part,
                 "space": {k: v.describe() for k, v in sorted(self.space.items())},
                 "num_samples": self.num_samples, "search": self.search, "scheduler": self.scheduler,
-                "asha_grace": self.asha_grace, "asha_reduction": self.asha_reduction, "seed": self.seed}
+                "asha_grace": self.asha_grace, "asha_reduction": self.asha_reduction,
+                "seed": self.seed}
 
 
 @dataclass(frozen=True)
@@ -280,7 +289,7 @@ def _param_names(kind: SweepKind, rows: Sequence[Mapping[str, Any]]) -> list[str
     return [k for k in order if any(k in r for r in rows)]
 
 
-# ---- the driver ------------------------------------------------------------------------------------
+# ---- the driver ----------------------------------------------------------------------------
 def _fingerprint(settings: SweepSettings, config: BoneaugConfig, inputs: Mapping[str, Any],
                  critic: Mapping[str, Any] | None) -> str:
     blob = json.dumps({"settings": settings.describe(), "config": config.model_dump(mode="json"),
@@ -298,7 +307,8 @@ def _log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
 
 def _parent_run(client: Any, experiment_id: str, state_uri: str, name: str,
                 params: Mapping[str, Any]) -> tuple[str, bool]:
-    """(parent run id, resumed): the sweep's run from ``sweep.json`` when it exists, else a new one."""
+    """(parent run id, resumed): the sweep's run from ``sweep.json`` when it exists, else a new
+    one."""
     from mlflow.exceptions import MlflowException
 
     if storage.exists(state_uri):
@@ -340,7 +350,8 @@ def _search(settings: SweepSettings, concurrent: int) -> Any:
         optuna_search = optuna_searcher(settings)
         if optuna_search is not None:
             return optuna_search
-        log.warning("optuna is not installed: the %s sweep samples at random instead", settings.kind)
+        log.warning("optuna is not installed: the %s sweep samples at random instead",
+                    settings.kind)
     return BasicVariantGenerator(max_concurrent=concurrent, random_state=settings.seed)
 
 
@@ -353,7 +364,8 @@ def optuna_searcher(settings: SweepSettings) -> Any | None:
     from ray.tune.search.optuna import OptunaSearch
 
     if any(p.kind == "grid" for p in settings.space.values()):
-        raise ConfigError("OptunaSearch takes ranges, not grid_search: use search='random' for grids")
+        raise ConfigError("OptunaSearch takes ranges, not grid_search: "
+                          "use search='random' for grids")
     return OptunaSearch(metric=settings.metric, mode="max", seed=settings.seed)
 
 
@@ -377,7 +389,8 @@ def _new_tuner(settings: SweepSettings, config: BoneaugConfig, trainable: Any, *
             trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
-            name=name, storage_path=storage_path, storage_filesystem=filesystem, verbose=settings.verbose,
+            name=name, storage_path=storage_path, storage_filesystem=filesystem,
+            verbose=settings.verbose,
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
         ),
     )
@@ -414,21 +427,25 @@ def run_sweep(
     experiment_id = tracking.ensure_experiment(experiment)
     parent_id, resumed_run = _parent_run(
         client, experiment_id, storage.join(sweep_uri, "sweep.json"), name,
-        {"sweep": settings.describe(), "sweep_uri": sweep_uri, "inputs": dict(inputs), "config": config.model_dump(mode="json")})
+        {"sweep": settings.describe(), "sweep_uri": sweep_uri, "inputs": dict(inputs),
+         "config": config.model_dump(mode="json")})
 
     cluster = ray.cluster_resources()
     concurrent = settings.max_concurrent or max_concurrent(config.compute, cluster)
     context = TrialContext(
         kind=settings.kind, body_part=settings.body_part, config=config.model_dump(mode="json"),
-        data_uri=data_uri, run_uri=run_uri, sweep_uri=sweep_uri, sweep_name=name, experiment=experiment,
+        data_uri=data_uri, run_uri=run_uri, sweep_uri=sweep_uri, sweep_name=name,
+        experiment=experiment,
         parent_run_id=parent_id, tracking_uri=uri, inputs=dict(inputs),
         critic=critic_fields, test_hooks=dict(test_hooks or {}),
     )
-    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), trial_resources(cluster))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
+                                    trial_resources(cluster))
     fs, path = storage.pyarrow_filesystem(tune_root)
     experiment_path = f"{path.rstrip('/')}/{name}"
     resumed = tune.Tuner.can_restore(experiment_path, storage_filesystem=fs)
-    print(f"[tune] {settings.kind} sweep {name}: {'resuming' if resumed else 'starting'} under {sweep_uri}; "
+    print(f"[tune] {settings.kind} sweep {name}: "
+          f"{'resuming' if resumed else 'starting'} under {sweep_uri}; "
           f"up to {concurrent} trial(s) at once; MLflow {experiment} run {parent_id}", flush=True)
     if resumed:  # settings as first given (the concurrency limit too): Tune restores them
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
@@ -446,9 +463,10 @@ def run_sweep(
         client.set_terminated(parent_id, status="FAILED")
         raise SweepIncomplete(
             f"{len(unfinished)} of {len(rows)} trials of sweep {name} did not finish "
-            f"({', '.join(r['trial_id'] + ': ' + r['status'] for r in unfinished)}). Their errors are in "
-            f"{sweep_uri}/<trial dir>/error.txt and the trials' MLflow runs; run the same command again to "
-            "resume (finished trials are kept, the others continue from their checkpoints)."
+            f"({', '.join(r['trial_id'] + ': ' + r['status'] for r in unfinished)}). "
+            f"Their errors are in {sweep_uri}/<trial dir>/error.txt and the trials' MLflow runs; "
+            "run the same command again to resume (finished trials are kept, the others "
+            "continue from their checkpoints)."
         )
     best = choose_best(rows, settings.metric)
     tuned = apply_params(config, settings.kind, settings.body_part,
@@ -458,7 +476,8 @@ def run_sweep(
                                       f"{settings.metric} {best[settings.metric]:.4f}")
     _finish_parent(client, parent_id, settings, best, best_uri)
     print(f"[tune] best {settings.metric} {best[settings.metric]:.4f} at "
-          f"{ {k: best[k] for k in _param_names(settings.kind, rows)} }; config {best_uri}", flush=True)
+          f"{ {k: best[k] for k in _param_names(settings.kind, rows)} }; config {best_uri}",
+          flush=True)
     return SweepResult(kind=settings.kind, body_part=settings.body_part, sweep_uri=sweep_uri,
                        experiment=experiment, parent_run_id=parent_id, rows=rows, best=best,
                        best_config_uri=best_uri, markdown=markdown, resumed=resumed or resumed_run)
@@ -514,7 +533,8 @@ def render_table(kind: SweepKind, rows: Sequence[Mapping[str, Any]]) -> str:
     head = ["trial", *params, *metrics, "status", "chosen"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["trial_id"], *(_fmt(r.get(k)) for k in params), *(_fmt(r.get(k)) for k in metrics),
+        cells = [r["trial_id"], *(_fmt(r.get(k)) for k in params),
+                 *(_fmt(r.get(k)) for k in metrics),
                  r["status"], "**yes**" if r["trial_id"] == best_id else ""]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
@@ -529,15 +549,18 @@ def _fmt(value: Any) -> str:
 
 
 def write_best_config(config: BoneaugConfig, uri: str, *, note: str = "") -> str:
-    """A profile YAML that `load_config(path=...)` (and every job's --config) reads back to `config`."""
-    header = "".join(f"# {line}\n" for line in ("boneaug configuration chosen by a Ray Tune sweep", note) if line)
+    """A profile YAML that `load_config(path=...)` (and every job's --config) reads back to
+    `config`."""
+    header = "".join(f"# {line}\n"
+                     for line in ("boneaug configuration chosen by a Ray Tune sweep", note) if line)
     storage.write_text(uri, header + dump_config(config))
     return uri
 
 
 def _write_results(client: Any, parent_id: str, sweep_uri: str, rows: Sequence[Mapping[str, Any]],
                    markdown: str) -> None:
-    storage.write_text(storage.join(sweep_uri, "results.json"), json.dumps(list(rows), indent=2, default=str))
+    storage.write_text(storage.join(sweep_uri, "results.json"),
+                       json.dumps(list(rows), indent=2, default=str))
     storage.write_text(storage.join(sweep_uri, "results.md"), markdown + "\n")
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "results.md").write_text(markdown + "\n")
@@ -554,7 +577,8 @@ def _finish_parent(client: Any, parent_id: str, settings: SweepSettings, best: M
     names = (["val_auc", "test_auc", "augmented_samples"] if settings.kind == "threshold"
              else ["objective", *QUALITY_KEYS])
     metrics = [Metric(f"best/{k}", float(best[k]), now, 0) for k in names if _finite(best.get(k))]
-    metrics += [Metric(f"best/{k}", float(best[k]), now, 0) for k in settings.space if _finite(best.get(k))]
+    metrics += [Metric(f"best/{k}", float(best[k]), now, 0)
+                for k in settings.space if _finite(best.get(k))]
     client.log_batch(parent_id, metrics=metrics)
     client.set_tag(parent_id, "best_trial_id", best["trial_id"])
     client.set_tag(parent_id, "best_config_uri", best_uri)
@@ -566,12 +590,15 @@ def _finish_parent(client: Any, parent_id: str, settings: SweepSettings, best: M
     client.set_terminated(parent_id, status="FINISHED")
 
 
-def _close_child_runs(client: Any, experiment_id: str, parent_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
+def _close_child_runs(client: Any, experiment_id: str, parent_id: str,
+                      rows: Sequence[Mapping[str, Any]]) -> None:
     """Trials that ASHA stopped end as KILLED (their trainer may have marked them FAILED when its
     Train run was taken down), tagged ``boneaug.stopped_by=ASHA``; runs of trials that died
     without a word (still RUNNING) end as KILLED too."""
-    stopped = {r["mlflow_run_id"] for r in rows if r["status"] == "stopped early" and r.get("mlflow_run_id")}
-    for run in client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"):
+    stopped = {r["mlflow_run_id"] for r in rows
+               if r["status"] == "stopped early" and r.get("mlflow_run_id")}
+    for run in client.search_runs([experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"):
         if run.info.run_id in stopped:
             client.set_tag(run.info.run_id, "boneaug.stopped_by", "ASHA")
             client.set_terminated(run.info.run_id, status="KILLED")
@@ -590,7 +617,7 @@ def child_runs(parent_run_id: str, *, tracking_config: TrackingConfig | None = N
                                    filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"))
 
 
-# ---- the trial -------------------------------------------------------------------------------------
+# ---- the trial -----------------------------------------------------------------------------
 def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     """Tune's trainable (function API): one trial of any kind; reports to ``ray.tune.report``."""
     import ray.tune
@@ -644,10 +671,11 @@ def _as_mlflow_run(run_id: str) -> Iterator[None]:
 
 
 def _check_nested(client: Any, context: TrialContext, run_id: str, trainer_run_id: str) -> None:
-    """The trainer should have logged into the trial's run; if it made its own, nest that one too."""
+    """The trainer should have logged into the trial's run; if it made its own, nest that one
+    too."""
     if trainer_run_id != run_id:
-        log.warning("the trainer logged into MLflow run %s, not the trial's run %s; nesting it as well",
-                    trainer_run_id, run_id)
+        log.warning("the trainer logged into MLflow run %s, not the trial's run %s; "
+                    "nesting it as well", trainer_run_id, run_id)
         client.set_tag(trainer_run_id, "mlflow.parentRunId", context.parent_run_id)
 
 
@@ -667,7 +695,8 @@ def _maybe_fail(hooks: Mapping[str, Any], params: Mapping[str, Any]) -> None:
 
 def _threshold_trial(config: BoneaugConfig, context: TrialContext, params: Mapping[str, Any],
                      trial_uri: str, run_id: str) -> dict[str, Any]:
-    """Select the candidates at t, train the augmented DRN, score it (val AUC chooses; test recorded)."""
+    """Select the candidates at t, train the augmented DRN, score it (val AUC chooses; test
+    recorded)."""
     from mlflow import MlflowClient
 
     from boneaug.augment.pipeline import select_augmented
@@ -677,16 +706,19 @@ def _threshold_trial(config: BoneaugConfig, context: TrialContext, params: Mappi
     t = float(params["t"])
     selected = select_augmented(context.inputs["candidates"], t)
     splits = classification_splits(context.run_uri, augmented=selected,
-                                   max_train_negatives=config.drn.max_train_negatives, seed=config.drn.seed)
+                                   max_train_negatives=config.drn.max_train_negatives,
+                                   seed=config.drn.seed)
     compute = config.compute
     with _as_mlflow_run(run_id):
         result = fit_classifier(
             config.drn, splits["train"], splits["val"], test=splits["test"],
             run_uri=storage.join(trial_uri, "drn"), num_workers=max(1, compute.num_workers),
             use_gpu=compute.use_gpu, experiment=context.experiment, registered_name=None,
-            init_from=context.inputs.get("init_from"), image_size=(config.image.height, config.image.width),
+            init_from=context.inputs.get("init_from"),
+            image_size=(config.image.height, config.image.width),
             tracking_config=TrackingConfig(tracking_uri=context.tracking_uri),
-            run_name=f"{context.sweep_name}-{Path(trial_uri).name}", cpus_per_worker=compute.cpus_per_worker,
+            run_name=f"{context.sweep_name}-{Path(trial_uri).name}",
+            cpus_per_worker=compute.cpus_per_worker,
             max_failures=compute.max_failures, torch_threads=compute.torch_threads,
         )
     metrics = {"augmented_samples": int(selected.num_rows), "val_auc": float(result.best_val_auc),
@@ -725,8 +757,8 @@ def _patch_datasets(patches_uri: str) -> dict[str, Any]:
     return {kind: patch_dataset(storage.join(patches_uri, kind)) for kind in ("lesion", "normal")}
 
 
-def _unit_trial(config: BoneaugConfig, context: TrialContext, trial_uri: str, run_id: str, client: Any,
-                *, report: Callable[[dict[str, Any]], None]) -> None:
+def _unit_trial(config: BoneaugConfig, context: TrialContext, trial_uri: str, run_id: str,
+                client: Any, *, report: Callable[[dict[str, Any]], None]) -> None:
     """(patches: re-make the patch sets) -> fit_unit, forwarding its quality signal to Tune."""
     from boneaug.data.patch_sets import load_patch_array
     from boneaug.eval.quality import CriticConfig, QualitySets
@@ -747,7 +779,8 @@ def _unit_trial(config: BoneaugConfig, context: TrialContext, trial_uri: str, ru
     def fit() -> Any:
         with _as_mlflow_run(run_id):
             return fit_unit(
-                config.unit, data["lesion"], data["normal"], run_uri=trial_uri, num_workers=max(1, compute.num_workers),
+                config.unit, data["lesion"], data["normal"], run_uri=trial_uri,
+                num_workers=max(1, compute.num_workers),
                 use_gpu=compute.use_gpu, experiment=context.experiment, registered_name=None,
                 quality_sets=quality, critic_config=critic, alias=None,
                 run_name=f"{context.sweep_name}-{Path(trial_uri).name}",
@@ -762,9 +795,11 @@ def _unit_trial(config: BoneaugConfig, context: TrialContext, trial_uri: str, ru
     final = {"frac_source": result.frac_source, "frac_translated": result.frac_translated,
              "gain": result.quality_gain, "fd_ratio": result.fd_ratio}
     if final["gain"] is None:
-        raise DataError(f"UNIT trial {trial_uri} finished without a quality signal (no quality sets?)")
+        raise DataError(f"UNIT trial {trial_uri} finished without a quality signal "
+                        "(no quality sets?)")
     final["objective"] = quality_objective(final["gain"], final["fd_ratio"])
-    client.log_batch(run_id, metrics=_metrics({f"tune/{k}": v for k, v in final.items()}, result.iterations))
+    client.log_batch(run_id, metrics=_metrics({f"tune/{k}": v for k, v in final.items()},
+                                              result.iterations))
     client.set_tag(run_id, "model_uri", result.model_uri)
     report({**final, "iteration": result.iterations, "final": 1, "model_uri": result.model_uri})
 
@@ -806,7 +841,8 @@ class QualityWatcher:
         self.last = 0
 
     def new(self) -> list[dict[str, Any]]:
-        history = {k: {m.step: m.value for m in self.client.get_metric_history(self.run_id, f"quality/{k}")}
+        history = {k: {m.step: m.value
+                       for m in self.client.get_metric_history(self.run_id, f"quality/{k}")}
                    for k in QUALITY_KEYS}
         steps = sorted(set(history["frac_source"]) & set(history["frac_translated"]))
         out = []
@@ -846,9 +882,9 @@ def run_reporting(fit: Callable[[], T], poll: Callable[[], list[dict[str, Any]]]
     return box["result"]
 
 
-# ---- inputs: the workflow stages a sweep stands on --------------------------------------------------
-def prepare_threshold(config: BoneaugConfig, body_part: str, *, data_uri: str, out_uri: str, run_uri: str,
-                      synthesize: bool) -> dict[str, Any]:
+# ---- inputs: the workflow stages a sweep stands on -----------------------------------------
+def prepare_threshold(config: BoneaugConfig, body_part: str, *, data_uri: str, out_uri: str,
+                      run_uri: str, synthesize: bool) -> dict[str, Any]:
     """Cohort, ingest, fracture pre-training, baseline DRN, UNIT and the blended, scored candidates,
     as the augment jobs make them (the same workflow stages, reused when done); returns
     {"candidates", "init_from", "baseline_val_auc", "unit", "scorer"}.
@@ -863,7 +899,8 @@ def prepare_threshold(config: BoneaugConfig, body_part: str, *, data_uri: str, o
     fracture = wf.fracture_model(config, data_uri, out_uri)
     baseline = wf.baseline_stage(config, run_uri, body_part, fracture)
     unit_uri = wf.unit_model(config, data_uri, run_uri, body_part)
-    candidates = wf.candidates_stage(config, data_uri, run_uri, wf.OWN.key, unit_uri, baseline["model"])
+    candidates = wf.candidates_stage(config, data_uri, run_uri, wf.OWN.key, unit_uri,
+                                     baseline["model"])
     return {"candidates": candidates["candidates"], "init_from": fracture,
             "baseline_val_auc": baseline["val_auc"], "unit": unit_uri, "scorer": baseline["model"]}
 
@@ -882,20 +919,23 @@ def prepare_patches(config: BoneaugConfig, body_part: str, *, data_uri: str, run
 
 
 __all__ = [
-    "KINDS", "Param", "QualityWatcher", "SweepIncomplete", "SweepResult", "SweepSettings", "TrialContext",
-    "apply_params", "child_runs", "choose_best", "make_trial_patches", "max_concurrent", "optuna_searcher",
-    "patches_space", "prepare_patches", "prepare_threshold", "quality_objective", "render_table",
-    "run_and_print", "run_reporting", "run_sweep", "run_trial", "auc_on_test", "threshold_space",
-    "trial_resources", "unit_space", "write_best_config",
+    "KINDS", "Param", "QualityWatcher", "SweepIncomplete", "SweepResult", "SweepSettings",
+    "TrialContext", "apply_params", "child_runs", "choose_best", "make_trial_patches",
+    "max_concurrent", "optuna_searcher", "patches_space", "prepare_patches", "prepare_threshold",
+    "quality_objective", "render_table", "run_and_print", "run_reporting", "run_sweep",
+    "run_trial", "auc_on_test", "threshold_space", "trial_resources", "unit_space",
+    "write_best_config",
 ]
 
 
-# ---- the jobs' shared command line -------------------------------------------------------------------
+# ---- the jobs' shared command line ---------------------------------------------------------
 def add_sweep_arguments(parser: Any) -> None:
     parser.add_argument("--max-concurrent", type=int, default=None,
-                        help="trials at once (default: cluster CPUs (GPUs) / one trial's Train workers)")
+                        help="trials at once "
+                             "(default: cluster CPUs (GPUs) / one trial's Train workers)")
     parser.add_argument("--max-failures", type=int, default=1,
-                        help="Tune retries per trial; each retry resumes the trial's Train run (default 1)")
+                        help="Tune retries per trial; each retry resumes the trial's Train run "
+                             "(default 1)")
     parser.add_argument("--seed", type=int, default=0, help="search seed (default 0)")
 
 
@@ -918,8 +958,10 @@ def print_result(result: SweepResult, **extra: Any) -> None:
     print(result.markdown)
     for key, value in extra.items():
         print(f"{key}: {value}")
-    print(f"chosen: {result.best_params} ({'val_auc' if result.kind == 'threshold' else 'objective'} "
+    print(f"chosen: {result.best_params} "
+          f"({'val_auc' if result.kind == 'threshold' else 'objective'} "
           f"{result.best['val_auc' if result.kind == 'threshold' else 'objective']:.4f})")
     print(f"best config: {result.best_config_uri}  (use it: --config <a local copy of it>)")
     print(f"tune experiment: {result.sweep_uri}")
-    print(f"mlflow: {tracking.tracking_uri()} experiment {result.experiment}, parent run {result.parent_run_id}")
+    print(f"mlflow: {tracking.tracking_uri()} experiment {result.experiment}, "
+          f"parent run {result.parent_run_id}")

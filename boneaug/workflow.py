@@ -46,8 +46,8 @@ def stage(run_uri: str, name: str, inputs: Any, fn: Callable[[], dict[str, Any]]
     start = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - start
-    storage.write_text(uri, json.dumps({"fingerprint": fingerprint, "seconds": seconds, "result": result},
-                                       indent=2, default=str))
+    storage.write_text(uri, json.dumps({"fingerprint": fingerprint, "seconds": seconds,
+                                        "result": result}, indent=2, default=str))
     print(f"[{name}] done in {seconds:.0f} s", flush=True)
     return result
 
@@ -76,7 +76,8 @@ class BodyPartResult:
     figures: dict[str, str] = field(default_factory=dict)  # variant key -> Figure 3 PNG URI
 
 
-def ensure_cohort(config: BoneaugConfig, data_uri: str, body_parts: list[str], *, synthesize: bool) -> None:
+def ensure_cohort(config: BoneaugConfig, data_uri: str, body_parts: list[str], *,
+                  synthesize: bool) -> None:
     """Make sure `data_uri` holds annotated DICOMs of `body_parts` (+ the fracture corpus)."""
     from boneaug.synth.cohort import generate_cohort
 
@@ -85,8 +86,10 @@ def ensure_cohort(config: BoneaugConfig, data_uri: str, body_parts: list[str], *
     if storage.exists(ann_uri):
         table = storage.read_parquet(ann_uri, columns=["body_part", "task"])
         tasks = table.column("task").to_pylist()
-        # fracture-corpus rows carry body parts too: only lesion-task rows make a body part present
-        have = {part for part, task in zip(table.column("body_part").to_pylist(), tasks, strict=True)
+        # fracture-corpus rows carry body parts too: only lesion-task rows make a body part
+        # present
+        have = {part
+                for part, task in zip(table.column("body_part").to_pylist(), tasks, strict=True)
                 if task != "fracture"}
         if "fracture" in tasks:
             have.add("fracture")
@@ -96,16 +99,20 @@ def ensure_cohort(config: BoneaugConfig, data_uri: str, body_parts: list[str], *
         return
     if not synthesize:
         raise DataError(f"{ann_uri} has no rows for {missing or ['the fracture corpus']}; "
-                        "point --data at a cohort that has them, or omit --data for the synthetic one")
-    print(f"[cohort] synthesising {missing} (+ fracture corpus: {needs_fractures}) into {data_uri}", flush=True)
-    generate_cohort(config.synth, missing, data_uri, seed=config.synth.seed, fractures=needs_fractures)
+                        "point --data at a cohort that has them, "
+                        "or omit --data for the synthetic one")
+    print(f"[cohort] synthesising {missing} (+ fracture corpus: {needs_fractures}) "
+          f"into {data_uri}", flush=True)
+    generate_cohort(config.synth, missing, data_uri, seed=config.synth.seed,
+                    fractures=needs_fractures)
 
 
 def _ray_train(config: BoneaugConfig) -> dict[str, Any]:
     """The Ray Train arguments every trainer here takes, from the config."""
     compute = config.compute
-    return {"num_workers": compute.num_workers, "use_gpu": compute.use_gpu, "tracking_config": config.tracking,
-            "cpus_per_worker": compute.cpus_per_worker, "max_failures": compute.max_failures}
+    return {"num_workers": compute.num_workers, "use_gpu": compute.use_gpu,
+            "tracking_config": config.tracking, "cpus_per_worker": compute.cpus_per_worker,
+            "max_failures": compute.max_failures}
 
 
 def ingest_stage(config: BoneaugConfig, data: str, run: str, prefix_part: str) -> dict[str, Any]:
@@ -134,12 +141,15 @@ def fracture_model(config: BoneaugConfig, data: str, out: str) -> str:
         table = image_table(run, task="fracture", classification=False)
         result = pretrain_fracture(
             config.drn, ray.data.from_arrow(table), run_uri=storage.join(run, "drn"),
-            experiment="boneaug/fracture/pretrain", image_size=(config.image.height, config.image.width),
+            experiment="boneaug/fracture/pretrain",
+            image_size=(config.image.height, config.image.width),
             overwrite=True, **_ray_train(config), torch_threads=config.compute.torch_threads,
         )
-        return {"model": f"models:/{FRACTURE_MODEL}/{result.model_version}", "val_auc": result.best_val_auc}
+        return {"model": f"models:/{FRACTURE_MODEL}/{result.model_version}",
+                "val_auc": result.best_val_auc}
 
-    return stage(run, "fracture", [config.drn, config.image, config.compute.num_workers], go)["model"]
+    return stage(run, "fracture", [config.drn, config.image, config.compute.num_workers],
+                 go)["model"]
 
 
 def train_drn(config: BoneaugConfig, run: str, name: str, *, augmented: Any, init_from: str,
@@ -147,16 +157,19 @@ def train_drn(config: BoneaugConfig, run: str, name: str, *, augmented: Any, ini
     from boneaug.data.datasets import classification_splits
     from boneaug.train.classifier import fit_classifier
 
-    splits = classification_splits(run, augmented=augmented, max_train_negatives=config.drn.max_train_negatives,
+    splits = classification_splits(run, augmented=augmented,
+                                   max_train_negatives=config.drn.max_train_negatives,
                                    seed=config.drn.seed)
     result = fit_classifier(
         config.drn, splits["train"], splits["val"], test=splits["test"],
         run_uri=storage.join(run, name), experiment=experiment, registered_name=registered_name,
         init_from=init_from, image_size=(config.image.height, config.image.width), overwrite=True,
-        run_name=f"{registered_name}-{name}", **_ray_train(config), torch_threads=config.compute.torch_threads,
+        run_name=f"{registered_name}-{name}", **_ray_train(config),
+        torch_threads=config.compute.torch_threads,
     )
-    return {"model": f"models:/{registered_name}/{result.model_version}", "version": result.model_version,
-            "val_auc": result.best_val_auc, "predictions": result.predictions_uri}
+    return {"model": f"models:/{registered_name}/{result.model_version}",
+            "version": result.model_version, "val_auc": result.best_val_auc,
+            "predictions": result.predictions_uri}
 
 
 def unit_model(config: BoneaugConfig, data: str, run: str, body_part: str) -> str:
@@ -171,11 +184,13 @@ def unit_model(config: BoneaugConfig, data: str, run: str, body_part: str) -> st
 
         sets = {k: storage.join(run, "patches", k) for k in ("lesion", "normal", "source")}
         read = {k: patch_dataset(sets[k]) for k in ("lesion", "normal")}
-        quality = QualitySets(lesion=load_patch_array(sets["lesion"]), normal=load_patch_array(sets["normal"]),
+        quality = QualitySets(lesion=load_patch_array(sets["lesion"]),
+                              normal=load_patch_array(sets["normal"]),
                               source=load_patch_array(sets["source"]))
         result = fit_unit(
             config.unit, read["lesion"], read["normal"], run_uri=run, quality_sets=quality,
-            experiment=f"boneaug/{body_part}/train_unit", registered_name=f"boneaug-unit-{body_part}",
+            experiment=f"boneaug/{body_part}/train_unit",
+            registered_name=f"boneaug-unit-{body_part}",
             overwrite=True, torch_threads=config.compute.torch_threads,
             **(_ray_train(config) | {"num_workers": max(1, config.compute.num_workers)}),
         )
@@ -206,7 +221,8 @@ def patches_stage(config: BoneaugConfig, data: str, run: str, body_part: str) ->
     return stage(run, "patches", [config.patches, config.augment.max_source_images], go)
 
 
-def baseline_stage(config: BoneaugConfig, run: str, body_part: str, fracture: str) -> dict[str, Any]:
+def baseline_stage(config: BoneaugConfig, run: str, body_part: str,
+                   fracture: str) -> dict[str, Any]:
     """The baseline DRN (no augmentation), fine-tuned from the fracture model; registered as
     boneaug-drn-<body_part>."""
     return stage(run, "baseline", [config.drn, config.image, fracture],
@@ -253,8 +269,9 @@ def run_body_part(
     storage.remove(storage.join(run, "predictions"))
     import_predictions(run, "baseline", ModelMeta(type="Baseline", t=None, augmented_samples=0,
                                                   model_name=f"boneaug-drn-{body_part}",
-                                                  model_version=baseline["version"], body_part=body_part,
-                                                  baseline=True), baseline["predictions"])
+                                                  model_version=baseline["version"],
+                                                  body_part=body_part, baseline=True),
+                       baseline["predictions"])
     for variant in variants:
         unit_uri = (unit_model(config, data_uri, run, body_part) if variant.unit_from is None
                     else f"models:/boneaug-unit-{variant.unit_from}@challenger")
@@ -284,36 +301,41 @@ def run_body_part(
         best = trained[best_t]
         result.models[variant.key] = best["model"]
         dicoms = stage(run, f"dicom-{variant.key}", [cands, best_t, best["model"]], lambda: {
-            "files": len(write_derived_dicoms(data_uri=data_uri, run_uri=run,
-                                              selected=select_augmented(cands["candidates"], best_t),
-                                              out_uri=storage.join(aug_uri, "dicom"), t=best_t))})
-        print(f"[{variant.key}] {dicoms['files']} derived DICOMs under {storage.join(aug_uri, 'dicom')}", flush=True)
+            "files": len(write_derived_dicoms(
+                data_uri=data_uri, run_uri=run,
+                selected=select_augmented(cands["candidates"], best_t),
+                out_uri=storage.join(aug_uri, "dicom"), t=best_t))})
+        print(f"[{variant.key}] {dicoms['files']} derived DICOMs under "
+              f"{storage.join(aug_uri, 'dicom')}", flush=True)
         png = figure3(data_uri=data_uri, run_uri=run, candidates_uri=cands["candidates"],
                       out_png=storage.join(run, "report", f"figure3_{variant.key}.png"))
         if png:
             result.figures[variant.key] = png
         alias = "champion" if best["val_auc"] > baseline["val_auc"] else "challenger"
         tracking.set_alias(f"boneaug-drn-{body_part}-aug", alias, best["version"])
-        print(f"[{variant.key}] t chosen on validation: {best_t:.2f} (val AUC {best['val_auc']:.3f} vs "
-              f"baseline {baseline['val_auc']:.3f}); boneaug-drn-{body_part}-aug v{best['version']} -> @{alias}",
+        print(f"[{variant.key}] t chosen on validation: {best_t:.2f} "
+              f"(val AUC {best['val_auc']:.3f} vs baseline {baseline['val_auc']:.3f}); "
+              f"boneaug-drn-{body_part}-aug v{best['version']} -> @{alias}",
               flush=True)
     tracking.set_alias(f"boneaug-drn-{body_part}", "champion", baseline["version"])
     if OWN in variants:  # this body part's own translator and t are what its service (serve/) uses
         name, version = tracking.resolve(result.models[f"{OWN.key}-unit"])
         tracking.set_alias(name, "champion", str(version))
-        tracking.set_version_tag(f"boneaug-drn-{body_part}", baseline["version"], tracking.PSEUDO_LABEL_T_TAG,
-                                 f"{result.chosen[OWN.key]:.2f}")
+        tracking.set_version_tag(f"boneaug-drn-{body_part}", baseline["version"],
+                                 tracking.PSEUDO_LABEL_T_TAG, f"{result.chosen[OWN.key]:.2f}")
     result.markdown = render_report_from_predictions(run, config.eval)
     result.report_uri = storage.join(run, "report")
     return result
 
 
-def _blend(config: BoneaugConfig, data: str, run: str, aug_uri: str, unit_uri: str, scorer_uri: str) -> dict[str, Any]:
+def _blend(config: BoneaugConfig, data: str, run: str, aug_uri: str, unit_uri: str,
+           scorer_uri: str) -> dict[str, Any]:
     from boneaug.augment.pipeline import blend_and_score
 
     summary = blend_and_score(data_uri=data, run_uri=run, out_uri=aug_uri, unit_uri=unit_uri,
                               scorer_uri=scorer_uri, image=config.image, n=config.augment.blend_n,
-                              tracking=config.tracking, max_sources=config.augment.max_source_images)
+                              tracking=config.tracking,
+                              max_sources=config.augment.max_source_images)
     print(summary, flush=True)
     return {"candidates": summary.candidates_uri, "blended": summary.blended}
 

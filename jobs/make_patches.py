@@ -1,6 +1,7 @@
 """Make the lesion / normal / source patch sets of one body part (paper 3.2) from an ingested run.
 
-    python jobs/make_patches.py --body-part tibia --data URI [--out URI] [--s 1 --n 7] [--profile local]
+    python jobs/make_patches.py --body-part tibia --data URI [--out URI] [--s 1 --n 7]
+        [--profile local]
 
 Runs ingestion first when the run has no finished image shards.
 """
@@ -13,12 +14,15 @@ from boneaug.runtime import init_ray, job_parser, setup
 
 def main() -> None:
     parser = job_parser(__doc__)
-    parser.add_argument("--s", type=float, default=None, help="patch side / box side (default: profile)")
-    parser.add_argument("--n", type=int, default=None, help="similar non-lesion images per lesion image")
+    parser.add_argument("--s", type=float, default=None,
+                        help="patch side / box side (default: profile)")
+    parser.add_argument("--n", type=int, default=None,
+                        help="similar non-lesion images per lesion image")
     args = parser.parse_args()
     config, data, run = setup(args)
     settings = config.patches.body_parts[args.body_part]
-    settings = settings.model_copy(update={k: v for k, v in {"s": args.s, "n": args.n}.items() if v is not None})
+    settings = settings.model_copy(update={k: v for k, v in {"s": args.s, "n": args.n}.items()
+                                           if v is not None})
     init_ray()
     if storage.read_manifest(storage.join(run, "images")) is None:
         print(ingest(data_uri=data, run_uri=run, image=config.image,

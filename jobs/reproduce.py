@@ -1,7 +1,8 @@
 """The paper's experiments (SPEC 8) on the synthetic cohort, one report beside the paper's tables.
 
     python jobs/reproduce.py [--profile local] [--out URI]
-    ray job submit --working-dir . -- python jobs/reproduce.py --profile local --data /abs/path --synthetic
+    ray job submit --working-dir . -- python jobs/reproduce.py --profile local --data /abs/path
+        --synthetic
 
 Table 2: humerus baseline and augmented at t in {0.70, 0.85, 0.90, 0.95}.
 Table 3: tibia baseline / augmented / TL_G / TL_G + TL_PL; femur baseline / TL_G / TL_G + TL_PL
@@ -29,18 +30,22 @@ def main() -> None:
     start = time.perf_counter()
     tracking.configure(config.tracking)
     init_ray()
-    ensure_cohort(config, data, [part for part, _ in EXPERIMENTS], synthesize=args.data is None or args.synthetic)
+    ensure_cohort(config, data, [part for part, _ in EXPERIMENTS],
+                  synthesize=args.data is None or args.synthetic)
     sections = []
     for part, variants in EXPERIMENTS:
-        result = run_body_part(config, part, data_uri=data, out_uri=out, synthesize=False, variants=variants,  # type: ignore[arg-type]
+        result = run_body_part(config, part,  # type: ignore[arg-type]
+                               data_uri=data, out_uri=out, synthesize=False, variants=variants,
                                thresholds=PAPER_THRESHOLDS if part == "humerus" else None)
         png = result.figures.get(variants[0].key)
         chosen = ", ".join(f"{k}: t = {t:.2f}" for k, t in result.chosen.items())
         figure = (f"![Figure 3: original, translated, blended]({png})\n" if png
                   else "(no candidates: no Figure 3)\n")
-        sections.append(f"## {part}\n\nt chosen on validation: {chosen}\n\n{result.markdown}\n{figure}")
+        sections.append(f"## {part}\n\nt chosen on validation: {chosen}\n\n"
+                        f"{result.markdown}\n{figure}")
     report = storage.join(out, "runs", f"reproduce-{config.profile}", "report.md")
-    storage.write_text(report, "# boneaug: the paper's experiments on the synthetic cohort\n\n" + "\n".join(sections))
+    storage.write_text(report, "# boneaug: the paper's experiments on the synthetic cohort\n\n"
+                       + "\n".join(sections))
     print("\n".join(sections))
     print(f"report: {report}\ndone in {time.perf_counter() - start:.0f} s")
 

@@ -1,25 +1,35 @@
 """Train the DRN lesion classifier of one body part (paper 4.2) and register it.
 
-    python jobs/train_classifier.py --body-part tibia [--augmented URI --t 0.9] [--workers N] [--profile local]
+    python jobs/train_classifier.py --body-part tibia [--augmented URI --t 0.9] [--workers N]
+        [--profile local]
     ray job submit --working-dir . -- python jobs/train_classifier.py --body-part tibia
 
 Starts from the auxiliary fracture model (pre-trained first when missing). Without --augmented
 it trains the baseline `boneaug-drn-<body_part>`; with the candidates URI of an augmentation run
 (<run>/augmented/<variant>/candidates) it adds those scoring >= t to the training set and
-registers `boneaug-drn-<body_part>-aug`. Prints the report table (AUC, bootstrap CI, OP, Sens., Spec.).
+registers `boneaug-drn-<body_part>-aug`. Prints the report table (AUC, bootstrap CI, OP, Sens.,
+Spec.).
 """
 
 from boneaug import storage, tracking
 from boneaug.augment.pipeline import select_augmented
 from boneaug.eval.report import ModelMeta, import_predictions, render_report_from_predictions
 from boneaug.runtime import init_ray, job_parser, setup
-from boneaug.workflow import baseline_stage, ensure_cohort, fracture_model, ingest_stage, stage, train_drn
+from boneaug.workflow import (
+    baseline_stage,
+    ensure_cohort,
+    fracture_model,
+    ingest_stage,
+    stage,
+    train_drn,
+)
 
 
 def main() -> None:
     parser = job_parser(__doc__, workers=True)
     parser.add_argument("--augmented", default=None, help="candidates URI of an augmentation run")
-    parser.add_argument("--t", type=float, default=None, help="pseudo-label threshold (default: profile's)")
+    parser.add_argument("--t", type=float, default=None,
+                        help="pseudo-label threshold (default: profile's)")
     args = parser.parse_args()
     config, data, run = setup(args)
     tracking.configure(config.tracking)
@@ -31,8 +41,8 @@ def main() -> None:
     if args.augmented:
         t = args.t if args.t is not None else config.augment.t[part]
         selected = select_augmented(args.augmented, t)
-        name, key, meta = f"drn-aug-t{t:.2f}", f"aug-t{t:.2f}", dict(type="Augmented", t=t,
-                                                                   augmented_samples=selected.num_rows)
+        name, key, meta = f"drn-aug-t{t:.2f}", f"aug-t{t:.2f}", dict(
+            type="Augmented", t=t, augmented_samples=selected.num_rows)
         registered = f"boneaug-drn-{part}-aug"
     else:
         selected, name, key, meta = None, "drn-baseline", "baseline", dict(type="Baseline", t=None,
@@ -43,12 +53,16 @@ def main() -> None:
     else:
         result = stage(run, name, [config.drn, config.image, fracture, args.augmented, t],
                        lambda: train_drn(config, run, name, augmented=selected, init_from=fracture,
-                                          registered_name=registered, experiment=f"boneaug/{part}/train_classifier"))
+                                          registered_name=registered,
+                                          experiment=f"boneaug/{part}/train_classifier"))
     report_run = storage.join(run, "classifier", name)
-    import_predictions(report_run, key, ModelMeta(**meta, model_name=registered, model_version=result["version"],
-                                                  body_part=part, baseline=True), result["predictions"])
+    import_predictions(report_run, key, ModelMeta(**meta, model_name=registered,
+                                                  model_version=result["version"],
+                                                  body_part=part, baseline=True),
+                       result["predictions"])
     print(render_report_from_predictions(report_run, config.eval))
-    print(f"registered: {result['model']} (val AUC {result['val_auc']:.3f}); report: {report_run}/report")
+    print(f"registered: {result['model']} (val AUC {result['val_auc']:.3f}); "
+          f"report: {report_run}/report")
 
 
 if __name__ == "__main__":

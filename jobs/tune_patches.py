@@ -24,21 +24,27 @@ from boneaug.tune import (
 def main(argv: list[str] | None = None) -> None:
     parser = job_parser(__doc__)
     parser.add_argument("--s", default="1,2", help="comma-separated s values (default 1,2)")
-    parser.add_argument("--n-range", default=None, help="low:high for n, inclusive (default: profile n -3..+3)")
+    parser.add_argument("--n-range", default=None,
+                        help="low:high for n, inclusive (default: profile n -3..+3)")
     parser.add_argument("--samples", type=int, default=3, help="n draws per s value (default 3)")
-    parser.add_argument("--grace", type=int, default=None, help="UNIT iterations before ASHA may stop a trial")
+    parser.add_argument("--grace", type=int, default=None,
+                        help="UNIT iterations before ASHA may stop a trial")
     add_sweep_arguments(parser)
     args = parser.parse_args(argv)
     config, data, run = setup(args)
     tracking.configure(config.tracking)
     init_ray()
     n0 = config.patches.body_parts[args.body_part].n
-    low, high = ((int(v) for v in args.n_range.split(":")) if args.n_range else (max(1, n0 - 3), n0 + 3))
-    inputs = prepare_patches(config, args.body_part, data_uri=data, run_uri=run, synthesize=args.data is None or args.synthetic)
+    low, high = ((int(v) for v in args.n_range.split(":")) if args.n_range
+                 else (max(1, n0 - 3), n0 + 3))
+    inputs = prepare_patches(config, args.body_part, data_uri=data, run_uri=run,
+                             synthesize=args.data is None or args.synthetic)
     settings = SweepSettings(kind="patches", body_part=args.body_part,
-                             space=patches_space([float(s) for s in args.s.split(",")], (low, high)),
-                             num_samples=args.samples, search="random", scheduler="asha", asha_grace=args.grace,
-                             max_concurrent=args.max_concurrent, max_failures=args.max_failures, seed=args.seed)
+                             space=patches_space([float(s) for s in args.s.split(",")],
+                                                 (low, high)),
+                             num_samples=args.samples, search="random", scheduler="asha",
+                             asha_grace=args.grace, max_concurrent=args.max_concurrent,
+                             max_failures=args.max_failures, seed=args.seed)
     run_and_print(config, settings, data_uri=data, run_uri=run, inputs=inputs)
 
 

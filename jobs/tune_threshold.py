@@ -2,7 +2,8 @@
 
     python jobs/tune_threshold.py --body-part humerus [--profile local] [--data URI] [--out URI] \
         [--grid 0.7,0.85,0.9,0.95]
-    ray job submit --working-dir . -- python jobs/tune_threshold.py --body-part humerus --profile paper --data s3://...
+    ray job submit --working-dir . -- python jobs/tune_threshold.py --body-part humerus
+        --profile paper --data s3://...
 
 Reuses (or first runs, as the augment jobs do) the workflow stages of the body part's run: cohort,
 ingestion, fracture pre-training, baseline DRN, UNIT, and the blended, scored candidates (made
@@ -33,13 +34,16 @@ def main(argv: list[str] | None = None) -> None:
     tracking.configure(config.tracking)
     init_ray()
     grid = [float(t) for t in args.grid.split(",")] if args.grid else list(PAPER_THRESHOLDS)
-    inputs = prepare_threshold(config, args.body_part, data_uri=data, out_uri=absolute(args.out or data),
+    inputs = prepare_threshold(config, args.body_part, data_uri=data,
+                               out_uri=absolute(args.out or data),
                                run_uri=run, synthesize=args.data is None or args.synthetic)
-    settings = SweepSettings(kind="threshold", body_part=args.body_part, space=threshold_space(grid),
+    settings = SweepSettings(kind="threshold", body_part=args.body_part,
+                             space=threshold_space(grid),
                              search="grid", max_concurrent=args.max_concurrent,
                              max_failures=args.max_failures, seed=args.seed)
     run_and_print(config, settings, data_uri=data, run_uri=run, inputs=inputs,
-                  **{"baseline val AUC": f"{inputs['baseline_val_auc']:.3f}", "candidates": inputs["candidates"]})
+                  **{"baseline val AUC": f"{inputs['baseline_val_auc']:.3f}",
+                     "candidates": inputs["candidates"]})
 
 
 if __name__ == "__main__":

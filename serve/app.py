@@ -131,12 +131,14 @@ class _RegistryModels:
                 name, version = tracking.resolve(ref.uri)
                 tags = tracking.version_tags(name, str(version))
                 current = loaded.get(body_part)
-                if current and (current.name, current.version, current.device) == (name, version, device):
+                if current and ((current.name, current.version, current.device)
+                                == (name, version, device)):
                     loaded[body_part] = replace(current, tags=tags)
                     continue
                 model = tracking.load_torch_model(f"models:/{name}/{version}").to(device)
                 loaded[body_part] = _Loaded(name, str(version), model, device, tags)
-                log.info("%s: %s serves %s version %s on %s", self.kind, body_part, name, version, device)
+                log.info("%s: %s serves %s version %s on %s", self.kind, body_part, name, version,
+                         device)
             except Exception as exc:  # noqa: BLE001 - keep serving what loads; report the rest
                 errors[body_part] = f"{ref.uri}: {type(exc).__name__}: {exc}"
                 log.error("%s: cannot load %s for %s: %s", self.kind, ref.uri, body_part, exc)
@@ -148,7 +150,8 @@ class _RegistryModels:
 
     def check_health(self) -> None:
         if not self._loaded:
-            raise RuntimeError(f"{self.kind}: no model loaded; errors: {self._errors or 'none recorded'}")
+            raise RuntimeError(
+                f"{self.kind}: no model loaded; errors: {self._errors or 'none recorded'}")
 
     def models(self) -> dict[str, dict[str, str]]:
         return {bp: {"name": m.name, "version": m.version} for bp, m in self._loaded.items()}
@@ -170,7 +173,8 @@ class _RegistryModels:
                     f"the {self.kind} serves no model for body part {body_part!r}; "
                     f"served: {sorted(loaded) or 'none'}"))
             elif not isinstance(array, np.ndarray) or array.ndim != 4 or array.shape[:2] != (1, 1):
-                outputs[i] = ModelOutput(error="bad_input", message=f"expected a (1, 1, H, W) array, got "
+                outputs[i] = ModelOutput(error="bad_input",
+                                         message=f"expected a (1, 1, H, W) array, got "
                                          f"{getattr(array, 'shape', type(array).__name__)}")
             else:
                 groups.setdefault((body_part, array.shape), []).append(i)
@@ -180,14 +184,17 @@ class _RegistryModels:
             try:
                 values = await asyncio.to_thread(type(self).run, model.model, stacked, model.device)
             except Exception as exc:  # noqa: BLE001 - answer each request (503), keep the replica
-                log.exception("%s: %s %s failed on a batch of %d", self.kind, model.name, model.version, len(indices))
+                log.exception("%s: %s %s failed on a batch of %d", self.kind, model.name,
+                              model.version, len(indices))
                 for i in indices:
-                    outputs[i] = ModelOutput(error="model_error", message=f"the {self.kind} failed: "
-                                             f"{type(exc).__name__}", name=model.name, version=model.version)
+                    outputs[i] = ModelOutput(error="model_error",
+                                             message=f"the {self.kind} failed: "
+                                             f"{type(exc).__name__}", name=model.name,
+                                             version=model.version)
                 continue
             for j, i in enumerate(indices):
-                outputs[i] = ModelOutput(values=values[j:j + 1], name=model.name, version=model.version,
-                                         tags=model.tags)
+                outputs[i] = ModelOutput(values=values[j:j + 1], name=model.name,
+                                         version=model.version, tags=model.tags)
         return [o for o in outputs if o is not None]
 
 
@@ -250,9 +257,10 @@ class HttpError(Exception):
         self.status, self.reason, self.message = status, reason, message
 
 
-def error_response(status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(ErrorResponse(reason=reason, message=message).model_dump(), status_code=status,
-                        headers=headers)
+def error_response(status: int, reason: str, message: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(ErrorResponse(reason=reason, message=message).model_dump(),
+                        status_code=status, headers=headers)
 
 
 @dataclass
@@ -288,9 +296,10 @@ def require_token(environ: Mapping[str, str]) -> str:
     """The service token from the environment; refuse to start without a usable one."""
     token = (environ.get(TOKEN_ENV) or "").strip()
     if len(token) < MIN_TOKEN_LENGTH:
-        raise ConfigError(f"refusing to start: set {TOKEN_ENV} to a secret of at least {MIN_TOKEN_LENGTH} "
-                          "characters in the environment of every Ray node, e.g. "
-                          "`export BONEAUG_API_TOKEN=$(openssl rand -hex 24)` before `ray start` "
+        raise ConfigError(f"refusing to start: set {TOKEN_ENV} to a secret of at least "
+                          f"{MIN_TOKEN_LENGTH} characters in the environment of every Ray node, "
+                          "e.g. `export BONEAUG_API_TOKEN=$(openssl rand -hex 24)` "
+                          "before `ray start` "
                           f"(it is {'unset' if not token else f'{len(token)} characters'})")
     return token
 
@@ -298,7 +307,8 @@ def require_token(environ: Mapping[str, str]) -> str:
 def read_page() -> str:
     """The demo page, read next to this module on the replica's machine."""
     page = Path(__file__).with_name("page.html")
-    return page.read_text() if page.exists() else "<!doctype html><title>boneaug</title><p>page.html missing"
+    return (page.read_text() if page.exists()
+            else "<!doctype html><title>boneaug</title><p>page.html missing")
 
 
 class _TooLarge(Exception):
@@ -317,7 +327,8 @@ class GateMiddleware:
             return
         gate = _GATE
         path = scope.get("path", "")
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", [])}
         public = path in PUBLIC_PATHS or (gate.public_docs and path in DOCS_PATHS)
         if not public:
             failure = check_token(headers.get("authorization"), gate.token)
@@ -366,10 +377,12 @@ def check_token(header: str | None, token: str | None) -> JSONResponse | None:
     """None when `header` carries the bearer token; else the 401/403 response to send."""
     challenge = {"WWW-Authenticate": 'Bearer realm="boneaug"'}
     if not header:
-        return error_response(401, "missing_token", "send 'Authorization: Bearer <token>'", challenge)
+        return error_response(401, "missing_token", "send 'Authorization: Bearer <token>'",
+                              challenge)
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "bearer" or not value.strip():
-        return error_response(401, "missing_token", "the Authorization header must be 'Bearer <token>'", challenge)
+        return error_response(401, "missing_token",
+                              "the Authorization header must be 'Bearer <token>'", challenge)
     if token is None or not hmac.compare_digest(value.strip().encode(), token.encode()):
         return error_response(403, "bad_token", "the bearer token is not valid for this service")
     return None
@@ -382,12 +395,14 @@ api = FastAPI(
     title="boneaug",
     version="0.1.0",
     description="Synthesise a bone lesion on a radiograph (UNIT translation, alpha blending, "
-                "DRN score). Every route except / and /healthz needs 'Authorization: Bearer <token>'.",
+                "DRN score). Every route except / and /healthz needs "
+                "'Authorization: Bearer <token>'.",
     docs_url=None, redoc_url=None, openapi_url=None,
 )
 api.add_middleware(GateMiddleware)
 bearer = HTTPBearer(auto_error=False, description="the service token (BONEAUG_API_TOKEN)")
-Auth = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]  # documented; GateMiddleware checks
+# documented; GateMiddleware checks
+Auth = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
@@ -399,18 +414,21 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 @api.exception_handler(RequestValidationError)
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors())
+    problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
+                         for e in exc.errors())
     return error_response(422, "invalid_request", problems[:2000] or "invalid request")
 
 
 @api.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return error_response(500, "internal_error", f"{type(exc).__name__}: the service failed; see the replica log")
+    return error_response(500, "internal_error",
+                          f"{type(exc).__name__}: the service failed; see the replica log")
 
 
 async def _guard(work: Awaitable[Any]) -> Any:
-    """Run a route's work; client faults -> 422, service faults -> their status, never a traceback."""
+    """Run a route's work; client faults -> 422, service faults -> their status, never a
+    traceback."""
     try:
         return await work
     except serving.RequestError as exc:
@@ -423,7 +441,8 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-UploadField = Annotated[UploadFile, File(description="radiograph: DICOM, or 8/16-bit grayscale PNG")]
+UploadField = Annotated[UploadFile,
+                        File(description="radiograph: DICOM, or 8/16-bit grayscale PNG")]
 BodyPartField = Annotated[BodyPart, Form(description="which bone (selects models, s and t)")]
 
 
@@ -455,7 +474,8 @@ class Api:
     @property
     def _limits(self) -> serving.Limits:
         s = self._service
-        return serving.Limits(max_side=s.max_image_side, max_pixels=s.max_image_pixels, min_side=s.min_image_side)
+        return serving.Limits(max_side=s.max_image_side, max_pixels=s.max_image_pixels,
+                              min_side=s.min_image_side)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -484,8 +504,10 @@ class Api:
         async def work() -> ModelsResponse:
             try:
                 translator, scorer = await asyncio.wait_for(asyncio.gather(
-                    self._translator.models.remote(), self._scorer.models.remote()), self._service.model_timeout_s)
-            except Exception as exc:  # noqa: BLE001 - a model deployment is down: the service's fault
+                    self._translator.models.remote(), self._scorer.models.remote()),
+                    self._service.model_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - a model deployment is down:
+                # the service's fault
                 raise HttpError(503, "model_unavailable", f"a model deployment is unavailable: "
                                 f"{type(exc).__name__}") from exc
             return ModelsResponse(
@@ -501,7 +523,8 @@ class Api:
         async def work() -> PreviewResponse:
             image = await self._decode(file)
             png = await asyncio.to_thread(serving.encode_png, image.pixels, bits=8)
-            return PreviewResponse(rows=image.shape[0], columns=image.shape[1], kind=image.kind, png=_b64(png))
+            return PreviewResponse(rows=image.shape[0], columns=image.shape[1], kind=image.kind,
+                                   png=_b64(png))
 
         return await _guard(work())
 
@@ -522,23 +545,28 @@ class Api:
         _auth: Auth,
         file: UploadField,
         body_part: BodyPartField,
-        box: Annotated[str, Form(max_length=100, description="'x0,y0,x1,y1' in the uploaded image's "
-                                 "pixels (x1/y1 exclusive), or 'auto' to place it on the bone")] = "auto",
-        n: Annotated[float | None, Form(gt=0, le=64, allow_inf_nan=False,
-                                        description="blending exponent; default from the config")] = None,
+        box: Annotated[str, Form(
+            max_length=100, description="'x0,y0,x1,y1' in the uploaded image's "
+            "pixels (x1/y1 exclusive), or 'auto' to place it on the bone")] = "auto",
+        n: Annotated[float | None, Form(
+            gt=0, le=64, allow_inf_nan=False,
+            description="blending exponent; default from the config")] = None,
         output_format: Annotated[Literal["dicom", "png"] | None, Form(
             alias="format", description="blended image as a derived DICOM or a 16-bit PNG; "
             "default: dicom for a DICOM upload, png for a PNG upload")] = None,
-        seed: Annotated[int, Form(ge=0, le=2**32 - 1, description="crop placement and auto box")] = 0,
-        preview: Annotated[bool, Form(description="also return an 8-bit PNG of the result")] = False,
+        seed: Annotated[int, Form(
+            ge=0, le=2**32 - 1, description="crop placement and auto box")] = 0,
+        preview: Annotated[bool, Form(
+            description="also return an 8-bit PNG of the result")] = False,
     ) -> Response:
         async def work() -> LesionResponse:
             requested = serving.parse_box(box)
             image = await self._decode(file)
             fmt = output_format or image.kind
             if fmt == "dicom" and image.source is None:  # fail before the models run
-                raise serving.RequestError("dicom_needs_dicom_upload", "format=dicom derives a DICOM from "
-                                           "the uploaded DICOM; for a PNG upload ask for format=png")
+                raise serving.RequestError("dicom_needs_dicom_upload",
+                                           "format=dicom derives a DICOM from the uploaded DICOM; "
+                                           "for a PNG upload ask for format=png")
             cfg = self._config
             s = cfg.patches.body_parts[body_part].s
             blend_n = float(n if n is not None else cfg.augment.blend_n)
@@ -546,27 +574,35 @@ class Api:
             chosen, crop, patch = await asyncio.to_thread(
                 serving.place_and_cut, image.pixels, requested, size=cfg.patches.size, s=s,
                 min_mean_intensity=cfg.patches.min_mean_intensity, rng=rng)
-            translated_out = await self._call(self._translator.translate.remote(body_part, patch[None, None]))
-            translated = np.array(translated_out.values[0, 0])  # writable copy of the object-store view
-            blended, fitted = await asyncio.to_thread(serving.blend_and_fit, image.pixels, translated, crop,
-                                                      n=blend_n, score_hw=self._score_hw)
+            translated_out = await self._call(
+                self._translator.translate.remote(body_part, patch[None, None]))
+            # writable copy of the object-store view
+            translated = np.array(translated_out.values[0, 0])
+            blended, fitted = await asyncio.to_thread(serving.blend_and_fit, image.pixels,
+                                                      translated, crop, n=blend_n,
+                                                      score_hw=self._score_hw)
             score_out = await self._call(self._scorer.score.remote(body_part, fitted[None, None]))
             probability = float(score_out.values.reshape(-1)[0])
-            models = LesionModels(translator=ModelVersion(name=translated_out.name, version=translated_out.version),
-                                  scorer=ModelVersion(name=score_out.name, version=score_out.version))
+            models = LesionModels(translator=ModelVersion(name=translated_out.name,
+                                                          version=translated_out.version),
+                                  scorer=ModelVersion(name=score_out.name,
+                                                      version=score_out.version))
             # the t the training chain chose for this scorer, else the profile's
-            threshold = float(score_out.tags.get(tracking.PSEUDO_LABEL_T_TAG, cfg.augment.t[body_part]))
+            threshold = float(score_out.tags.get(tracking.PSEUDO_LABEL_T_TAG,
+                                                 cfg.augment.t[body_part]))
             result = serving.LesionResult(chosen, crop, patch, translated, blended, probability)
-            encoded, media_type = await asyncio.to_thread(serving.encode_result, image, result, fmt, n=blend_n,
-                                                          models=models.model_dump())
+            encoded, media_type = await asyncio.to_thread(serving.encode_result, image, result, fmt,
+                                                          n=blend_n, models=models.model_dump())
             patch_png, source_png = await asyncio.to_thread(
                 lambda: (serving.encode_png(translated), serving.encode_png(patch)))
-            preview_png = (await asyncio.to_thread(serving.encode_png, blended)) if preview else None
+            preview_png = ((await asyncio.to_thread(serving.encode_png, blended)) if preview
+                           else None)
             return LesionResponse(
                 body_part=body_part, image=_b64(encoded), image_format=fmt, media_type=media_type,
                 patch_png=_b64(patch_png), source_patch_png=_b64(source_png),
                 preview_png=_b64(preview_png) if preview_png else None,
-                rows=image.shape[0], columns=image.shape[1], box=list(chosen), crop=list(crop), n=blend_n,
+                rows=image.shape[0], columns=image.shape[1], box=list(chosen), crop=list(crop),
+                n=blend_n,
                 score=probability, threshold=threshold, passes_threshold=probability >= threshold,
                 models=models,
             )
@@ -590,10 +626,12 @@ class Api:
             out = await asyncio.wait_for(response, timeout)
         except asyncio.TimeoutError as exc:
             response.cancel()
-            raise HttpError(503, "model_timeout", f"a model call took over {timeout} s; retry later") from exc
+            raise HttpError(503, "model_timeout",
+                            f"a model call took over {timeout} s; retry later") from exc
         except Exception as exc:  # noqa: BLE001 - replica died or unreachable: the service's fault
             log.error("model call failed: %s", exc)
-            raise HttpError(503, "model_unavailable", f"a model deployment is unavailable: {type(exc).__name__}") from exc
+            raise HttpError(503, "model_unavailable",
+                            f"a model deployment is unavailable: {type(exc).__name__}") from exc
         if out.error == "not_served":
             raise HttpError(422, "body_part_not_served", out.message)
         if out.error is not None:
@@ -614,14 +652,16 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> serve.Application
 
     def models(kind: str, alias: str) -> dict[str, Any]:
         refs = {bp: ModelRef(name=f"boneaug-{kind}-{bp}", alias=alias) for bp in a.body_parts}
-        return ModelsConfig(models=refs, tracking_uri=a.tracking_uri).model_dump(mode="json", exclude_none=True)
+        return ModelsConfig(models=refs, tracking_uri=a.tracking_uri).model_dump(
+            mode="json", exclude_none=True)
 
-    translator = Translator.options(user_config=models("unit", a.translator_alias), ray_actor_options=actor,
-                                    **scaling).bind()
-    scorer = Scorer.options(user_config=models("drn", a.scorer_alias), ray_actor_options=actor, **scaling).bind()
+    translator = Translator.options(user_config=models("unit", a.translator_alias),
+                                    ray_actor_options=actor, **scaling).bind()
+    scorer = Scorer.options(user_config=models("drn", a.scorer_alias), ray_actor_options=actor,
+                            **scaling).bind()
     service = ServiceConfig(profile=a.profile).model_dump(mode="json")
-    return Api.options(user_config=service, ray_actor_options={"num_cpus": a.num_cpus}, **scaling).bind(
-        translator, scorer)
+    return Api.options(user_config=service, ray_actor_options={"num_cpus": a.num_cpus},
+                       **scaling).bind(translator, scorer)
 
 
 app = build_app()

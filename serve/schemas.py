@@ -25,12 +25,15 @@ class _Strict(BaseModel):
 
 
 class ModelRef(_Strict):
-    """One registered model: by alias (follows the registry; default champion) or pinned to a version."""
+    """One registered model: by alias (follows the registry; default champion) or pinned to a
+    version."""
 
     name: str = Field(pattern=MODEL_NAME_PATTERN, description="registered model name")
     alias: str | None = Field(None, pattern=r"^[A-Za-z0-9_\-]+$",
-                              description="registry alias, e.g. champion (the default) or challenger")
-    version: str | None = Field(None, pattern=r"^[0-9]+$", description="pin a version instead of an alias")
+                              description="registry alias, "
+                                          "e.g. champion (the default) or challenger")
+    version: str | None = Field(None, pattern=r"^[0-9]+$",
+                                description="pin a version instead of an alias")
 
     @model_validator(mode="before")
     @classmethod
@@ -48,7 +51,8 @@ class ModelRef(_Strict):
 
     @property
     def uri(self) -> str:
-        return f"models:/{self.name}@{self.alias}" if self.alias else f"models:/{self.name}/{self.version}"
+        return (f"models:/{self.name}@{self.alias}" if self.alias
+                else f"models:/{self.name}/{self.version}")
 
 
 class ModelsConfig(_Strict):
@@ -60,9 +64,11 @@ class ModelsConfig(_Strict):
     """
 
     models: dict[BodyPart, ModelRef] = Field(min_length=1)
-    tracking_uri: str | None = Field(None, description="MLflow URI; default MLFLOW_TRACKING_URI or ./mlflow.db")
+    tracking_uri: str | None = Field(None, description="MLflow URI; "
+                                                       "default MLFLOW_TRACKING_URI or ./mlflow.db")
     revision: int = Field(0, ge=0, description="bump to reload (re-resolve aliases)")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when Ray gave a GPU")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto",
+                                                   description="auto: cuda when Ray gave a GPU")
     max_batch_size: int = Field(8, ge=1, le=256)
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=1)
 
@@ -75,7 +81,8 @@ class ServiceConfig(_Strict):
     """`user_config` of the HTTP ingress: the profile that sizes patches and classifier input,
     and the limits on what a client may send."""
 
-    profile: ProfileName = Field("local", description="must match the profile the models were trained in")
+    profile: ProfileName = Field("local",
+                                 description="must match the profile the models were trained in")
     max_upload_bytes: int = Field(32 * 2**20, ge=1024, description="larger bodies get 413")
     max_image_side: int = Field(6144, ge=16)
     max_image_pixels: int = Field(25_000_000, ge=256)
@@ -86,7 +93,8 @@ class ServiceConfig(_Strict):
     @model_validator(mode="after")
     def _sides(self) -> ServiceConfig:
         if self.min_image_side > self.max_image_side:
-            raise ValueError(f"min_image_side={self.min_image_side} exceeds max_image_side={self.max_image_side}")
+            raise ValueError(f"min_image_side={self.min_image_side} exceeds "
+                             f"max_image_side={self.max_image_side}")
         return self
 
 
@@ -95,19 +103,24 @@ class AppArgs(_Strict):
     body_parts=tibia num_gpus=0.5` (command-line values arrive as strings)."""
 
     profile: ProfileName = "local"
-    body_parts: tuple[BodyPart, ...] = Field(BODY_PARTS, min_length=1, description="comma-separated on the CLI")
+    body_parts: tuple[BodyPart, ...] = Field(BODY_PARTS, min_length=1,
+                                             description="comma-separated on the CLI")
     translator_alias: str = Field("champion", pattern=r"^[A-Za-z0-9_\-]+$")
     scorer_alias: str = Field("champion", pattern=r"^[A-Za-z0-9_\-]+$")
-    tracking_uri: str | None = Field(None, description="else MLFLOW_TRACKING_URI on the replicas' nodes")
+    tracking_uri: str | None = Field(None,
+                                     description="else MLFLOW_TRACKING_URI on the replicas' nodes")
     num_cpus: float = Field(0.5, gt=0)
-    num_gpus: float = Field(0.0, ge=0, description="per model replica; 0.5 shares one GPU by two")
-    num_replicas: int | None = Field(None, ge=1, description="fixed replicas instead of autoscaling")
+    num_gpus: float = Field(0.0, ge=0,
+                            description="per model replica; 0.5 shares one GPU by two")
+    num_replicas: int | None = Field(None, ge=1,
+                                     description="fixed replicas instead of autoscaling")
 
     @model_validator(mode="before")
     @classmethod
     def _split_body_parts(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("body_parts"), str):
-            return {**data, "body_parts": tuple(p.strip() for p in data["body_parts"].split(",") if p.strip())}
+            return {**data, "body_parts": tuple(p.strip() for p in data["body_parts"].split(",")
+                                                if p.strip())}
         return data
 
 
@@ -116,7 +129,8 @@ class AppArgs(_Strict):
 
 
 class ErrorResponse(BaseModel):
-    reason: str = Field(description="short machine-readable code, e.g. not_dicom, box_outside_image")
+    reason: str = Field(
+        description="short machine-readable code, e.g. not_dicom, box_outside_image")
     message: str
 
 
@@ -136,8 +150,10 @@ class LesionResponse(BaseModel):
     image_format: Literal["dicom", "png"]
     media_type: str
     patch_png: str = Field(description="base64 8-bit PNG of the translated patch (S x S)")
-    source_patch_png: str = Field(description="base64 8-bit PNG of the cut patch before translation")
-    preview_png: str | None = Field(None, description="base64 8-bit PNG of the blended image (preview=true)")
+    source_patch_png: str = Field(
+        description="base64 8-bit PNG of the cut patch before translation")
+    preview_png: str | None = Field(
+        None, description="base64 8-bit PNG of the blended image (preview=true)")
     rows: int
     columns: int
     box: list[int] = Field(description="[x0, y0, x1, y1] lesion box used, uploaded-image pixels")

@@ -33,7 +33,8 @@ BODY_PART = "tibia"
 # images
 
 
-def radiograph(height: int, width: int, *, seed: int = 0, lesion: tuple[float, float] | None = None) -> np.ndarray:
+def radiograph(height: int, width: int, *, seed: int = 0,
+               lesion: tuple[float, float] | None = None) -> np.ndarray:
     """(H, W) float32 [0, 1]: an upright long bone (bright cortex, greyer medulla) in soft tissue.
 
     `lesion` = (row fraction, radius fraction of the bone width) punches a round lytic (dark) area.
@@ -123,7 +124,8 @@ def train_scorer(config: Any, *, steps: int, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = build_model(config.drn, generator=torch.Generator().manual_seed(seed))
     hw = (config.image.height, config.image.width)
-    images = np.stack([fit_pad(radiograph(256, 128, seed=seed + i, lesion=(0.5, 0.3) if i % 2 else None), hw)[0]
+    images = np.stack([fit_pad(radiograph(256, 128, seed=seed + i,
+                                          lesion=(0.5, 0.3) if i % 2 else None), hw)[0]
                        for i in range(8)])[:, None]
     labels = torch.tensor([i % 2 for i in range(8)], dtype=torch.float32)
     optimizer, loss_fn = make_optimizer(model, config.drn), make_loss(1.0)
@@ -139,7 +141,8 @@ def register(model: torch.nn.Module, name: str, example: np.ndarray, *, alias: s
 
     from boneaug import tracking
 
-    mlflow.set_experiment("boneaug/tests/serve")  # not whatever experiment an earlier test left active
+    # not whatever experiment an earlier test left active
+    mlflow.set_experiment("boneaug/tests/serve")
     with mlflow.start_run():
         version = tracking.log_torch_model(model, name="model", input_example=example,
                                            registered_name=name, alias=alias)
@@ -160,7 +163,8 @@ class Registry:
         tracking.configure(TrackingConfig(tracking_uri=self.uri))
         size = self.config.patches.size
         example = (np.zeros((1, 1, size, size), np.float32) if kind == "unit"
-                   else np.zeros((1, 1, self.config.image.height, self.config.image.width), np.float32))
+                   else np.zeros((1, 1, self.config.image.height, self.config.image.width),
+                                 np.float32))
         name = f"boneaug-{kind}-{BODY_PART}"
         version = register(model, name, example, alias=alias)
         self.versions.setdefault(kind, []).append(version)
@@ -180,7 +184,8 @@ def make_registry(tmp: Path, *, unit_iterations: int = 3, drn_steps: int = 4,
     registry.add("unit", train_translator(registry.config, iterations=unit_iterations, seed=0))
     version = registry.add("drn", train_scorer(registry.config, steps=drn_steps, seed=0))
     if pseudo_label_t is not None:
-        tracking.set_version_tag(f"boneaug-drn-{BODY_PART}", version, tracking.PSEUDO_LABEL_T_TAG, str(pseudo_label_t))
+        tracking.set_version_tag(f"boneaug-drn-{BODY_PART}", version, tracking.PSEUDO_LABEL_T_TAG,
+                                 str(pseudo_label_t))
     mlflow.end_run()
     return registry
 
@@ -209,8 +214,10 @@ class Service:
 
     def post(self, path: str, data: bytes, fields: dict[str, Any] | None = None,
              headers: dict[str, str] | None = None, timeout: float = 60) -> requests.Response:
-        return self.session.post(self.base + path, headers=self.auth if headers is None else headers,
-                                 files={"file": ("upload", data)}, data=fields or {}, timeout=timeout)
+        return self.session.post(self.base + path,
+                                 headers=self.auth if headers is None else headers,
+                                 files={"file": ("upload", data)}, data=fields or {},
+                                 timeout=timeout)
 
     def deployment(self, name: str) -> dict[str, Any]:
         return next(d for d in self.config["applications"][0]["deployments"] if d["name"] == name)
@@ -224,7 +231,8 @@ class Service:
         self.config = config
 
 
-def deploy_config(registry: Registry, token: str, *, max_upload_bytes: int = 2 * 2**20) -> dict[str, Any]:
+def deploy_config(registry: Registry, token: str, *,
+                  max_upload_bytes: int = 2 * 2**20) -> dict[str, Any]:
     """serve/config.yaml's applications, pointed at the test registry and sized for 2 cores."""
     config = yaml.safe_load(CONFIG_YAML.read_text())
     config = {"applications": copy.deepcopy(config["applications"])}
@@ -235,7 +243,8 @@ def deploy_config(registry: Registry, token: str, *, max_upload_bytes: int = 2 *
         user = deployment["user_config"]
         if deployment["name"] in ("Translator", "Scorer"):
             kind = "unit" if deployment["name"] == "Translator" else "drn"
-            user["models"] = {BODY_PART: {"name": f"boneaug-{kind}-{BODY_PART}", "alias": "champion"}}
+            user["models"] = {BODY_PART: {"name": f"boneaug-{kind}-{BODY_PART}",
+                                          "alias": "champion"}}
             user["tracking_uri"] = registry.uri
         else:
             user.update(profile="smoke", max_upload_bytes=max_upload_bytes)

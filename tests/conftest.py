@@ -70,7 +70,8 @@ def s3_endpoint() -> Iterator[str]:
                 os.environ[key] = value
 
 
-_S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "BONEAUG_S3_ENDPOINT_URL")
+_S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+           "BONEAUG_S3_ENDPOINT_URL")
 
 
 @pytest.fixture()

@@ -1,8 +1,9 @@
 """`jobs/augment_tibia.py --profile smoke` on a `ray start` head, end to end.
 
-A real `ray start --head` (token auth as Ray 2.60 ships it), joined by the job driver, runs the whole
-chain: synthetic cohort -> ingest -> patches -> UNIT -> fracture pre-training -> baseline DRN ->
-translate/blend/score -> augmented DRNs over a t grid -> report, MLflow registry, derived DICOMs.
+A real `ray start --head` (token auth as Ray 2.60 ships it), joined by the job driver, runs the
+whole chain: synthetic cohort -> ingest -> patches -> UNIT -> fracture pre-training -> baseline
+DRN -> translate/blend/score -> augmented DRNs over a t grid -> report, MLflow registry, derived
+DICOMs.
 """
 
 from __future__ import annotations
@@ -39,11 +40,14 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         ray.shutdown()
     temp = tmp_path_factory.mktemp("ray")
     # the head's PATH decides which `python` runs the job's entrypoint: this venv's
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "MLFLOW_TRACKING_URI": f"sqlite:///{temp / 'mlflow.db'}", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, "RAY_AUTH_MODE": "token",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{temp / 'mlflow.db'}",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     port, dash = _free_port(), _free_port()
     subprocess.run(
-        [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={temp}", "--include-dashboard=true"],
+        [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
+         f"--temp-dir={temp}", "--include-dashboard=true"],
         check=True, env=env, capture_output=True, timeout=120,
     )
     # the driver joins the head's cluster directly (as `ray job submit` runs it on the head); the
@@ -54,13 +58,14 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
     try:
         yield env
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True,
+                       timeout=120)
 
 
 def test_augment_tibia_smoke_on_a_ray_head(ray_head: dict[str, str], tmp_path: Path) -> None:
     data, db = tmp_path / "cohort", ray_head["MLFLOW_TRACKING_URI"][len("sqlite:///"):]
-    cmd = [str(BIN / "python"), str(ROOT / "jobs" / "augment_tibia.py"), "--profile", "smoke", "--data", str(data), "--synthetic",
-           "--thresholds", "0.3,0.9"]
+    cmd = [str(BIN / "python"), str(ROOT / "jobs" / "augment_tibia.py"), "--profile", "smoke",
+           "--data", str(data), "--synthetic", "--thresholds", "0.3,0.9"]
     proc = subprocess.run(cmd, env=ray_head, capture_output=True, text=True, timeout=1500, cwd=ROOT)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -68,14 +73,16 @@ def test_augment_tibia_smoke_on_a_ray_head(ray_head: dict[str, str], tmp_path: P
     assert "[ingest] done" in out and "[unit] done" in out and "t chosen on validation" in out
 
     run = data / "runs" / "tibia-smoke"
-    assert (run / "report" / "report.md").exists() and (run / "report" / "roc_tibia.png").stat().st_size > 10_000
+    assert ((run / "report" / "report.md").exists()
+            and (run / "report" / "roc_tibia.png").stat().st_size > 10_000)
     assert (run / "report" / "figure3_aug.png").stat().st_size > 10_000 and "figure:  " in out
     # the registry holds every model the job announced, with aliases
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
     names = {m.name for m in client.search_registered_models()}
-    assert {"boneaug-unit-tibia", "boneaug-drn-tibia", "boneaug-drn-tibia-aug", "boneaug-drn-fracture"} <= names
+    assert {"boneaug-unit-tibia", "boneaug-drn-tibia", "boneaug-drn-tibia-aug",
+            "boneaug-drn-fracture"} <= names
     assert client.get_model_version_by_alias("boneaug-drn-tibia", "champion")
     # serve/config.yaml loads both models of a body part by @champion
     assert client.get_model_version_by_alias("boneaug-unit-tibia", "champion").version == \

@@ -34,8 +34,10 @@ def test_bad_arguments_say_what_is_wrong() -> None:
         alpha_mask(8, n=0)
     with pytest.raises(ValueError, match="shapes differ"):
         blend_patch(np.zeros((4, 4)), np.zeros((4, 5)), n=2)
-    with pytest.raises(ValueError, match=r"crop \[0, 0, 20, 5\] is empty or outside the 10x10 image"):
-        paste_blended(np.zeros((10, 10), np.float32), np.zeros((4, 4), np.float32), (0, 0, 20, 5), n=2)
+    with pytest.raises(ValueError,
+                       match=r"crop \[0, 0, 20, 5\] is empty or outside the 10x10 image"):
+        paste_blended(np.zeros((10, 10), np.float32), np.zeros((4, 4), np.float32), (0, 0, 20, 5),
+                      n=2)
 
 
 def test_paste_back_changes_only_the_crop_box() -> None:
@@ -46,7 +48,8 @@ def test_paste_back_changes_only_the_crop_box() -> None:
     out = paste_blended(image, translated, crop, n=2)
     outside = np.ones_like(image, dtype=bool)
     outside[40:73, 10:43] = False
-    assert np.array_equal(out[outside].view(np.uint32), image[outside].view(np.uint32))  # bit for bit
+    # bit for bit
+    assert np.array_equal(out[outside].view(np.uint32), image[outside].view(np.uint32))
     # the centre takes the translation (dark), the border keeps the original
     assert out[56, 26] < 0.05 and np.array_equal(out[40, 10:43], image[40, 10:43])
     assert not np.shares_memory(out, image)

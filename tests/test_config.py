@@ -19,10 +19,12 @@ def test_profiles_load_and_round_trip_through_yaml(profile: str, tmp_path: Path)
 def test_paper_profile_has_table_1_sizes_and_reference_unit() -> None:
     config = load_config("paper")
     tibia = config.synth.counts["tibia"]
-    assert (tibia.train_pos, tibia.train_neg, tibia.val_pos, tibia.val_neg) == (214, 14482, 22, 1628)
+    assert ((tibia.train_pos, tibia.train_neg, tibia.val_pos, tibia.val_neg)
+            == (214, 14482, 22, 1628))
     assert config.patches.body_parts["humerus"].s == 2 and config.patches.body_parts["tibia"].n == 7
     assert (config.image.height, config.image.width, config.patches.size) == (1024, 512, 256)
-    assert config.unit.width == 64 and config.unit.lambda_gan == 10 and config.unit.lambda_cyc == 100
+    assert (config.unit.width == 64 and config.unit.lambda_gan == 10
+            and config.unit.lambda_cyc == 100)
 
 
 def test_local_profile_keeps_the_papers_ratios() -> None:

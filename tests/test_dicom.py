@@ -1,4 +1,5 @@
-"""boneaug.io.dicom against pydicom's bundled corpus, hand-built datasets and deliberately broken files."""
+"""boneaug.io.dicom against pydicom's bundled corpus, hand-built datasets and deliberately broken
+files."""
 
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def _dataset(stored: np.ndarray, *, photometric: str = "MONOCHROME2", bits_store
     return ds
 
 
-def _encode(ds: Dataset, *, transfer_syntax: str = ExplicitVRLittleEndian, preamble: bool = True) -> bytes:
+def _encode(ds: Dataset, *, transfer_syntax: str = ExplicitVRLittleEndian,
+            preamble: bool = True) -> bytes:
     buffer = io.BytesIO()
     if preamble:
         ds.file_meta = FileMetaDataset()
@@ -83,7 +85,8 @@ def _encode(ds: Dataset, *, transfer_syntax: str = ExplicitVRLittleEndian, pream
 
 
 def _smooth_12bit(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
-    """(H, W) uint16 in [0, 4095]: smooth structure plus noise, like a radiograph's stored values."""
+    """(H, W) uint16 in [0, 4095]: smooth structure plus noise, like a radiograph's stored
+    values."""
     h, w = shape
     y, x = np.mgrid[0:h, 0:w]
     field = np.sin(x / 9.0) + np.cos(y / 13.0) + 0.3 * rng.standard_normal(shape)
@@ -117,7 +120,8 @@ def test_every_corpus_file_decodes_or_is_rejected_with_a_reason(path: Path) -> N
 
 
 def test_corpus_result_counts() -> None:
-    """The whole corpus at once: what is decoded, what is rejected and why (reported by the lead)."""
+    """The whole corpus at once: what is decoded, what is rejected and why (reported by the
+    lead)."""
     counts = Counter()
     for path in CORPUS_FILES:
         result = read_xray(path.read_bytes(), path=_rel(path))
@@ -180,7 +184,8 @@ def test_decode_error_names_the_transfer_syntax() -> None:
     assert isinstance(result, Rejection) and "JPEG Extended" in result.message
     assert "1.2.840.10008.1.2.4.51" in result.message
     truncated = read_xray(_read("MR_truncated.dcm"))
-    assert isinstance(truncated, Rejection) and "8130" in truncated.message and "8192" in truncated.message
+    assert (isinstance(truncated, Rejection) and "8130" in truncated.message
+            and "8192" in truncated.message)
 
 
 @pytest.mark.parametrize("path", CR_MONO1, ids=_rel)
@@ -247,7 +252,8 @@ def test_valid_12bit_file_reads_exactly(valid_12bit: tuple[bytes, np.ndarray]) -
     np.testing.assert_allclose(image.pixels, stored / 4095.0, atol=1e-6)
     assert (image.rows, image.columns, image.bits_stored) == (256, 200, 12)
     assert image.body_part == "TIBIA" and image.view == "AP" and image.patient_id == "P-001"
-    assert image.pixel_spacing_mm == (0.15, 0.15) and image.transfer_syntax == ExplicitVRLittleEndian
+    assert (image.pixel_spacing_mm == (0.15, 0.15)
+            and image.transfer_syntax == ExplicitVRLittleEndian)
     assert image.sop_class_uid == "1.2.840.10008.5.1.4.1.1.1" and image.scale == 1.0
 
 
@@ -277,7 +283,9 @@ def test_truncated_copies_are_rejected_as_truncated(valid_12bit: tuple[bytes, np
     assert read_xray(data[:100]).reason == "not_dicom"
 
 
-def test_every_truncation_offset_is_rejected_never_raised(valid_12bit: tuple[bytes, np.ndarray]) -> None:
+def test_every_truncation_offset_is_rejected_never_raised(
+    valid_12bit: tuple[bytes, np.ndarray]
+) -> None:
     data, _ = valid_12bit
     pixels_at, _ = _value_offset(data, "PixelData")
     reasons = Counter()
@@ -350,7 +358,8 @@ def test_absurd_dimensions_are_refused_before_allocating(rows: int, columns: int
         tracemalloc.stop()
     assert isinstance(result, Rejection) and result.reason == "absurd_dimensions", result
     assert (result.rows, result.columns) == (rows, columns)
-    # a float32 image of that size would be >= 60000 * 200 * 4 = 48 MB; parsing needs a few hundred kB
+    # a float32 image of that size would be >= 60000 * 200 * 4 = 48 MB; parsing needs a few
+    # hundred kB
     assert peak < 3_000_000, f"peak {peak} bytes"
 
 
@@ -395,7 +404,9 @@ def test_file_without_preamble_reads_and_random_bytes_do_not() -> None:
     assert image.transfer_syntax == ImplicitVRLittleEndian
 
 
-def test_file_like_inputs_and_argument_errors(valid_12bit: tuple[bytes, np.ndarray], tmp_path: Path) -> None:
+def test_file_like_inputs_and_argument_errors(
+    valid_12bit: tuple[bytes, np.ndarray], tmp_path: Path
+) -> None:
     data, stored = valid_12bit
     assert isinstance(read_xray(io.BytesIO(data)), XrayImage)
     path = tmp_path / "x.dcm"
@@ -443,7 +454,8 @@ def test_linear_exact_and_sigmoid_and_multiple_windows() -> None:
     exact = _pipeline(WindowCenter=1000, WindowWidth=1000, VOILUTFunction="LINEAR_EXACT")
     np.testing.assert_allclose(exact, np.clip((STORED - 1000.0) / 1000.0 + 0.5, 0, 1), atol=1e-6)
     sigmoid = _pipeline(WindowCenter=1000, WindowWidth=1000, VOILUTFunction="SIGMOID")
-    np.testing.assert_allclose(sigmoid, 1 / (1 + np.exp(-4 * (STORED - 1000.0) / 1000.0)), atol=1e-6)
+    np.testing.assert_allclose(sigmoid, 1 / (1 + np.exp(-4 * (STORED - 1000.0) / 1000.0)),
+                               atol=1e-6)
     first = _pipeline(WindowCenter=[1000, 50], WindowWidth=[1601, 10])  # the first window is used
     np.testing.assert_allclose(first, np.clip((STORED - 999.5) / 1600.0 + 0.5, 0, 1), atol=1e-6)
 
@@ -461,13 +473,15 @@ def test_no_window_means_min_max_and_padding_is_ignored() -> None:
 def test_voi_lut_sequence_and_modality_lut_sequence() -> None:
     voi = Dataset()
     voi.LUTDescriptor = [4096, 0, 12]
-    voi.add_new(0x00283006, "US", [int(v) for v in np.rint(np.sqrt(np.arange(4096) / 4095.0) * 4095)])
+    voi.add_new(0x00283006, "US",
+                [int(v) for v in np.rint(np.sqrt(np.arange(4096) / 4095.0) * 4095)])
     out = _pipeline(VOILUTSequence=[voi])
     np.testing.assert_allclose(out, np.rint(np.sqrt(STORED / 4095.0) * 4095) / 4095.0, atol=1e-6)
 
     modality = Dataset()
     modality.LUTDescriptor = [4096, 0, 16]
-    modality.add_new(0x00283006, "US", [int(v) for v in (4095 - np.arange(4096)) * 10])  # inverts, stretches
+    # inverts, stretches
+    modality.add_new(0x00283006, "US", [int(v) for v in (4095 - np.arange(4096)) * 10])
     modality.ModalityLUTType = "US"
     out = _pipeline(ModalityLUTSequence=[modality], WindowCenter=20480, WindowWidth=40951)
     expected = np.clip(((4095.0 - STORED) * 10 - 20479.5) / 40950.0 + 0.5, 0, 1)
@@ -484,7 +498,8 @@ def test_unused_high_bits_are_cleared_and_signed_values_sign_extended() -> None:
 
     signed = rng.integers(-2048, 2048, size=(20, 20)).astype(np.int16)
     as_12bit = (signed.view(np.uint16) & 0x0FFF) | 0x5000  # 12-bit two's complement, junk above
-    ds = _dataset(signed, signed=True, WindowCenter=0, WindowWidth=4096, VOILUTFunction="LINEAR_EXACT")
+    ds = _dataset(signed, signed=True, WindowCenter=0, WindowWidth=4096,
+                  VOILUTFunction="LINEAR_EXACT")
     ds.PixelData = as_12bit.astype("<u2").tobytes()
     np.testing.assert_allclose(decode_xray(_encode(ds)).pixels, signed / 4096.0 + 0.5, atol=1e-6)
 
@@ -518,15 +533,18 @@ def test_fit_pad_keeps_aspect_and_maps_boxes() -> None:
     com_x, com_y = (out * xs).sum() / out.sum(), (out * ys).sum() / out.sum()
     assert com_x == pytest.approx(800 * scale + pad_x, abs=0.02)
     assert com_y == pytest.approx(1300 * scale + pad_y, abs=0.02)
-    assert unmap_box(mapped, scale, pad_x, pad_y) == (398, 1000, 1204, 1602)  # encloses the original
+    # encloses the original
+    assert unmap_box(mapped, scale, pad_x, pad_y) == (398, 1000, 1204, 1602)
     # aspect: the content of an all-ones image occupies 640 x 512 = (2500 x 2000) * 0.256
     ones, *_ = fit_pad(np.ones((2500, 2000), np.float32), (1024, 512))
-    assert np.flatnonzero(ones.any(axis=1)).size == 640 and np.flatnonzero(ones.any(axis=0)).size == 512
+    assert (np.flatnonzero(ones.any(axis=1)).size == 640
+            and np.flatnonzero(ones.any(axis=0)).size == 512)
 
 
 @pytest.mark.parametrize("shape,target", [((2500, 2000), (1024, 512)), ((300, 901), (512, 512)),
                                           ((128, 128), (1024, 512)), ((1000, 40), (64, 64))])
-def test_fit_pad_shapes_and_resamplers_agree(shape: tuple[int, int], target: tuple[int, int]) -> None:
+def test_fit_pad_shapes_and_resamplers_agree(shape: tuple[int, int],
+                                             target: tuple[int, int]) -> None:
     image = np.random.default_rng(1).random(shape, dtype=np.float32)
     a, scale, pad_x, pad_y = fit_pad(image, target, method="torch")
     b, scale_b, pad_xb, pad_yb = fit_pad(image, target, method="pil")
@@ -534,7 +552,8 @@ def test_fit_pad_shapes_and_resamplers_agree(shape: tuple[int, int], target: tup
     np.testing.assert_allclose(a, b, atol=1e-4)
     _, fh, fw = fit_scale(shape, target)
     assert fh == target[0] or fw == target[1]  # one side fills its target
-    assert abs(fh - shape[0] * scale) < 1 and abs(fw - shape[1] * scale) < 1  # one scale: aspect kept
+    # one scale: aspect kept
+    assert abs(fh - shape[0] * scale) < 1 and abs(fw - shape[1] * scale) < 1
     assert pad_x == (target[1] - fw) // 2 and pad_y == (target[0] - fh) // 2
 
 
@@ -550,7 +569,9 @@ def test_map_box_rejects_inverted_boxes_and_clips() -> None:
     assert map_box((-5, -5, 2000, 2000), 0.5, 3, 4, size=(100, 200)) == (0, 1, 200, 100)
 
 
-def test_read_with_target_matches_decode_then_fit_pad(valid_12bit: tuple[bytes, np.ndarray]) -> None:
+def test_read_with_target_matches_decode_then_fit_pad(
+    valid_12bit: tuple[bytes, np.ndarray]
+) -> None:
     data, _ = valid_12bit
     full = decode_xray(data)
     fitted = decode_xray(data, target=(128, 64))
@@ -570,8 +591,8 @@ def test_encode_derived_round_trip(valid_12bit: tuple[bytes, np.ndarray]) -> Non
     source = decode_xray(data, path="source.dcm")
     pixels = np.clip(source.pixels + np.float32(0.05), 0, 1)  # "a lesion was added"
     provenance = {"n": 10, "t": 0.5, "score": 0.93125, "body_part": "tibia"}
-    written = encode_derived(pixels, source=source, creator="boneaug.augment", model_name="unit-tibia",
-                             model_version="3", provenance=provenance)
+    written = encode_derived(pixels, source=source, creator="boneaug.augment",
+                             model_name="unit-tibia", model_version="3", provenance=provenance)
     image = decode_xray(written, path="derived.dcm")
     assert np.abs(image.pixels - pixels).max() <= 0.5 / 4095 + 1e-6  # 12-bit quantisation
     assert image.bits_stored == 12 and image.photometric == "MONOCHROME2"
@@ -608,25 +629,28 @@ def test_encode_derived_adjusts_spacing_and_takes_explicit_uids(
     assert spacing is not None and spacing[0] == pytest.approx(0.15 / fitted.scale, rel=1e-5)
 
     series = generate_uid()
-    bare = encode_derived(np.zeros((8, 6), np.float32), source=None, study_uid="1.2.3.4", patient_id="X",
-                          source_sop_uid="1.2.3.4.5", source_sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
-                          series_uid=series, creator="c", model_name=None, model_version=None, provenance={})
+    bare = encode_derived(np.zeros((8, 6), np.float32), source=None, study_uid="1.2.3.4",
+                          patient_id="X", source_sop_uid="1.2.3.4.5",
+                          source_sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+                          series_uid=series, creator="c", model_name=None, model_version=None,
+                          provenance={})
     ds = pydicom.dcmread(io.BytesIO(bare))
-    assert ds.StudyInstanceUID == "1.2.3.4" and ds.SeriesInstanceUID == series and ds.PatientID == "X"
+    assert (ds.StudyInstanceUID == "1.2.3.4" and ds.SeriesInstanceUID == series
+            and ds.PatientID == "X")
     assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == "1.2.3.4.5"
     assert "PixelSpacing" not in ds
 
 
 def test_encode_derived_refuses_bad_input() -> None:
     with pytest.raises(ValueError, match="2-D"):
-        encode_derived(np.zeros((2, 3, 3)), source=None, creator="c", model_name=None, model_version=None,
-                       provenance={})
+        encode_derived(np.zeros((2, 3, 3)), source=None, creator="c", model_name=None,
+                       model_version=None, provenance={})
     with pytest.raises(ValueError, match="NaN"):
         encode_derived(np.full((2, 2), np.nan), source=None, creator="c", model_name=None,
                        model_version=None, provenance={})
     with pytest.raises(ValueError, match="finite"):
-        encode_derived(np.zeros((2, 2)), source=None, creator="c", model_name=None, model_version=None,
-                       provenance={"t": float("inf")})
+        encode_derived(np.zeros((2, 2)), source=None, creator="c", model_name=None,
+                       model_version=None, provenance={"t": float("inf")})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,7 +670,8 @@ def _check(records: list[dict]) -> None:
     assert set(by_name) == {"good.dcm", "IM000001", "colour.dcm", "broken.DCM", "missing"}
     assert by_name["good.dcm"]["ok"] and by_name["good.dcm"]["rows"] == 256
     assert by_name["IM000001"]["ok"] and by_name["IM000001"]["photometric"] == "MONOCHROME2"
-    assert by_name["colour.dcm"]["reason"] == "colour" and by_name["colour.dcm"]["photometric"] == "RGB"
+    assert (by_name["colour.dcm"]["reason"] == "colour"
+            and by_name["colour.dcm"]["photometric"] == "RGB")
     assert by_name["broken.DCM"]["reason"] == "truncated"
     assert by_name["missing"]["reason"] == "not_found"
     for record in records:

@@ -45,7 +45,8 @@ def test_ingest_conserves_counts_and_rejects_the_bad_file(
     assert total >= smoke_config.synth.counts["tibia"].total  # + images with confounders
     assert summary.listed == total + 1
     assert summary.written == total - 1 and summary.rejected == 2
-    rejects = storage.read_parquet(storage.join(cohort_on_s3, "runs", "r1", "rejects.parquet")).to_pylist()
+    rejects = storage.read_parquet(storage.join(cohort_on_s3, "runs", "r1",
+                                                "rejects.parquet")).to_pylist()
     assert {r["reason"] for r in rejects} == {"truncated", "no_annotation"}
     assert all(r["path"].rsplit("/", 1)[-1] in r["message"] for r in rejects)
 
@@ -58,7 +59,8 @@ def test_ingest_conserves_counts_and_rejects_the_bad_file(
             assert 0 <= x0 < x1 <= row["width"] and 0 <= y0 < y1 <= row["height"]
     clean = classification_filter(images)
     assert all(not c for c in clean.column("confounders").to_pylist())
-    assert storage.read_manifest(storage.join(cohort_on_s3, "runs", "r1", "images"))["written"] == total - 1
+    assert storage.read_manifest(storage.join(cohort_on_s3, "runs", "r1",
+                                              "images"))["written"] == total - 1
 
 
 def test_rerun_replaces_instead_of_duplicating(
@@ -67,7 +69,8 @@ def test_rerun_replaces_instead_of_duplicating(
     _ingest(cohort_on_s3, smoke_config, "r2")
     first = storage.read_parquet(storage.join(cohort_on_s3, "runs", "r2", "images")).num_rows
     _ingest(cohort_on_s3, smoke_config, "r2")
-    assert storage.read_parquet(storage.join(cohort_on_s3, "runs", "r2", "images")).num_rows == first
+    assert storage.read_parquet(storage.join(cohort_on_s3, "runs", "r2",
+                                             "images")).num_rows == first
 
 
 def test_patch_sets_have_spec_2_properties_and_provenance(
@@ -77,12 +80,13 @@ def test_patch_sets_have_spec_2_properties_and_provenance(
     if storage.read_manifest(storage.join(run, "images")) is None:
         _ingest(cohort_on_s3, smoke_config, "r1")
     settings = smoke_config.patches.body_parts["tibia"]
-    summary = make_patch_sets(data_uri=cohort_on_s3, run_uri=run, body_part="tibia", settings=settings,
-                              size=smoke_config.patches.size,
+    summary = make_patch_sets(data_uri=cohort_on_s3, run_uri=run, body_part="tibia",
+                              settings=settings, size=smoke_config.patches.size,
                               min_mean_intensity=smoke_config.patches.min_mean_intensity, seed=0)
     assert summary.written["lesion"] == summary.written["normal"] > 0  # class-balanced
     assert summary.written["source"] > 0
-    images = {r["image_id"]: r for r in storage.read_parquet(storage.join(run, "images")).to_pylist()}
+    images = {r["image_id"]: r
+              for r in storage.read_parquet(storage.join(run, "images")).to_pylist()}
     sets = {k: storage.read_parquet(storage.join(run, "patches", k)).to_pylist() for k in KINDS}
     translation_negatives = {p["image_id"] for p in sets["normal"]}
     for kind, rows in sets.items():
@@ -93,9 +97,11 @@ def test_patch_sets_have_spec_2_properties_and_provenance(
             assert 0 <= x0 < x1 <= image["stored_columns"] and 0 <= y0 < y1 <= image["stored_rows"]
             bx0, by0, bx1, by1 = p["box"]
             assert x0 <= bx0 and y0 <= by0 and x1 >= bx1 and y1 >= by1
-            assert p["s"] == settings.s and (p["height"], p["width"]) == (smoke_config.patches.size,) * 2
+            assert (p["s"] == settings.s
+                    and (p["height"], p["width"]) == (smoke_config.patches.size,) * 2)
             if kind == "lesion":
-                assert image["label"] == 1 and list(p["box"]) in [list(b) for b in image["stored_boxes"]]
+                assert (image["label"] == 1
+                        and list(p["box"]) in [list(b) for b in image["stored_boxes"]])
             else:
                 assert image["label"] == 0 and not image["confounders"]
                 pixels = decode_pixels(p["pixels"], p["height"], p["width"])
@@ -103,17 +109,21 @@ def test_patch_sets_have_spec_2_properties_and_provenance(
                 assert images[p["matched_image_id"]]["label"] == 1
     assert translation_negatives.isdisjoint({p["image_id"] for p in sets["source"]})
     lesion = load_patch_array(storage.join(run, "patches", "lesion"))
-    assert lesion.shape == (summary.written["lesion"], 1, smoke_config.patches.size, smoke_config.patches.size)
+    assert lesion.shape == (summary.written["lesion"], 1, smoke_config.patches.size,
+                            smoke_config.patches.size)
     assert lesion.dtype == np.float32 and 0 <= lesion.min() and lesion.max() <= 1
     assert storage.read_manifest(storage.join(run, "patches"))["written"] == summary.written
 
 
-def test_an_object_that_cannot_be_read_is_a_reject_not_a_crash(cohort_on_s3: str, smoke_config: BoneaugConfig) -> None:
+def test_an_object_that_cannot_be_read_is_a_reject_not_a_crash(
+    cohort_on_s3: str, smoke_config: BoneaugConfig
+) -> None:
     from boneaug.data.ingest import DecodeBatch
 
     root_path = storage.filesystem(cohort_on_s3)[1]
     decode = DecodeBatch({}, root_path, smoke_config.image, smoke_config.patches.descriptor_size)
     gone = storage.join(cohort_on_s3, "dicom", "tibia", "deleted-after-listing.dcm")
     row = decode.read_one(gone)
-    assert (row["ok"], row["reason"], row["key"]) == (False, "unreadable", "dicom/tibia/deleted-after-listing.dcm")
+    assert (row["ok"], row["reason"], row["key"]) == (False, "unreadable",
+                                                      "dicom/tibia/deleted-after-listing.dcm")
     assert "does not exist" in row["message"]

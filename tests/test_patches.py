@@ -55,29 +55,34 @@ def test_crop_placement_is_random_but_seeded() -> None:
 
 
 def test_box_outside_the_image_is_an_error_that_says_so() -> None:
-    with pytest.raises(DataError, match=r"box \[0, 0, 50, 10\] is empty or outside the 20x40 image"):
+    with pytest.raises(DataError,
+                       match=r"box \[0, 0, 50, 10\] is empty or outside the 20x40 image"):
         square_crop((0, 0, 50, 10), (20, 40), 1, np.random.default_rng(0))
 
 
 def _placement(rows: int, cols: int, target: tuple[int, int] = (256, 128)) -> Placement:
     scale = min(target[0] / rows, target[1] / cols)
-    return Placement(rows, cols, scale, (target[1] - cols * scale) / 2, (target[0] - rows * scale) / 2)
+    return Placement(rows, cols, scale, (target[1] - cols * scale) / 2,
+                     (target[0] - rows * scale) / 2)
 
 
 @settings(max_examples=300, deadline=None)
 @given(
     src_hw=st.tuples(st.integers(64, 3000), st.integers(64, 3000)),
     dst_hw=st.tuples(st.integers(64, 3000), st.integers(64, 3000)),
-    frac=st.tuples(st.floats(0, 0.8), st.floats(0, 0.8), st.floats(0.05, 0.2), st.floats(0.05, 0.2)),
+    frac=st.tuples(st.floats(0, 0.8), st.floats(0, 0.8), st.floats(0.05, 0.2),
+                   st.floats(0.05, 0.2)),
 )
 def test_matched_crop_maps_boxes_through_the_classification_frame(src_hw, dst_hw, frac) -> None:
     src, dst = _placement(*src_hw), _placement(*dst_hw)
     fx, fy, fw, fh = frac
     box = (int(fx * src.width), int(fy * src.height),
-           int(fx * src.width) + max(1, int(fw * src.width)), int(fy * src.height) + max(1, int(fh * src.height)))
+           int(fx * src.width) + max(1, int(fw * src.width)),
+           int(fy * src.height) + max(1, int(fh * src.height)))
     mapped = map_box(box, src, dst)
     assert 0 <= mapped[0] < mapped[2] <= dst.width and 0 <= mapped[1] < mapped[3] <= dst.height
-    # where both images have content, the box lands on the same classification-frame spot (1 px slack)
+    # where both images have content, the box lands on the same classification-frame spot (1 px
+    # slack)
     for (sx, sy), (dx, dy) in (((box[0], box[1]), mapped[:2]), ((box[2], box[3]), mapped[2:])):
         cx, cy = sx * src.scale + src.pad_x, sy * src.scale + src.pad_y
         ex, ey = dx * dst.scale + dst.pad_x, dy * dst.scale + dst.pad_y
@@ -149,7 +154,8 @@ def test_plan_follows_spec_2() -> None:
     # sources: clean negatives not used for translation
     sources = {t.image_id for t in plan.source}
     assert sources.isdisjoint(plan.translation_negatives) and sources.isdisjoint(confounded)
-    assert sources | plan.translation_negatives == {im.image_id for im in images if not im.label} - confounded
+    assert (sources | plan.translation_negatives
+            == {im.image_id for im in images if not im.label} - confounded)
     for t in (*plan.lesion, *plan.normal, *plan.source):
         x0, y0, x1, y1 = t.crop
         assert x0 <= t.box[0] and y0 <= t.box[1] and x1 >= t.box[2] and y1 >= t.box[3]
@@ -161,7 +167,8 @@ def test_plan_without_lesions_says_why() -> None:
 
 
 def test_balance_subsamples_the_larger_class() -> None:
-    lesion, normal = balance([f"l{i}" for i in range(5)], [f"n{i}" for i in range(9)], np.random.default_rng(0))
+    lesion, normal = balance([f"l{i}" for i in range(5)], [f"n{i}" for i in range(9)],
+                             np.random.default_rng(0))
     assert len(lesion) == len(normal) == 5 and len(set(normal)) == 5
 
 

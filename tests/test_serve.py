@@ -1,4 +1,5 @@
-"""The lesion service over real HTTP: Ray Serve on a local Ray, models from a sqlite MLflow registry.
+"""The lesion service over real HTTP: Ray Serve on a local Ray, models from a sqlite MLflow
+registry.
 
 Serve is deployed from serve/config.yaml's applications (see tests/_serve_support.py) on
 127.0.0.1 and a free port; the models are the smoke UNIT and DRN trained a few steps here.
@@ -62,18 +63,22 @@ def _png(b64: str) -> np.ndarray:
 
 def test_auto_box_lies_on_bone_and_is_deterministic() -> None:
     image = radiograph(512, 256, seed=1)
-    boxes = {serving.auto_box(image, min_mean_intensity=0.15, rng=np.random.default_rng(7)) for _ in range(3)}
+    boxes = {serving.auto_box(image, min_mean_intensity=0.15, rng=np.random.default_rng(7))
+             for _ in range(3)}
     assert len(boxes) == 1
     x0, y0, x1, y1 = boxes.pop()
     assert x1 - x0 == y1 - y0 > 8
     assert image[y0:y1, x0:x1].mean() > 0.5  # inside the bone, not soft tissue (~0.2)
     assert abs((x0 + x1) / 2 - 128) < 20  # on the bone's axis
-    others = {serving.auto_box(image, min_mean_intensity=0.15, rng=np.random.default_rng(s)) for s in range(8)}
+    others = {serving.auto_box(image, min_mean_intensity=0.15, rng=np.random.default_rng(s))
+              for s in range(8)}
     assert len(others) > 1  # the seed chooses among the brightest windows
-    landscape = serving.auto_box(image.T.copy(), min_mean_intensity=0.15, rng=np.random.default_rng(7))
+    landscape = serving.auto_box(image.T.copy(), min_mean_intensity=0.15,
+                                 rng=np.random.default_rng(7))
     assert landscape == (y0, x0, y1, x1)
     with pytest.raises(serving.RequestError) as err:
-        serving.auto_box(np.full((64, 32), 0.05, np.float32), min_mean_intensity=0.15, rng=np.random.default_rng(0))
+        serving.auto_box(np.full((64, 32), 0.05, np.float32), min_mean_intensity=0.15,
+                         rng=np.random.default_rng(0))
     assert err.value.reason == "no_bone"
 
 
@@ -101,11 +106,13 @@ def test_check_health_raises_until_a_model_loads(service: Service) -> None:
     replica.reconfigure({"models": {"tibia": {"name": "boneaug-unit-absent"}}, "tracking_uri": uri})
     with pytest.raises(RuntimeError, match="boneaug-unit-absent"):
         replica.check_health()
-    replica.reconfigure({"models": {"tibia": {"name": "boneaug-unit-tibia", "version": "1"}}, "tracking_uri": uri})
+    replica.reconfigure({"models": {"tibia": {"name": "boneaug-unit-tibia", "version": "1"}},
+                         "tracking_uri": uri})
     replica.check_health()
     assert replica.models() == {"tibia": {"name": "boneaug-unit-tibia", "version": "1"}}
     with pytest.raises(Exception, match="one of alias or version, not both"):
-        replica.reconfigure({"models": {"tibia": {"name": "x", "alias": "champion", "version": "1"}}})
+        replica.reconfigure(
+            {"models": {"tibia": {"name": "x", "alias": "champion", "version": "1"}}})
     replica.check_health()  # a rejected config leaves the loaded models serving
 
 
@@ -131,7 +138,8 @@ def test_config_yaml_in_sync_with_code(tmp_path: Path) -> None:
     shipped = yaml.safe_load(CONFIG_YAML.read_text())
     assert shipped["applications"][0].pop("name") == "boneaug"
     built[0].pop("name")
-    assert shipped["applications"] == built, "serve/config.yaml is stale: regenerate it (see its header)"
+    assert shipped["applications"] == built, (
+        "serve/config.yaml is stale: regenerate it (see its header)")
     assert shipped["http_options"]["request_timeout_s"] > 0
     deployments = {d["name"]: d for d in built[0]["deployments"]}
     assert set(deployments) == {"Translator", "Scorer", "Api"}
@@ -189,7 +197,8 @@ def test_lesion_png_matches_the_in_process_pipeline(service: Service, image: np.
     local = serving.synthesise(
         original, (50, 100, 78, 128), translate=lambda p: serving.run_translator(unit, p),
         score=lambda x: serving.run_scorer(drn, x), size=config.patches.size,
-        s=config.patches.body_parts[BODY_PART].s, n=3.0, score_hw=(config.image.height, config.image.width),
+        s=config.patches.body_parts[BODY_PART].s, n=3.0,
+        score_hw=(config.image.height, config.image.width),
         min_mean_intensity=config.patches.min_mean_intensity, rng=np.random.default_rng(5))
     assert list(local.crop) == body["crop"]
     assert body["score"] == pytest.approx(local.probability, abs=1e-5)
@@ -203,7 +212,8 @@ def test_lesion_dicom_in_dicom_out_with_provenance(service: Service, image: np.n
     upload = dicom_bytes(image)
     source = read_xray(upload)
     assert isinstance(source, XrayImage)
-    response = service.post("/v1/lesions", upload, {"body_part": BODY_PART, "box": "auto", "preview": "true"})
+    response = service.post("/v1/lesions", upload,
+                            {"body_part": BODY_PART, "box": "auto", "preview": "true"})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["image_format"] == "dicom" and body["media_type"] == "application/dicom"
@@ -212,7 +222,8 @@ def test_lesion_dicom_in_dicom_out_with_provenance(service: Service, image: np.n
     assert isinstance(derived, XrayImage) and (derived.rows, derived.columns) == image.shape
     assert derived.study_uid == source.study_uid and derived.sop_uid != source.sop_uid
     provenance = read_provenance(data)
-    assert provenance["translator_model"] == "boneaug-unit-tibia" and provenance["translator_version"] == "1"
+    assert (provenance["translator_model"] == "boneaug-unit-tibia"
+            and provenance["translator_version"] == "1")
     assert provenance["scorer_model"] == "boneaug-drn-tibia" and provenance["scorer_version"] == "1"
     assert provenance["box"] == ",".join(map(str, body["box"]))
     assert provenance["n"] == pytest.approx(body["n"])
@@ -229,8 +240,10 @@ def test_score_and_models(service: Service, image: np.ndarray) -> None:
     assert 0.0 <= body["probability"] <= 1.0
     assert (body["model"], body["version"]) == ("boneaug-drn-tibia", "1")
     again = service.post("/v1/score", dicom_bytes(image), {"body_part": BODY_PART}).json()
-    assert again["probability"] == pytest.approx(body["probability"], abs=2e-3)  # 12-bit DICOM vs 16-bit PNG
-    models = service.session.get(service.base + "/v1/models", headers=service.auth, timeout=10).json()
+    # 12-bit DICOM vs 16-bit PNG
+    assert again["probability"] == pytest.approx(body["probability"], abs=2e-3)
+    models = service.session.get(service.base + "/v1/models", headers=service.auth,
+                                 timeout=10).json()
     assert models["body_parts"] == [BODY_PART]
     preview = service.post("/v1/preview", dicom_bytes(image)).json()
     assert (preview["rows"], preview["columns"], preview["kind"]) == (256, 128, "dicom")
@@ -240,24 +253,29 @@ def test_score_and_models(service: Service, image: np.ndarray) -> None:
 # auth and bad input
 
 
-def test_auth_is_required_everywhere_but_page_and_health(service: Service, image: np.ndarray) -> None:
+def test_auth_is_required_everywhere_but_page_and_health(service: Service,
+                                                         image: np.ndarray) -> None:
     upload = png_bytes(image)
     wrong = {"Authorization": "Bearer " + "x" * 32}
     for method, path in (("POST", "/v1/lesions"), ("POST", "/v1/score"), ("POST", "/v1/preview"),
                          ("GET", "/v1/models"), ("GET", "/openapi.json"), ("GET", "/docs")):
-        kwargs = {"files": {"file": ("x", upload)}, "data": {"body_part": BODY_PART}} if method == "POST" else {}
+        kwargs = ({"files": {"file": ("x", upload)}, "data": {"body_part": BODY_PART}}
+                  if method == "POST" else {})
         missing = service.session.request(method, service.base + path, timeout=10, **kwargs)
         assert missing.status_code == 401, (path, missing.text)
         assert missing.headers["www-authenticate"].startswith("Bearer")
         assert missing.json()["reason"] == "missing_token"
-        bad = service.session.request(method, service.base + path, headers=wrong, timeout=10, **kwargs)
+        bad = service.session.request(method, service.base + path, headers=wrong, timeout=10,
+                                      **kwargs)
         assert bad.status_code == 403, (path, bad.text)
-        basic = service.session.request(method, service.base + path, headers={"Authorization": "Basic eDp5"},
+        basic = service.session.request(method, service.base + path,
+                                        headers={"Authorization": "Basic eDp5"},
                                         timeout=10, **kwargs)
         assert basic.status_code == 401
     docs = service.session.get(service.base + "/openapi.json", headers=service.auth, timeout=10)
     assert docs.status_code == 200 and "/v1/lesions" in docs.json()["paths"]
-    assert service.session.get(service.base + "/docs", headers=service.auth, timeout=10).status_code == 200
+    assert service.session.get(service.base + "/docs", headers=service.auth,
+                               timeout=10).status_code == 200
 
 
 def _too_large_chunks(total: int) -> Iterator[bytes]:
@@ -282,33 +300,47 @@ def test_every_bad_input_is_a_4xx_with_a_reason(service: Service, image: np.ndar
     lesion = {"body_part": BODY_PART}
     cases = [
         # (name, path, upload, fields, status, reason)
-        ("not an image", "/v1/lesions", b"hello, this is not a radiograph" * 10, lesion, 422, "not_dicom"),
+        ("not an image", "/v1/lesions", b"hello, this is not a radiograph" * 10, lesion, 422,
+         "not_dicom"),
         ("empty file", "/v1/score", b"", lesion, 422, "empty_upload"),
-        ("truncated DICOM", "/v1/lesions", good_dicom[: len(good_dicom) // 2], lesion, 422, "truncated"),
+        ("truncated DICOM", "/v1/lesions", good_dicom[: len(good_dicom) // 2], lesion, 422,
+         "truncated"),
         ("colour DICOM", "/v1/score", testdata("SC_rgb_small_odd.dcm"), lesion, 422, "colour"),
         ("multi-frame DICOM", "/v1/lesions", testdata("rtdose.dcm"), lesion, 422, "multi_frame"),
-        ("truncated real DICOM", "/v1/score", testdata("MR_truncated.dcm"), lesion, 422, "truncated"),
+        ("truncated real DICOM", "/v1/score", testdata("MR_truncated.dcm"), lesion, 422,
+         "truncated"),
         ("huge DICOM", "/v1/score", dicom_bytes(np.zeros((7000, 16), np.float32)), lesion, 422,
          "absurd_dimensions"),
-        ("truncated PNG", "/v1/lesions", good_png[: len(good_png) // 2], lesion, 422, "corrupt_png"),
+        ("truncated PNG", "/v1/lesions", good_png[: len(good_png) // 2], lesion, 422,
+         "corrupt_png"),
         ("colour PNG", "/v1/score", rgb.getvalue(), lesion, 422, "unsupported_png"),
-        ("huge dimensions", "/v1/score", png_bytes(np.zeros((7000, 16), np.float32), bits=8), lesion, 422,
-         "image_too_large"),
-        ("tiny image", "/v1/lesions", png_bytes(np.zeros((8, 8), np.float32)), lesion, 422, "image_too_small"),
-        ("box outside", "/v1/lesions", good_png, {**lesion, "box": "100,200,140,300"}, 422, "box_outside_image"),
-        ("negative box", "/v1/lesions", good_png, {**lesion, "box": "-5,0,10,10"}, 422, "box_outside_image"),
-        ("empty box", "/v1/lesions", good_png, {**lesion, "box": "10,10,10,20"}, 422, "box_outside_image"),
+        ("huge dimensions", "/v1/score", png_bytes(np.zeros((7000, 16), np.float32), bits=8),
+         lesion, 422, "image_too_large"),
+        ("tiny image", "/v1/lesions", png_bytes(np.zeros((8, 8), np.float32)), lesion, 422,
+         "image_too_small"),
+        ("box outside", "/v1/lesions", good_png, {**lesion, "box": "100,200,140,300"}, 422,
+         "box_outside_image"),
+        ("negative box", "/v1/lesions", good_png, {**lesion, "box": "-5,0,10,10"}, 422,
+         "box_outside_image"),
+        ("empty box", "/v1/lesions", good_png, {**lesion, "box": "10,10,10,20"}, 422,
+         "box_outside_image"),
         ("malformed box", "/v1/lesions", good_png, {**lesion, "box": "1;2;3;4"}, 422, "bad_box"),
-        ("no bone for auto", "/v1/lesions", png_bytes(np.full((64, 32), 0.02, np.float32)), lesion, 422, "no_bone"),
+        ("no bone for auto", "/v1/lesions", png_bytes(np.full((64, 32), 0.02, np.float32)), lesion,
+         422, "no_bone"),
         ("n = 0", "/v1/lesions", good_png, {**lesion, "n": "0"}, 422, "invalid_request"),
         ("n = nan", "/v1/lesions", good_png, {**lesion, "n": "nan"}, 422, "invalid_request"),
         ("n = inf", "/v1/lesions", good_png, {**lesion, "n": "inf"}, 422, "invalid_request"),
-        ("unknown body part", "/v1/score", good_png, {"body_part": "skull"}, 422, "invalid_request"),
-        ("body part not served", "/v1/lesions", good_png, {"body_part": "femur"}, 422, "body_part_not_served"),
-        ("dicom from png", "/v1/lesions", good_png, {**lesion, "format": "dicom"}, 422, "dicom_needs_dicom_upload"),
-        ("unknown format", "/v1/lesions", good_png, {**lesion, "format": "jpeg"}, 422, "invalid_request"),
+        ("unknown body part", "/v1/score", good_png, {"body_part": "skull"}, 422,
+         "invalid_request"),
+        ("body part not served", "/v1/lesions", good_png, {"body_part": "femur"}, 422,
+         "body_part_not_served"),
+        ("dicom from png", "/v1/lesions", good_png, {**lesion, "format": "dicom"}, 422,
+         "dicom_needs_dicom_upload"),
+        ("unknown format", "/v1/lesions", good_png, {**lesion, "format": "jpeg"}, 422,
+         "invalid_request"),
         ("seed < 0", "/v1/lesions", good_png, {**lesion, "seed": "-1"}, 422, "invalid_request"),
-        ("path as body part", "/v1/score", good_png, {"body_part": "../../etc/passwd"}, 422, "invalid_request"),
+        ("path as body part", "/v1/score", good_png, {"body_part": "../../etc/passwd"}, 422,
+         "invalid_request"),
     ]
     for name, path, upload, fields, status, reason in cases:
         response = service.post(path, upload, fields)
@@ -319,7 +351,8 @@ def test_every_bad_input_is_a_4xx_with_a_reason(service: Service, image: np.ndar
     missing_file = service.session.post(service.base + "/v1/score", headers=service.auth,
                                         data={"body_part": BODY_PART}, timeout=10)
     assert missing_file.status_code == 422 and missing_file.json()["reason"] == "invalid_request"
-    as_json = service.session.post(service.base + "/v1/lesions", headers=service.auth, json={"file": "x"}, timeout=10)
+    as_json = service.session.post(service.base + "/v1/lesions", headers=service.auth,
+                                   json={"file": "x"}, timeout=10)
     assert 400 <= as_json.status_code < 500
 
     limit = service.deployment("Api")["user_config"]["max_upload_bytes"]
@@ -327,7 +360,8 @@ def test_every_bad_input_is_a_4xx_with_a_reason(service: Service, image: np.ndar
     assert declared.status_code == 413 and declared.json()["reason"] == "upload_too_large"
     chunked = service.session.post(
         service.base + "/v1/lesions", data=_too_large_chunks(limit + 1),
-        headers={**service.auth, "Content-Type": "multipart/form-data; boundary=b0undary"}, timeout=30)
+        headers={**service.auth, "Content-Type": "multipart/form-data; boundary=b0undary"},
+        timeout=30)
     assert chunked.status_code == 413, chunked.text
 
     # the replicas survived all of it
@@ -340,7 +374,8 @@ def test_fuzz_openapi_schema_no_5xx(service: Service, image: np.ndarray) -> None
     from hypothesis import HealthCheck, given, settings
     from schemathesis import GenerationMode
 
-    schema = schemathesis.openapi.from_url(service.base + "/openapi.json", headers=service.auth, timeout=30)
+    schema = schemathesis.openapi.from_url(service.base + "/openapi.json", headers=service.auth,
+                                           timeout=30)
     upload = png_bytes(image)
     statuses: list[tuple[str, int]] = []
     failures: list[str] = []
@@ -350,22 +385,27 @@ def test_fuzz_openapi_schema_no_5xx(service: Service, image: np.ndarray) -> None
                   suppress_health_check=list(HealthCheck))
         @given(case=schema.as_strategy(generation_mode=mode))
         def run(case: object) -> None:
-            if case.method == "POST" and isinstance(case.body, dict) and "file" in case.body and len(statuses) % 2:
-                case.body["file"] = upload  # every other upload is a real radiograph: reach the pipeline
+            if (case.method == "POST" and isinstance(case.body, dict) and "file" in case.body
+                    and len(statuses) % 2):
+                # every other upload is a real radiograph: reach the pipeline
+                case.body["file"] = upload
             response = case.call(base_url=service.base, headers=service.auth, timeout=60)
             statuses.append((f"{case.method} {case.path}", response.status_code))
             if response.status_code >= 500:
-                failures.append(f"{case.method} {case.path} -> {response.status_code}: {response.text[:300]}")
+                failures.append(f"{case.method} {case.path} -> {response.status_code}: "
+                                f"{response.text[:300]}")
 
         run()
 
     from collections import Counter
 
     print(f"\nfuzz: {len(statuses)} requests: "
-          + ", ".join(f"{op} {status} x{k}" for (op, status), k in sorted(Counter(statuses).items())))
+          + ", ".join(f"{op} {status} x{k}"
+                      for (op, status), k in sorted(Counter(statuses).items())))
     assert not failures, failures
     assert len(statuses) >= 60
-    assert any(s == 200 for op, s in statuses if op.startswith("POST"))  # fuzzed fields reached the models
+    # fuzzed fields reached the models
+    assert any(s == 200 for op, s in statuses if op.startswith("POST"))
     assert service.session.get(service.base + "/healthz", timeout=10).status_code == 200
 
 
@@ -391,7 +431,8 @@ def test_model_switch_by_alias_without_downtime(service: Service, image: np.ndar
         while not stop.is_set():
             try:
                 response = service.post("/v1/lesions", upload, fields, timeout=60)
-                version = response.json()["models"]["translator"]["version"] if response.ok else response.text
+                version = (response.json()["models"]["translator"]["version"] if response.ok
+                           else response.text)
                 seen.append((response.status_code, version))
             except Exception as exc:  # noqa: BLE001 - a failed request is a finding, not a crash
                 seen.append((0, repr(exc)))
@@ -406,14 +447,16 @@ def test_model_switch_by_alias_without_downtime(service: Service, image: np.ndar
     try:
         wait_for_requests(3)
         new_version = service.registry.add(
-            "unit", train_translator(service.registry.config, iterations=1, seed=11), alias="champion")
+            "unit", train_translator(service.registry.config, iterations=1, seed=11),
+            alias="champion")
         config = copy.deepcopy(service.config)
         next(d for d in config["applications"][0]["deployments"]
              if d["name"] == "Translator")["user_config"]["revision"] = 1
         t0 = time.monotonic()
         service.apply(config)
         while time.monotonic() - t0 < 60:
-            models = service.session.get(service.base + "/v1/models", headers=service.auth, timeout=10).json()
+            models = service.session.get(service.base + "/v1/models", headers=service.auth,
+                                         timeout=10).json()
             if models["translator"][BODY_PART]["version"] == new_version:
                 break
             time.sleep(0.2)
@@ -426,4 +469,5 @@ def test_model_switch_by_alias_without_downtime(service: Service, image: np.ndar
     versions = [v for _, v in seen]
     assert versions[0] == "1" and versions[-1] == new_version == "2"
     assert versions == sorted(versions)  # once switched, never back
-    assert translator.replica.remote().result(timeout_s=30) == replica_before  # reconfigured, not restarted
+    # reconfigured, not restarted
+    assert translator.replica.remote().result(timeout_s=30) == replica_before

@@ -27,7 +27,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _serve_support import Service, make_registry, png_bytes, radiograph, start_service  # noqa: E402
+from _serve_support import (  # noqa: E402
+    Service,
+    make_registry,
+    png_bytes,
+    radiograph,
+    start_service,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +61,8 @@ class DevTools:
             self.events.append(message)
 
     def evaluate(self, expression: str) -> Any:
-        result = self("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        result = self("Runtime.evaluate", expression=expression, returnByValue=True,
+                      awaitPromise=True)
         if "exceptionDetails" in result:
             raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
@@ -73,7 +80,8 @@ class DevTools:
 
 @pytest.fixture(scope="module")
 def service(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    registry = make_registry(tmp_path_factory.mktemp("page-registry"), unit_iterations=1, drn_steps=1)
+    registry = make_registry(tmp_path_factory.mktemp("page-registry"), unit_iterations=1,
+                             drn_steps=1)
     yield from start_service(registry)
 
 
@@ -82,11 +90,11 @@ def browser(tmp_path: Path) -> Iterator[DevTools]:
     assert Path(CHROMIUM).exists(), "install Chromium: apt-get install -y chromium"
     profile = tmp_path / "chromium-profile"
     proc = subprocess.Popen(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-extensions", "--disable-default-apps", "--mute-audio", "--hide-scrollbars",
-         f"--user-data-dir={profile}", "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
-         "--window-size=1400,900", "about:blank"],
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--disable-extensions", "--disable-default-apps", "--mute-audio",
+         "--hide-scrollbars", f"--user-data-dir={profile}", "--remote-debugging-address=127.0.0.1",
+         "--remote-debugging-port=0", "--window-size=1400,900", "about:blank"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         port_file = profile / "DevToolsActivePort"
@@ -111,14 +119,16 @@ def browser(tmp_path: Path) -> Iterator[DevTools]:
             proc.wait(timeout=10)
 
 
-def test_page_places_a_lesion_where_clicked(service: Service, browser: DevTools, tmp_path: Path) -> None:
+def test_page_places_a_lesion_where_clicked(service: Service, browser: DevTools,
+                                            tmp_path: Path) -> None:
     image = radiograph(512, 256, seed=4)
     upload = tmp_path / "radiograph.png"
     upload.write_bytes(png_bytes(image))
 
     browser("Page.enable")
     browser("Network.enable")
-    browser("Emulation.setDeviceMetricsOverride", width=1400, height=900, deviceScaleFactor=1, mobile=False)
+    browser("Emulation.setDeviceMetricsOverride", width=1400, height=900, deviceScaleFactor=1,
+            mobile=False)
     browser("Page.navigate", url=service.base + "/")
     browser.wait_for("document.readyState === 'complete' && !!document.getElementById('original')")
 
@@ -130,28 +140,32 @@ def test_page_places_a_lesion_where_clicked(service: Service, browser: DevTools,
     assert browser.evaluate("document.getElementById('original').width") == 256
 
     # click on the bone's axis, 60 % down the image
-    rect = browser.evaluate("JSON.stringify(document.getElementById('original').getBoundingClientRect())")
+    rect = browser.evaluate(
+        "JSON.stringify(document.getElementById('original').getBoundingClientRect())")
     rect = json.loads(rect)
     x = rect["left"] + rect["width"] * 0.5
     y = rect["top"] + rect["height"] * 0.6
     for kind in ("mousePressed", "mouseReleased"):
         browser("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
     status = browser.wait_for("(() => { const s = document.getElementById('status');"
-                              " return s.className === 'error' || s.textContent.startsWith('done') ?"
+                              " return s.className === 'error'"
+                              " || s.textContent.startsWith('done') ?"
                               " s.className + '|' + s.textContent : ''; })()")
     assert status.startswith("|done"), status
 
     score_text = browser.evaluate("document.getElementById('score').textContent")
     assert score_text.startswith("score ") and "t = 0.9" in score_text
     sizes = browser.evaluate("JSON.stringify(['source-patch', 'patch', 'blended'].map("
-                             "id => [document.getElementById(id).naturalWidth, document.getElementById(id).naturalHeight]))")
+                             "id => [document.getElementById(id).naturalWidth,"
+                             " document.getElementById(id).naturalHeight]))")
     assert json.loads(sizes) == [[32, 32], [32, 32], [256, 512]]
     details = browser.evaluate("document.getElementById('details').textContent")
     assert "boneaug-unit-tibia v1" in details and "boneaug-drn-tibia v1" in details
     box = json.loads(details.splitlines()[0].removeprefix("box "))
     assert abs((box[0] + box[2]) / 2 - 128) <= 2 and abs((box[1] + box[3]) / 2 - 0.6 * 512) <= 2
 
-    requested = {e["params"]["request"]["url"] for e in browser.events if e.get("method") == "Network.requestWillBeSent"}
+    requested = {e["params"]["request"]["url"] for e in browser.events
+                 if e.get("method") == "Network.requestWillBeSent"}
     external = [u for u in requested if not (u.startswith(service.base) or u.startswith("data:"))]
     assert not external, external  # no external assets
 

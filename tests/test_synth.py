@@ -332,7 +332,8 @@ def test_min_conspicuity_bounds_the_drawn_lesions_and_keeps_the_rest_of_the_draw
     from boneaug.synth.spec import sample_lesion
 
     subtle_allowed = [sample_lesion("tibia", np.random.default_rng(i)) for i in range(200)]
-    obvious_only = [sample_lesion("tibia", np.random.default_rng(i), min_conspicuity=0.6) for i in range(200)]
+    obvious_only = [sample_lesion("tibia", np.random.default_rng(i), min_conspicuity=0.6)
+                    for i in range(200)]
     assert min(les.conspicuity for les in subtle_allowed) < 0.1
     assert min(les.conspicuity for les in obvious_only) >= 0.6
     # the same draws otherwise: lesion types come from the same stream
@@ -342,13 +343,15 @@ def test_min_conspicuity_bounds_the_drawn_lesions_and_keeps_the_rest_of_the_draw
 def test_a_cohort_with_fractures_of_a_body_part_still_lacks_that_body_parts_lesion_cohort(
     tmp_path: Path, smoke_config: BoneaugConfig
 ) -> None:
-    """The fracture corpus spans body parts: ensure_cohort must still synthesise the lesion cohort."""
+    """The fracture corpus spans body parts: ensure_cohort must still synthesise the lesion
+    cohort."""
     from boneaug.workflow import ensure_cohort
 
     root = str(tmp_path / "cohort")
     ensure_cohort(smoke_config, root, ["humerus"], synthesize=True)  # humerus + fracture corpus
     table = storage.read_parquet(storage.join(root, "annotations.parquet"))
-    fracture_parts = set(table.filter(pc.equal(table.column("task"), "fracture")).column("body_part").to_pylist())
+    fracture_parts = set(table.filter(pc.equal(table.column("task"), "fracture"))
+                         .column("body_part").to_pylist())
     assert "tibia" in fracture_parts
     ensure_cohort(smoke_config, root, ["tibia"], synthesize=True)
     table = storage.read_parquet(storage.join(root, "annotations.parquet"))

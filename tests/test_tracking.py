@@ -20,11 +20,14 @@ def test_artifacts_live_beside_the_sqlite_store_not_in_the_working_directory(
     job_dir = tmp_path / "job-working-dir"  # what `ray job submit --working-dir` runs in
     job_dir.mkdir()
     monkeypatch.chdir(job_dir)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # restored after: configure() exports it
+    # restored after: configure() exports it
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     config = TrackingConfig(tracking_uri=f"sqlite:///{db}")
-    with tracking.start_run("boneaug/tibia/unit-test", "r1", {"a": {"b": 1}}, tracking=config) as run:
+    with tracking.start_run("boneaug/tibia/unit-test", "r1", {"a": {"b": 1}},
+                            tracking=config) as run:
         mlflow.log_text("hello", "notes/hello.txt")
-    artifact = Path(mlflow.get_run(run.info.run_id).info.artifact_uri.removeprefix("file://")) / "notes" / "hello.txt"
+    artifact = (Path(mlflow.get_run(run.info.run_id).info.artifact_uri.removeprefix("file://"))
+                / "notes" / "hello.txt")
     assert artifact.read_text() == "hello"
     assert artifact.is_relative_to(db.parent / "mlartifacts" / "boneaug/tibia/unit-test")
     assert not (job_dir / "mlruns").exists()
@@ -35,4 +38,5 @@ def test_artifacts_live_beside_the_sqlite_store_not_in_the_working_directory(
 
 def test_a_tracking_server_chooses_its_own_artifact_location() -> None:
     assert tracking.artifact_location("x", "http://127.0.0.1:5000") is None
-    assert tracking.artifact_location("e/x", "sqlite:////data/m.db") == "file:///data/mlartifacts/e/x"
+    assert (tracking.artifact_location("e/x", "sqlite:////data/m.db")
+            == "file:///data/mlartifacts/e/x")

@@ -44,9 +44,9 @@ from boneaug.tune import (
 )
 
 BODY_PART = "humerus"
-# smoke sizes, then less: one DRN epoch (the loop runs epochs 1..epochs-1), two UNIT iterations with a
-# quality report after each (so ASHA sees two results), a quarter CPU per Train worker so that three
-# trials fit on the session's 2 logical CPUs with one CPU left for Ray Data.
+# smoke sizes, then less: one DRN epoch (the loop runs epochs 1..epochs-1), two UNIT iterations
+# with a quality report after each (so ASHA sees two results), a quarter CPU per Train worker so
+# that three trials fit on the session's 2 logical CPUs with one CPU left for Ray Data.
 OVERRIDES = {
     "drn": {"epochs": 2},
     "unit": {"iterations": 2, "checkpoint_every": 1, "sample_every": 1, "log_every": 1},
@@ -55,8 +55,10 @@ OVERRIDES = {
 CRITIC = CriticConfig(steps=20, batch_size=8, seed=0)  # the quality probe's critic, cheap
 
 
-# ---- pure parts ------------------------------------------------------------------------------------
-def test_apply_params_puts_each_sweeps_values_where_the_steps_read_them(smoke_config: BoneaugConfig) -> None:
+# ---- pure parts ----------------------------------------------------------------------------
+def test_apply_params_puts_each_sweeps_values_where_the_steps_read_them(
+    smoke_config: BoneaugConfig
+) -> None:
     tuned = apply_params(smoke_config, "threshold", "tibia", {"t": 0.85})
     assert tuned.augment.thresholds == (0.85,) and tuned.augment.t["tibia"] == 0.85
     assert tuned.augment.t["humerus"] == smoke_config.augment.t["humerus"]
@@ -66,7 +68,8 @@ def test_apply_params_puts_each_sweeps_values_where_the_steps_read_them(smoke_co
     assert tuned.patches.body_parts["humerus"] == smoke_config.patches.body_parts["humerus"]
 
     tuned = apply_params(smoke_config, "unit", "humerus", {"lambda_gan": 1.5, "lr": 3e-4})
-    assert (tuned.unit.lambda_gan, tuned.unit.lr, tuned.unit.lambda_cyc) == (1.5, 3e-4, smoke_config.unit.lambda_cyc)
+    assert ((tuned.unit.lambda_gan, tuned.unit.lr, tuned.unit.lambda_cyc)
+            == (1.5, 3e-4, smoke_config.unit.lambda_cyc))
 
     with pytest.raises(ConfigError, match="has no parameter"):
         apply_params(smoke_config, "unit", "humerus", {"t": 0.9})
@@ -75,7 +78,8 @@ def test_apply_params_puts_each_sweeps_values_where_the_steps_read_them(smoke_co
 
 
 def test_spaces_cover_the_paper_values_and_refuse_bad_ranges(smoke_config: BoneaugConfig) -> None:
-    assert threshold_space([0.95, 0.7, 0.9, 0.85, 0.9])["t"] == Param("grid", (0.7, 0.85, 0.9, 0.95))
+    assert (threshold_space([0.95, 0.7, 0.9, 0.85, 0.9])["t"]
+            == Param("grid", (0.7, 0.85, 0.9, 0.95)))
     space = patches_space((2, 1), (7, 10))
     assert space["s"].values == (1.0, 2.0) and space["n"] == Param("randint", (7, 10))
     unit = unit_space(smoke_config.unit, factor=10)
@@ -85,18 +89,21 @@ def test_spaces_cover_the_paper_values_and_refuse_bad_ranges(smoke_config: Bonea
     no_kl = smoke_config.unit.model_copy(update={"lambda_kl": 0.0})
     assert "lambda_kl" not in unit_space(no_kl)  # a switched-off term stays off
     for bad in (lambda: threshold_space([1.2]), lambda: patches_space((0.5,)),
-                lambda: Param("loguniform", (0.0, 1.0)), lambda: unit_space(smoke_config.unit, factor=0.5)):
+                lambda: Param("loguniform", (0.0, 1.0)),
+                lambda: unit_space(smoke_config.unit, factor=0.5)):
         with pytest.raises(ConfigError):
             bad()
 
 
 def test_concurrency_leaves_a_cpu_for_ray_data_and_respects_gpus_and_driver_slots() -> None:
     smoke = ComputeConfig(num_workers=1, cpus_per_worker=0.5)
-    assert max_concurrent(smoke, {"CPU": 2}) == 1  # two would hold 1.02 CPUs and starve Ray Data's tasks
+    # two would hold 1.02 CPUs and starve Ray Data's tasks
+    assert max_concurrent(smoke, {"CPU": 2}) == 1
     assert max_concurrent(ComputeConfig(num_workers=1, cpus_per_worker=0.25), {"CPU": 2}) == 3
     assert max_concurrent(ComputeConfig(num_workers=2, cpus_per_worker=1), {"CPU": 16}) == 7
     assert max_concurrent(ComputeConfig(num_workers=4, use_gpu=True), {"CPU": 64, "GPU": 8}) == 2
-    assert max_concurrent(ComputeConfig(num_workers=1, use_gpu=True), {"CPU": 64, "GPU": 6, "tune_driver": 4}) == 4
+    assert max_concurrent(ComputeConfig(num_workers=1, use_gpu=True),
+                          {"CPU": 64, "GPU": 6, "tune_driver": 4}) == 4
     assert max_concurrent(smoke, {"CPU": 1}) == 1  # always at least one
     assert trial_resources({"CPU": 8}) == {"CPU": 0.01}
     assert trial_resources({"CPU": 8, "tune_driver": 4}) == {"CPU": 0.01, "tune_driver": 1.0}
@@ -104,15 +111,19 @@ def test_concurrency_leaves_a_cpu_for_ray_data_and_respects_gpus_and_driver_slot
 
 def test_objective_penalises_translations_unlike_any_real_patch() -> None:
     assert quality_objective(0.4, None) == 0.4
-    assert quality_objective(0.4, 0.7) == 0.4  # closer to real lesions than healthy patches are: no penalty
+    # closer to real lesions than healthy patches are: no penalty
+    assert quality_objective(0.4, 0.7) == 0.4
     assert quality_objective(0.9, 3.0) == pytest.approx(-1.1)  # "lesion" noise loses what it gained
 
 
 def test_best_is_the_highest_finished_trial_and_the_table_marks_it() -> None:
     rows = [
-        {"trial_id": "a", "t": 0.7, "augmented_samples": 9, "val_auc": 0.81, "test_auc": 0.7, "status": "done"},
-        {"trial_id": "b", "t": 0.9, "augmented_samples": 4, "val_auc": 0.88, "test_auc": 0.6, "status": "done"},
-        {"trial_id": "c", "t": 0.95, "augmented_samples": 1, "val_auc": 0.99, "status": "stopped early"},
+        {"trial_id": "a", "t": 0.7, "augmented_samples": 9, "val_auc": 0.81, "test_auc": 0.7,
+         "status": "done"},
+        {"trial_id": "b", "t": 0.9, "augmented_samples": 4, "val_auc": 0.88, "test_auc": 0.6,
+         "status": "done"},
+        {"trial_id": "c", "t": 0.95, "augmented_samples": 1, "val_auc": 0.99,
+         "status": "stopped early"},
         {"trial_id": "d", "t": 0.85, "val_auc": math.nan, "status": "done"},
     ]
     assert choose_best(rows, "val_auc")["trial_id"] == "b"
@@ -145,12 +156,15 @@ def test_quality_watcher_reads_each_new_step_once(tmp_path: Path) -> None:
     from mlflow.entities import Metric
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = client.create_run(client.create_experiment("watch", artifact_location=str(tmp_path / "a")))
+    run = client.create_run(client.create_experiment("watch",
+                                                     artifact_location=str(tmp_path / "a")))
     run_id = run.info.run_id
 
     def log(step: int, translated: float, fd: float) -> None:
-        values = {"frac_source": 0.2, "frac_translated": translated, "gain": translated - 0.2, "fd_ratio": fd}
-        client.log_batch(run_id, metrics=[Metric(f"quality/{k}", v, 0, step) for k, v in values.items()])
+        values = {"frac_source": 0.2, "frac_translated": translated, "gain": translated - 0.2,
+                  "fd_ratio": fd}
+        client.log_batch(run_id, metrics=[Metric(f"quality/{k}", v, 0, step)
+                                          for k, v in values.items()])
 
     watcher = QualityWatcher(client, run_id, final_iteration=3)
     assert watcher.new() == []
@@ -158,12 +172,13 @@ def test_quality_watcher_reads_each_new_step_once(tmp_path: Path) -> None:
     log(2, 0.6, 0.8)
     got = watcher.new()
     assert [g["iteration"] for g in got] == [1, 2]
-    assert got[0]["objective"] == pytest.approx(0.7 - 1.5) and got[1]["objective"] == pytest.approx(0.4)
+    assert (got[0]["objective"] == pytest.approx(0.7 - 1.5)
+            and got[1]["objective"] == pytest.approx(0.4))
     log(3, 0.5, 0.5)  # the final iteration: the trial's own final report carries it
     assert watcher.new() == []
 
 
-# ---- the sweeps on Ray -------------------------------------------------------------------------------
+# ---- the sweeps on Ray ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class Prepared:
     config: BoneaugConfig
@@ -199,10 +214,12 @@ def _stand_in_candidates(run: str, out: str) -> str:
     n = table.num_rows
     table = table.set_column(table.schema.get_field_index("image_id"), "image_id",
                              pa.array([f"aug-{i:03d}" for i in range(n)]))
-    table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(np.ones(n, np.int8)))
+    table = table.set_column(table.schema.get_field_index("label"), "label",
+                             pa.array(np.ones(n, np.int8)))
     table = table.append_column("score", pa.array(np.linspace(0.1, 0.95, n).astype(np.float32)))
     uri = storage.join(out, "candidates")
-    storage.write_parquet(storage.join(uri, "part-0.parquet"), table.select([c for c in table.column_names if c != "confounders"]))
+    storage.write_parquet(storage.join(uri, "part-0.parquet"),
+                          table.select([c for c in table.column_names if c != "confounders"]))
     return uri
 
 
@@ -214,8 +231,8 @@ def _training_actors() -> dict[str, str]:
 
     live = {aid: a["ActorClassName"] for aid, a in actors().items() if a["State"] == "ALIVE"
             and a["ActorClassName"] in ("TrainController", "RayTrainWorker", "run_trial")}
-    return live | {pid: f"placement group {p['bundles']}" for pid, p in placement_group_table().items()
-                   if p["state"] != "REMOVED"}
+    return live | {pid: f"placement group {p['bundles']}"
+                   for pid, p in placement_group_table().items() if p["state"] != "REMOVED"}
 
 
 def _assert_no_training_left(before: dict[str, str], timeout_s: float = 60.0) -> None:
@@ -249,14 +266,16 @@ def _loads_as_a_job_config(best_uri: str, tmp: Path) -> BoneaugConfig:
     """best.yaml read back the way every job reads --config (runtime.setup)."""
     local = tmp / "best.yaml"
     local.write_bytes(storage.read_bytes(best_uri))
-    args = job_parser("test").parse_args(["--body-part", BODY_PART, "--config", str(local), "--data", str(tmp)])
+    args = job_parser("test").parse_args(["--body-part", BODY_PART, "--config", str(local),
+                                          "--data", str(tmp)])
     config, _, _ = setup(args)
     return config
 
 
 @pytest.fixture
 def sweep_env(prepared: Prepared, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A sweep as a job runs it: the prepared run's MLflow store in the environment, its root as cwd."""
+    """A sweep as a job runs it: the prepared run's MLflow store in the environment, its root as
+    cwd."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", prepared.config.tracking.tracking_uri)
     monkeypatch.chdir(prepared.root)
 
@@ -267,14 +286,16 @@ def test_threshold_sweep_resumes_after_an_interruption_and_writes_a_loadable_bes
 ) -> None:
     candidates = _stand_in_candidates(prepared.run, str(tmp_path / "augmented"))
     grid = (0.3, 0.8)
-    settings = SweepSettings(kind="threshold", body_part=BODY_PART, space=threshold_space(grid), verbose=0)
+    settings = SweepSettings(kind="threshold", body_part=BODY_PART, space=threshold_space(grid),
+                             verbose=0)
     inputs = {"candidates": candidates, "init_from": None}
     hooks = {"fail_once": {"marker": str(tmp_path / "failed-once"), "when": {"t": 0.8}}}
 
     start = time.perf_counter()
-    with pytest.raises(SweepIncomplete, match="1 of 2 trials"):  # the t = 0.8 trial fails: interrupted
-        run_sweep(prepared.config, settings, data_uri=prepared.data, run_uri=prepared.run, inputs=inputs,
-                  test_hooks=hooks)
+    # the t = 0.8 trial fails: interrupted
+    with pytest.raises(SweepIncomplete, match="1 of 2 trials"):
+        run_sweep(prepared.config, settings, data_uri=prepared.data, run_uri=prepared.run,
+                  inputs=inputs, test_hooks=hooks)
     first = time.perf_counter() - start
     sweep_dirs = list((Path(prepared.run) / "tune").glob("threshold-*"))
     assert len(sweep_dirs) == 1
@@ -285,9 +306,10 @@ def test_threshold_sweep_resumes_after_an_interruption_and_writes_a_loadable_bes
     finished_before = manifest.read_bytes()
 
     start = time.perf_counter()
-    result = run_sweep(prepared.config, settings, data_uri=prepared.data, run_uri=prepared.run, inputs=inputs,
-                       test_hooks=hooks)  # the same call again: Tuner.restore
-    print(f"threshold sweep: {first:.0f} s to the failure, {time.perf_counter() - start:.0f} s to resume")
+    result = run_sweep(prepared.config, settings, data_uri=prepared.data, run_uri=prepared.run,
+                       inputs=inputs, test_hooks=hooks)  # the same call again: Tuner.restore
+    print(f"threshold sweep: {first:.0f} s to the failure, "
+          f"{time.perf_counter() - start:.0f} s to resume")
     assert result.resumed and result.sweep_uri == str(sweep_dirs[0])
     assert manifest.read_bytes() == finished_before  # the finished trial was kept, not retrained
     rows = {r["t"]: r for r in result.rows}
@@ -303,11 +325,13 @@ def test_threshold_sweep_resumes_after_an_interruption_and_writes_a_loadable_bes
     assert len(children) == 2  # the resumed trial reused its nested run
     for child in children:
         assert child.info.status == "FINISHED"
-        assert {"val_auc", "best_val_auc", "tune/val_auc", "tune/test_auc", "tune/augmented_samples"} <= set(child.data.metrics)
+        assert {"val_auc", "best_val_auc", "tune/val_auc", "tune/test_auc",
+                "tune/augmented_samples"} <= set(child.data.metrics)
         assert float(child.data.params["tune.t"]) in grid and "drn.lr" in child.data.params
     from mlflow import MlflowClient
 
-    parent_run = MlflowClient(tracking_uri=prepared.config.tracking.tracking_uri).get_run(result.parent_run_id)
+    parent_run = MlflowClient(tracking_uri=prepared.config.tracking.tracking_uri).get_run(
+        result.parent_run_id)
     assert parent_run.info.status == "FINISHED"
     assert parent_run.data.metrics["best/val_auc"] == pytest.approx(rows[best_t]["val_auc"])
 
@@ -320,7 +344,8 @@ def test_threshold_sweep_resumes_after_an_interruption_and_writes_a_loadable_bes
 def test_patch_sweep_remakes_patches_per_trial_and_reports_quality_to_asha(
     prepared: Prepared, tmp_path: Path, sweep_env: None
 ) -> None:
-    settings = SweepSettings(kind="patches", body_part=BODY_PART, space=patches_space((1.0, 2.0), (2, 3)),
+    settings = SweepSettings(kind="patches", body_part=BODY_PART,
+                             space=patches_space((1.0, 2.0), (2, 3)),
                              search="random", scheduler="asha", asha_grace=1, verbose=0)
     start = time.perf_counter()
     before = _training_actors()
@@ -328,15 +353,20 @@ def test_patch_sweep_remakes_patches_per_trial_and_reports_quality_to_asha(
                        inputs=prepared.inputs, critic=CRITIC)
     print(f"patch sweep: {time.perf_counter() - start:.0f} s")
     _assert_no_training_left(before)
-    assert sorted(r["s"] for r in result.rows) == [1.0, 2.0] and all(r["n"] in (2, 3) for r in result.rows)
+    assert (sorted(r["s"] for r in result.rows) == [1.0, 2.0]
+            and all(r["n"] in (2, 3) for r in result.rows))
     assert any(r["status"] == "done" for r in result.rows)
     for row in result.rows:
-        made = storage.read_manifest(storage.join(result.sweep_uri, "trials", row["trial_id"], "patches"))
-        assert made is not None and made["settings"]["s"] == row["s"] and made["settings"]["n"] == row["n"]
+        made = storage.read_manifest(storage.join(result.sweep_uri, "trials", row["trial_id"],
+                                                  "patches"))
+        assert (made is not None and made["settings"]["s"] == row["s"]
+                and made["settings"]["n"] == row["n"])
         assert math.isfinite(row["objective"]) and 0 <= row["frac_translated"] <= 1
         reported = [json.loads(line) for line in
-                    (Path(result.sweep_uri) / row["trial_id"] / "result.json").read_text().splitlines()]
-        assert [r["iteration"] for r in reported][: 1 + (row["status"] == "done")] == [1, 2][: 1 + (row["status"] == "done")]
+                    (Path(result.sweep_uri) / row["trial_id"] / "result.json")
+                    .read_text().splitlines()]
+        assert ([r["iteration"] for r in reported][: 1 + (row["status"] == "done")]
+                == [1, 2][: 1 + (row["status"] == "done")])
     children = _children(result.parent_run_id, prepared.config)
     assert len(children) == 2
     _assert_statuses(children, result.rows)
@@ -344,7 +374,8 @@ def test_patch_sweep_remakes_patches_per_trial_and_reports_quality_to_asha(
         assert "quality/frac_translated" in child.data.metrics and "tune.s" in child.data.params
     best = result.best
     loaded = _loads_as_a_job_config(result.best_config_uri, tmp_path)
-    assert (loaded.patches.body_parts[BODY_PART].s, loaded.patches.body_parts[BODY_PART].n) == (best["s"], best["n"])
+    assert ((loaded.patches.body_parts[BODY_PART].s, loaded.patches.body_parts[BODY_PART].n)
+            == (best["s"], best["n"]))
 
 
 @pytest.mark.slow
@@ -352,8 +383,8 @@ def test_unit_sweep_samples_loss_weights_with_optuna_and_writes_them_to_best_yam
     prepared: Prepared, tmp_path: Path, sweep_env: None
 ) -> None:
     space = unit_space(prepared.config.unit, factor=10.0, lr_factor=10.0)
-    settings = SweepSettings(kind="unit", body_part=BODY_PART, space=space, num_samples=2, search="optuna",
-                             scheduler="asha", asha_grace=1, seed=3, verbose=0)
+    settings = SweepSettings(kind="unit", body_part=BODY_PART, space=space, num_samples=2,
+                             search="optuna", scheduler="asha", asha_grace=1, seed=3, verbose=0)
     start = time.perf_counter()
     before = _training_actors()
     result = run_sweep(prepared.config, settings, data_uri=prepared.data, run_uri=prepared.run,
@@ -368,7 +399,8 @@ def test_unit_sweep_samples_loss_weights_with_optuna_and_writes_them_to_best_yam
         assert math.isfinite(row["objective"])
     assert result.rows[0]["lambda_gan"] != result.rows[1]["lambda_gan"]  # two different draws
     children = _children(result.parent_run_id, prepared.config)
-    assert {c.data.tags["boneaug.trial_id"] for c in children} == {r["trial_id"] for r in result.rows}
+    assert ({c.data.tags["boneaug.trial_id"] for c in children}
+            == {r["trial_id"] for r in result.rows})
     _assert_statuses(children, result.rows)
     for child in children:
         assert "quality/gain" in child.data.metrics and "unit.lambda_gan" in child.data.params

@@ -40,7 +40,8 @@ def alpha_mask(height: int, width: int | None = None, *, n: float) -> np.ndarray
 def blend_patch(original: np.ndarray, translated: np.ndarray, *, n: float) -> np.ndarray:
     """Blend two same-shape (h, w) patches with the alpha mask."""
     if original.shape != translated.shape:
-        raise ValueError(f"patch shapes differ: original {original.shape}, translated {translated.shape}")
+        raise ValueError(f"patch shapes differ: original {original.shape}, "
+                         f"translated {translated.shape}")
     alpha = alpha_mask(*original.shape, n=n)
     return (alpha * translated + (1.0 - alpha) * original).astype(np.float32)
 
@@ -49,11 +50,13 @@ def resize(patch: np.ndarray, height: int, width: int) -> np.ndarray:
     """(h, w) float32 -> (height, width), bilinear (antialiased when shrinking)."""
     tensor = torch.from_numpy(np.ascontiguousarray(patch, dtype=np.float32))[None, None]
     shrink = height < patch.shape[0] or width < patch.shape[1]
-    out = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False, antialias=shrink)
+    out = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False,
+                        antialias=shrink)
     return out[0, 0].numpy()
 
 
-def paste_blended(image: np.ndarray, translated: np.ndarray, crop: Sequence[int], *, n: float) -> np.ndarray:
+def paste_blended(image: np.ndarray, translated: np.ndarray, crop: Sequence[int], *,
+                  n: float) -> np.ndarray:
     """A copy of `image` (H, W) with `translated` (S, S) resized to `crop` and alpha-blended there.
 
     Pixels outside the crop box are the original ones, bit for bit.
@@ -64,5 +67,6 @@ def paste_blended(image: np.ndarray, translated: np.ndarray, crop: Sequence[int]
         raise ValueError(f"crop {list(crop)} is empty or outside the {height}x{width} image")
     out = image.copy()
     region = image[y0:y1, x0:x1].astype(np.float32)
-    out[y0:y1, x0:x1] = np.clip(blend_patch(region, resize(translated, y1 - y0, x1 - x0), n=n), 0.0, 1.0)
+    out[y0:y1, x0:x1] = np.clip(blend_patch(region, resize(translated, y1 - y0, x1 - x0), n=n),
+                                0.0, 1.0)
     return out

@@ -1,4 +1,5 @@
-"""The augmentation pipeline (paper 3.3-3.4) as Ray Data: source patches -> translate -> blend -> score.
+"""The augmentation pipeline (paper 3.3-3.4) as Ray Data:
+source patches -> translate -> blend -> score.
 
     patches/source/*.parquet
       -> Translate (actor pool; GPU actors when the cluster has GPUs): x_h -> x_h->l
@@ -80,13 +81,15 @@ class Translate:
         from boneaug.augment.translate import translate_patches
 
         out = translate_patches(self.model, _images(batch), device=self.device)  # (B, 1, S, S)
-        return batch.append_column("translated", pa.array([encode_pixels(x[0]) for x in out], pa.binary()))
+        return batch.append_column("translated", pa.array([encode_pixels(x[0]) for x in out],
+                                                          pa.binary()))
 
 
 class Blend:
     """Task: paste each translation into its full-resolution source image; fit to the classifier."""
 
-    def __init__(self, data_uri: str, sources: dict[str, dict[str, Any]], image: ImageConfig, n: float) -> None:
+    def __init__(self, data_uri: str, sources: dict[str, dict[str, Any]], image: ImageConfig,
+                 n: float) -> None:
         self.data_uri = data_uri
         self.sources = sources
         self.target = (image.height, image.width)
@@ -115,7 +118,8 @@ class Blend:
                 "patient_id": source["patient_id"], "confounders": [], "crop": crop,
                 "boxes": [list(map_box(crop, scale, pad_x, pad_y, size=self.target))],
                 "height": self.target[0], "width": self.target[1],
-                "pixels": encode_pixels(fitted), "translated": bytes(batch["translated"][i]), "n": self.n,
+                "pixels": encode_pixels(fitted), "translated": bytes(batch["translated"][i]),
+                "n": self.n,
             })
         return pa.Table.from_pylist(rows, schema=BLENDED_SCHEMA)
 
@@ -156,8 +160,9 @@ class AugmentSummary:
 
     def __str__(self) -> str:
         q = ", ".join(f"{k}={v:.3f}" for k, v in self.score_quantiles.items())
-        return (f"augment {self.candidates_uri}\n  {self.blended} blended from {self.sources} source patches"
-                f" with {self.unit}, scored by {self.scorer}\n  scores: {q}\n  {self.seconds:.1f} s")
+        return (f"augment {self.candidates_uri}\n  {self.blended} blended from {self.sources} "
+                f"source patches with {self.unit}, scored by {self.scorer}\n  scores: {q}\n  "
+                f"{self.seconds:.1f} s")
 
 
 def blend_and_score(
@@ -172,14 +177,16 @@ def blend_and_score(
     tracking: TrackingConfig | None = None,
     max_sources: int | None = None,
 ) -> AugmentSummary:
-    """Translate, blend and score every source patch of `run_uri`; write candidates under `out_uri`."""
+    """Translate, blend and score every source patch of `run_uri`; write candidates under
+    `out_uri`."""
     import ray
 
     start = time.perf_counter()
     unit, scorer = ModelRef.resolve(unit_uri), ModelRef.resolve(scorer_uri)
     source_uri = storage.join(run_uri, "patches", "source")
     if storage.read_manifest(storage.join(run_uri, "patches")) is None:
-        raise DataError(f"{run_uri}/patches has no manifest: make the patch sets first (jobs/make_patches.py)")
+        raise DataError(f"{run_uri}/patches has no manifest: "
+                        "make the patch sets first (jobs/make_patches.py)")
     images = storage.read_parquet(storage.join(run_uri, "images"),
                                   columns=["image_id", "key", "patient_id", "sop_uid", "study_uid"])
     sources = {r["image_id"]: r for r in images.to_pylist()}
@@ -192,12 +199,15 @@ def blend_and_score(
     if max_sources is not None:
         ds = ds.limit(max_sources)
     gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    actors = ray.data.ActorPoolStrategy(min_size=1, max_size=2 if gpus == 0 else int(ray.cluster_resources()["GPU"]))
-    ds = ds.map_batches(Translate, fn_constructor_kwargs={"model_uri": unit.uri, "tracking": tracking, "num_gpus": gpus},
+    actors = ray.data.ActorPoolStrategy(
+        min_size=1, max_size=2 if gpus == 0 else int(ray.cluster_resources()["GPU"]))
+    ds = ds.map_batches(Translate, fn_constructor_kwargs={"model_uri": unit.uri,
+                                                          "tracking": tracking, "num_gpus": gpus},
                         batch_size=32, batch_format="pyarrow", compute=actors, num_gpus=gpus,
                         num_cpus=0.5 if gpus == 0 else 1)
     ds = ds.map_batches(Blend(data_uri, sources, image, n), batch_size=4, batch_format="pyarrow")
-    ds = ds.map_batches(Score, fn_constructor_kwargs={"model_uri": scorer.uri, "tracking": tracking, "num_gpus": gpus},
+    ds = ds.map_batches(Score, fn_constructor_kwargs={"model_uri": scorer.uri,
+                                                      "tracking": tracking, "num_gpus": gpus},
                         batch_size=16, batch_format="pyarrow", compute=actors, num_gpus=gpus,
                         num_cpus=0.5 if gpus == 0 else 1)
     ds = ds.map_batches(_with_models(unit, scorer), batch_format="pyarrow")
@@ -210,11 +220,12 @@ def blend_and_score(
     summary = AugmentSummary(
         candidates_uri=candidates_uri, sources=len(scores), blended=len(scores),
         unit=f"{unit.name} v{unit.version}", scorer=f"{scorer.name} v{scorer.version}",
-        score_quantiles={f"q{int(q * 100)}": float(np.quantile(scores, q)) for q in (0.1, 0.5, 0.9)},
+        score_quantiles={f"q{int(q * 100)}": float(np.quantile(scores, q))
+                         for q in (0.1, 0.5, 0.9)},
         seconds=time.perf_counter() - start,
     )
-    storage.publish_manifest(out_uri, {"stage": "augment", "unit": asdict(unit), "scorer": asdict(scorer),
-                                       "n": n, **asdict(summary)})
+    storage.publish_manifest(out_uri, {"stage": "augment", "unit": asdict(unit),
+                                       "scorer": asdict(scorer), "n": n, **asdict(summary)})
     return summary
 
 
@@ -240,18 +251,21 @@ def select_augmented(candidates_uri: str, t: float) -> pa.Table:
 def write_derived_dicoms(
     *, data_uri: str, run_uri: str, selected: pa.Table, out_uri: str, t: float
 ) -> list[str]:
-    """One derived DICOM per kept image (full resolution, blended), with provenance; returns URIs."""
+    """One derived DICOM per kept image (full resolution, blended), with provenance; returns
+    URIs."""
     from boneaug.augment.blend import paste_blended
     from boneaug.io.dicom import decode_xray, encode_derived
 
     images = storage.read_parquet(storage.join(run_uri, "images"), columns=["image_id", "key"])
-    keys = dict(zip(images.column("image_id").to_pylist(), images.column("key").to_pylist(), strict=True))
+    keys = dict(zip(images.column("image_id").to_pylist(), images.column("key").to_pylist(),
+                    strict=True))
     written = []
     for row in selected.to_pylist():
         uri = storage.join(data_uri, keys[row["source_image_id"]])
         source = decode_xray(storage.read_bytes(uri), path=uri)
         size = int(np.sqrt(len(row["translated"]) // 2))
-        blended = paste_blended(source.pixels, decode_pixels(row["translated"], size, size), row["crop"], n=row["n"])
+        blended = paste_blended(source.pixels, decode_pixels(row["translated"], size, size),
+                                row["crop"], n=row["n"])
         data = encode_derived(
             blended, source=source, creator="boneaug", model_name=row["unit_model"],
             model_version=row["unit_version"],

@@ -1,4 +1,5 @@
-"""How pixel arrays travel in Parquet: raw little-endian uint16, row-major, with height/width columns.
+"""How pixel arrays travel in Parquet: raw little-endian uint16, row-major, with height/width
+columns.
 
 Images and patches are float32 in [0, 1] in memory; on disk they are quantised to 16 bits (more
 than the 12-bit detectors they come from), which halves the bytes of float32 and keeps Parquet

@@ -34,7 +34,8 @@ def image_table(run_uri: str, *, task: str = "lesion", classification: bool = Tr
     """The finished image shards of a run (confounder images dropped when `classification`)."""
     images_uri = storage.join(run_uri, "images")
     if storage.read_manifest(images_uri) is None:
-        raise DataError(f"{images_uri} has no manifest: ingestion did not finish (run jobs/ingest.py)")
+        raise DataError(f"{images_uri} has no manifest: "
+                        "ingestion did not finish (run jobs/ingest.py)")
     table = storage.read_parquet(images_uri, columns=[*TRAIN_COLUMNS, "confounders"])
     table = table.filter(pc.equal(table.column("task"), task))
     if classification:

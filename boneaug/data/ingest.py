@@ -53,12 +53,14 @@ REJECT_COLUMNS = ["path", "reason", "message"]
 
 def load_annotations(data_uri: str) -> pa.Table:
     """<data_uri>/annotations.parquet, checked for the columns ingestion relies on."""
-    uri = data_uri if data_uri.endswith(".parquet") else storage.join(data_uri, "annotations.parquet")
+    uri = (data_uri if data_uri.endswith(".parquet")
+           else storage.join(data_uri, "annotations.parquet"))
     table = storage.read_parquet(uri)
     missing = [c for c in ANNOTATION_COLUMNS if c not in table.column_names]
     if missing:
         raise DataError(
-            f"{uri} lacks column(s) {missing}; an annotation table needs {list(ANNOTATION_COLUMNS)} "
+            f"{uri} lacks column(s) {missing}; "
+            f"an annotation table needs {list(ANNOTATION_COLUMNS)} "
             "(see README, 'Bring your own data')"
         )
     keys = table.column("key").to_pylist()
@@ -83,7 +85,8 @@ class DecodeBatch:
         self.descriptor_rows = descriptor_rows
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        return pa.Table.from_pylist([self.read_one(str(uri)) for uri in batch["uri"]], schema=IMAGE_SCHEMA)
+        return pa.Table.from_pylist([self.read_one(str(uri)) for uri in batch["uri"]],
+                                    schema=IMAGE_SCHEMA)
 
     def read_one(self, uri: str) -> dict[str, Any]:
         """Read one object, then `one`; a read failure is a reject (`unreadable`)."""
@@ -92,7 +95,8 @@ class DecodeBatch:
             data = storage.read_bytes(uri)
         except StorageError as exc:
             key = path[len(self.root_path) + 1:] if path.startswith(self.root_path + "/") else path
-            return {"path": path, "key": key, "ok": False, "reason": "unreadable", "message": str(exc)}
+            return {"path": path, "key": key, "ok": False, "reason": "unreadable",
+                    "message": str(exc)}
         return self.one(data, path)
 
     def one(self, data: bytes, path: str) -> dict[str, Any]:
@@ -112,28 +116,33 @@ class DecodeBatch:
                 return row | {"reason": image.reason, "message": image.message}
             hw = self.target
             stored_boxes = [list(map(int, b)) for b in (ann.get("boxes") or [])]
-            bad = [b for b in stored_boxes if not (0 <= b[0] < b[2] <= image.columns and 0 <= b[1] < b[3] <= image.rows)]
+            bad = [b for b in stored_boxes
+                   if not (0 <= b[0] < b[2] <= image.columns and 0 <= b[1] < b[3] <= image.rows)]
             if bad:
                 return row | {"reason": "bad_annotation",
-                              "message": f"{path}: box {bad[0]} lies outside the {image.rows}x{image.columns} image"}
+                              "message": f"{path}: box {bad[0]} lies outside the "
+                                         f"{image.rows}x{image.columns} image"}
             return row | {
                 "ok": True,
                 "task": ann.get("task") or "lesion",
                 "split": ann["split"], "label": int(ann["label"]),
                 "fracture": int(ann.get("fracture") or 0), "patient_id": str(ann["patient_id"]),
                 "confounders": list(ann.get("confounders") or []), "view": ann.get("view"),
-                "boxes": [list(map_box(b, image.scale, image.pad_x, image.pad_y, size=hw)) for b in stored_boxes],
+                "boxes": [list(map_box(b, image.scale, image.pad_x, image.pad_y, size=hw))
+                          for b in stored_boxes],
                 "stored_boxes": stored_boxes,
                 "height": hw[0], "width": hw[1],
                 "stored_rows": image.rows, "stored_columns": image.columns,
                 "scale": image.scale, "pad_x": image.pad_x, "pad_y": image.pad_y,
-                "photometric": image.photometric, "sop_uid": image.sop_uid, "study_uid": image.study_uid,
+                "photometric": image.photometric, "sop_uid": image.sop_uid,
+                "study_uid": image.study_uid,
                 "descriptor": descriptor(image.pixels, self.descriptor_rows).tolist(),
                 "pixels": encode_pixels(image.pixels),
             }
         except Exception as exc:  # noqa: BLE001 - one bad object must never sink the batch
             log.exception("unexpected failure decoding %s", path)
-            return row | {"reason": "internal_error", "message": f"{path}: {type(exc).__name__}: {exc}"}
+            return row | {"reason": "internal_error",
+                          "message": f"{path}: {type(exc).__name__}: {exc}"}
 
 
 def _only(ok: bool):  # noqa: ANN202 - a Ray Data batch filter
@@ -159,7 +168,8 @@ class IngestSummary:
         self.images_per_s = self.listed / self.seconds if self.seconds > 0 else 0.0
 
     def __str__(self) -> str:
-        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.rejected_by_reason.items())) or "none"
+        reasons = (", ".join(f"{k}={v}" for k, v in sorted(self.rejected_by_reason.items()))
+                   or "none")
         splits = ", ".join(f"{k}={v}" for k, v in sorted(self.by_split_label.items()))
         return (
             f"ingest {self.run_uri}\n"
@@ -179,7 +189,8 @@ def ingest(
     dicom_prefix: str | None = None,
     body_part: str | None = None,
 ) -> IngestSummary:
-    """Decode every DICOM object under `dicom_prefix` (default <data>/dicom/<body_part>) to shards."""
+    """Decode every DICOM object under `dicom_prefix` (default <data>/dicom/<body_part>) to
+    shards."""
     import ray
 
     start = time.perf_counter()
@@ -189,31 +200,37 @@ def ingest(
         dicom_prefix = storage.join(data_uri, "dicom", body_part)
     table = load_annotations(data_uri)
     annotations = {row["key"]: row for row in table.to_pylist()}
-    files = [f for f in storage.list_files(dicom_prefix) if not f.rsplit("/", 1)[-1].startswith(".")]
+    files = [f for f in storage.list_files(dicom_prefix)
+             if not f.rsplit("/", 1)[-1].startswith(".")]
     if not files:
-        raise DataError(f"no objects under {dicom_prefix}: check the URI (and S3 endpoint/credentials)")
+        raise DataError(f"no objects under {dicom_prefix}: "
+                        "check the URI (and S3 endpoint/credentials)")
     images_uri = storage.join(run_uri, "images")
     storage.remove(storage.join(images_uri, storage.MANIFEST))  # the old run is no longer complete
     storage.remove(images_uri)
     storage.remove(storage.join(run_uri, "rejects.parquet"))
 
     root_path = storage.filesystem(data_uri)[1]
-    ds = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=max(1, min(len(files) // 8, 200)))
+    ds = ray.data.from_items([{"uri": f} for f in files],
+                             override_num_blocks=max(1, min(len(files) // 8, 200)))
     decode = DecodeBatch(annotations, root_path, image, descriptor_rows)  # an instance: plain tasks
     decoded = ds.map_batches(decode, batch_size=8, batch_format="numpy").materialize()
 
-    good = decoded.map_batches(_only(True), batch_format="pyarrow").drop_columns(["ok", "reason", "message"])
+    good = decoded.map_batches(_only(True), batch_format="pyarrow").drop_columns(
+        ["ok", "reason", "message"])
     bad = decoded.map_batches(_only(False), batch_format="pyarrow").select_columns(REJECT_COLUMNS)
     out_fs, out_path = storage.pyarrow_filesystem(images_uri)
     good.write_parquet(out_path, filesystem=out_fs)
-    rejects = pa.Table.from_pylist(bad.take_all(), schema=pa.schema([(c, pa.string()) for c in REJECT_COLUMNS]))
+    rejects = pa.Table.from_pylist(bad.take_all(),
+                                   schema=pa.schema([(c, pa.string()) for c in REJECT_COLUMNS]))
     storage.write_parquet(storage.join(run_uri, "rejects.parquet"), rejects)
 
     meta = good.select_columns(["split", "label", "confounders"]).to_pandas()
     summary = IngestSummary(
         run_uri=run_uri, listed=len(files), written=len(meta), rejected=rejects.num_rows,
         rejected_by_reason=dict(Counter(rejects.column("reason").to_pylist())),
-        by_split_label={f"{k[0]}:{k[1]}": int(v) for k, v in meta.groupby(["split", "label"]).size().items()},
+        by_split_label={f"{k[0]}:{k[1]}": int(v)
+                        for k, v in meta.groupby(["split", "label"]).size().items()},
         confounded=int(sum(len(c) > 0 for c in meta["confounders"])),
         seconds=time.perf_counter() - start,
     )

@@ -45,7 +45,8 @@ def read_image_meta(run_uri: str, split: str = "train") -> list[ImageMeta]:
     """Planning metadata of one split from a finished ingestion."""
     images_uri = storage.join(run_uri, "images")
     if storage.read_manifest(images_uri) is None:
-        raise DataError(f"{images_uri} has no manifest: ingestion did not finish; run jobs/ingest.py first")
+        raise DataError(f"{images_uri} has no manifest: ingestion did not finish; "
+                        "run jobs/ingest.py first")
     table = storage.read_parquet(images_uri, columns=META_COLUMNS)
     table = table.filter(pc.equal(table.column("split"), split))
     return [
@@ -53,7 +54,8 @@ def read_image_meta(run_uri: str, split: str = "train") -> list[ImageMeta]:
             image_id=r["image_id"], key=r["key"], label=int(r["label"]),
             boxes=tuple(tuple(b) for b in (r["stored_boxes"] or [])),
             confounded=bool(r["confounders"]),
-            placement=Placement(r["stored_rows"], r["stored_columns"], r["scale"], r["pad_x"], r["pad_y"]),
+            placement=Placement(r["stored_rows"], r["stored_columns"], r["scale"], r["pad_x"],
+                                r["pad_y"]),
             descriptor=np.asarray(r["descriptor"], dtype=np.float32),
         )
         for r in table.to_pylist()
@@ -117,7 +119,8 @@ class PatchSummary:
         return (
             f"patches {self.run_uri}\n"
             f"  train images {self.images}: {self.lesion_images} with lesions, "
-            f"{self.translation_negatives} negatives for translation, {self.source_images} sources\n"
+            f"{self.translation_negatives} negatives for translation, "
+            f"{self.source_images} sources\n"
             f"  cut {self.candidates}, dropped (mean < threshold) {self.dropped_low_intensity}\n"
             f"  written {self.written}\n"
             f"  {self.seconds:.1f} s, {self.patches_per_s:.1f} patches/s"
@@ -141,7 +144,8 @@ def make_patch_sets(
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
     images = read_image_meta(run_uri)
-    plan = plan_patches(images, s=settings.s, n=settings.n, target_per_class=settings.translation_patches,
+    plan = plan_patches(images, s=settings.s, n=settings.n,
+                        target_per_class=settings.translation_patches,
                         rng=rng, max_source_images=max_source_images)
     patches_uri = storage.join(run_uri, "patches")
     storage.remove(storage.join(patches_uri, storage.MANIFEST))
@@ -151,20 +155,25 @@ def make_patch_sets(
     for task in (*plan.lesion, *plan.normal, *plan.source):
         by_key[task.key].append(_task_row(task))
     groups = [{"key": k, "tasks": v} for k, v in sorted(by_key.items())]
-    cut = ray.data.from_items(groups, override_num_blocks=max(1, min(len(groups) // 4, 200))).map_batches(
+    cut = ray.data.from_items(
+        groups, override_num_blocks=max(1, min(len(groups) // 4, 200))
+    ).map_batches(
         CutBatch(data_uri, body_part, size), batch_size=4, batch_format="numpy"
     ).materialize()
 
     meta = cut.select_columns(["patch_id", "kind", "mean"]).to_pandas()
     ids = {kind: meta.loc[meta["kind"] == kind, ["patch_id", "mean"]] for kind in KINDS}
-    clean = {k: ids[k].loc[ids[k]["mean"] >= min_mean_intensity, "patch_id"].tolist() for k in ("normal", "source")}
+    clean = {k: ids[k].loc[ids[k]["mean"] >= min_mean_intensity, "patch_id"].tolist()
+             for k in ("normal", "source")}
     lesion_ids, normal_ids = balance(ids["lesion"]["patch_id"].tolist(), clean["normal"], rng)
     keep = {"lesion": set(lesion_ids), "normal": set(normal_ids), "source": set(clean["source"])}
 
     out_fs, _ = storage.pyarrow_filesystem(patches_uri)
     for kind in KINDS:
-        subset = cut.map_batches(_keep_ids(sorted(keep[kind])), batch_format="pyarrow").drop_columns(["mean"])
-        subset.write_parquet(storage.filesystem(storage.join(patches_uri, kind))[1], filesystem=out_fs)
+        subset = cut.map_batches(_keep_ids(sorted(keep[kind])),
+                                 batch_format="pyarrow").drop_columns(["mean"])
+        subset.write_parquet(storage.filesystem(storage.join(patches_uri, kind))[1],
+                             filesystem=out_fs)
 
     summary = PatchSummary(
         run_uri=run_uri, images=len(images),
@@ -177,13 +186,16 @@ def make_patch_sets(
         seconds=time.perf_counter() - start,
     )
     storage.publish_manifest(patches_uri, {"stage": "patches", "body_part": body_part, "seed": seed,
-                                           "settings": settings.model_dump(), "size": size, **asdict(summary)})
+                                           "settings": settings.model_dump(), "size": size,
+                                           **asdict(summary)})
     return summary
 
 
 def load_patch_array(uri: str) -> np.ndarray:
-    """One patch set (e.g. <run>/patches/lesion) -> (N, 1, S, S) float32 in [0, 1], by patch_id."""
-    table = storage.read_parquet(uri, columns=["patch_id", "height", "width", "pixels"]).sort_by("patch_id")
+    """One patch set (e.g. <run>/patches/lesion) -> (N, 1, S, S) float32 in [0, 1], by
+    patch_id."""
+    table = storage.read_parquet(uri, columns=["patch_id", "height", "width",
+                                               "pixels"]).sort_by("patch_id")
     if table.num_rows == 0:
         raise DataError(f"no patches under {uri}")
     rows = table.to_pylist()

@@ -39,7 +39,8 @@ class Placement:
     pad_y: float
 
 
-def square_crop(box: Sequence[int], image_hw: tuple[int, int], s: float, rng: np.random.Generator) -> Box:
+def square_crop(box: Sequence[int], image_hw: tuple[int, int], s: float,
+                rng: np.random.Generator) -> Box:
     """A random square of side s x (larger side of `box`) that contains `box`, inside the image.
 
     Where the image is too small for that side, the side shrinks to the image ("if image size
@@ -101,8 +102,9 @@ def descriptor(image: np.ndarray, rows: int) -> np.ndarray:
     """(H, W) classification image -> centred, unit-norm average-pooled thumbnail (flattened)."""
     height, width = image.shape
     cols = max(1, round(rows * width / height))
-    pooled = F.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None],
-                                   (rows, cols))[0, 0].flatten().numpy()
+    pooled = F.adaptive_avg_pool2d(
+        torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None],
+        (rows, cols))[0, 0].flatten().numpy()
     pooled = pooled - pooled.mean()
     norm = float(np.linalg.norm(pooled))
     return (pooled / norm if norm > 0 else pooled).astype(np.float32)
@@ -206,7 +208,8 @@ def plan_patches(
                 mapped = map_box(box, lesion.placement, neg.placement)
                 crop = square_crop(mapped, (neg.placement.height, neg.placement.width), s, rng)
                 normal_tasks.append(CropTask(f"{neg.image_id}-n-{lesion.image_id}-{b}", "normal",
-                                             neg.image_id, neg.key, crop, s, mapped, lesion.image_id))
+                                             neg.image_id, neg.key, crop, s, mapped,
+                                             lesion.image_id))
 
     sources = [im for im in clean_neg if im.image_id not in used]
     if max_source_images is not None and len(sources) > max_source_images:
@@ -225,7 +228,8 @@ def plan_patches(
     return PatchPlan(lesion_tasks, normal_tasks, source_tasks, frozenset(used))
 
 
-def balance(lesion_ids: Sequence[str], normal_ids: Sequence[str], rng: np.random.Generator) -> tuple[list[str], list[str]]:
+def balance(lesion_ids: Sequence[str], normal_ids: Sequence[str],
+            rng: np.random.Generator) -> tuple[list[str], list[str]]:
     """Class-balanced translation sets: subsample the larger class to the smaller one's size."""
     size = min(len(lesion_ids), len(normal_ids))
 

@@ -10,7 +10,8 @@ from boneaug import storage
 from boneaug.data.arrays import decode_pixels
 
 
-def figure3(*, data_uri: str, run_uri: str, candidates_uri: str, out_png: str, n: int = 3) -> str | None:
+def figure3(*, data_uri: str, run_uri: str, candidates_uri: str, out_png: str,
+            n: int = 3) -> str | None:
     """A grid with, per example, the full original / translated-pasted / blended image and the
     crop box of each, for the `n` highest-scoring blended candidates. Returns `out_png`, or None
     (nothing written) when there are no candidates."""
@@ -24,7 +25,8 @@ def figure3(*, data_uri: str, run_uri: str, candidates_uri: str, out_png: str, n
     from boneaug.io.dicom import decode_xray
 
     candidates = storage.read_parquet(candidates_uri).sort_by([("score", "descending")]).slice(0, n)
-    images = storage.read_parquet(storage.join(run_uri, "images"), columns=["image_id", "key"]).to_pydict()
+    images = storage.read_parquet(storage.join(run_uri, "images"),
+                                  columns=["image_id", "key"]).to_pydict()
     keys = dict(zip(images["image_id"], images["key"], strict=True))
     rows = candidates.to_pylist()
     if not rows:
@@ -41,15 +43,18 @@ def figure3(*, data_uri: str, run_uri: str, candidates_uri: str, out_png: str, n
         blended = paste_blended(original, translated, row["crop"], n=row["n"])
         pad = (x1 - x0) // 2
         zoom = (slice(max(0, y0 - pad), y1 + pad), slice(max(0, x0 - pad), x1 + pad))
-        for c, (title, image) in enumerate((("original", original), ("translated", pasted), ("blended", blended))):
+        for c, (title, image) in enumerate((("original", original), ("translated", pasted),
+                                            ("blended", blended))):
             for k, (view, crop) in enumerate(((image, None), (image[zoom], zoom))):
                 ax = fig.add_subplot(2 * len(rows), 3, (2 * r + k) * 3 + c + 1)
                 ax.imshow(view, cmap="gray", vmin=0, vmax=1)
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if crop is None:
-                    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", lw=0.8))
-                    ax.set_title(f"{title}" + (f"  (score {row['score']:.2f})" if c == 2 else ""), fontsize=8)
+                    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False,
+                                           edgecolor="white", lw=0.8))
+                    ax.set_title(f"{title}" + (f"  (score {row['score']:.2f})" if c == 2 else ""),
+                                 fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

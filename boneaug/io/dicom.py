@@ -83,7 +83,8 @@ PRIVATE_GROUP = 0x0011
 
 @dataclass(frozen=True, eq=False)
 class XrayImage:
-    """A decoded radiograph. `pixels` is (H, W) float32 in [0, 1], 1 = most attenuating (bone bright).
+    """A decoded radiograph. `pixels` is (H, W) float32 in [0, 1], 1 = most attenuating (bone
+    bright).
 
     `rows`/`columns`/`pixel_spacing_mm` describe the STORED image. When it was read with a
     `target`, `pixels` is the fitted (target-size) image and stored coordinates map onto it as
@@ -171,7 +172,8 @@ def decode_xray(
     target: tuple[int, int] | None = None,
     resize_method: Method = "torch",
 ) -> XrayImage:
-    """Like `read_xray`, but raises `DicomError` (with `.reason`) instead of returning a `Rejection`."""
+    """Like `read_xray`, but raises `DicomError` (with `.reason`) instead of returning a
+    `Rejection`."""
     result = read_xray(data, path=path, max_pixels=max_pixels, max_side=max_side, target=target,
                        resize_method=resize_method)
     if isinstance(result, Rejection):
@@ -181,7 +183,8 @@ def decode_xray(
 
 
 def _decode(raw: bytes, *, path: str, max_pixels: int, max_side: int,
-            target: tuple[int, int] | None, resize_method: Method, seen: dict[str, Any]) -> XrayImage:
+            target: tuple[int, int] | None, resize_method: Method,
+            seen: dict[str, Any]) -> XrayImage:
     seen["raw"] = True  # from here on, every exception is about the data
     ds, pixel_pos, has_pixels = _parse_header(raw, path)
     header = _check_header(ds, path, has_pixels=has_pixels, max_pixels=max_pixels,
@@ -212,7 +215,8 @@ def _as_bytes(data: Any, path: str) -> bytes:
         return bytes(data)
     read = getattr(data, "read", None)
     if read is None:
-        raise TypeError(f"read_xray takes bytes or a binary file-like object, got {type(data).__name__}")
+        raise TypeError(f"read_xray takes bytes or a binary file-like object, "
+                        f"got {type(data).__name__}")
     try:
         out = read()
     except OSError as exc:
@@ -234,8 +238,9 @@ def _parse_header(raw: bytes, path: str) -> tuple[Any, int | None, bool]:
 
     has_prefix = len(raw) >= 132 and raw[128:132] == b"DICM"
     if not has_prefix and not _plausible_dataset_start(raw):
-        raise DicomError("not_dicom", f"no DICM prefix at byte 128 and the first {min(len(raw), 8)} "
-                         "bytes are not a DICOM element tag: not a DICOM file", path=path)
+        raise DicomError("not_dicom", f"no DICM prefix at byte 128 and the first "
+                         f"{min(len(raw), 8)} bytes are not a DICOM element tag: not a DICOM file",
+                         path=path)
     fp = io.BytesIO(raw)
     try:
         ds = pydicom.dcmread(fp, stop_before_pixels=True, force=not has_prefix)
@@ -251,9 +256,10 @@ def _parse_header(raw: bytes, path: str) -> tuple[Any, int | None, bool]:
         raise DicomError("bad_header", f"the header cannot be parsed: {type(exc).__name__}: {exc}",
                          path=path) from exc
     pos = fp.tell()
-    if not has_prefix and not any(k in ds for k in _IDENTIFYING) and not _pixel_tag_at(raw, pos, ds):
-        raise DicomError("not_dicom", "no DICM prefix and no SOP Class/Instance, Study, Modality or "
-                         "Rows element: not a DICOM dataset", path=path)
+    if (not has_prefix and not any(k in ds for k in _IDENTIFYING)
+            and not _pixel_tag_at(raw, pos, ds)):
+        raise DicomError("not_dicom", "no DICM prefix and no SOP Class/Instance, Study, Modality "
+                         "or Rows element: not a DICOM dataset", path=path)
     _check_header_complete(ds, raw, has_prefix, path)
     if _transfer_syntax(ds) == _DEFLATED:
         full = pydicom.dcmread(io.BytesIO(raw), force=not has_prefix)
@@ -263,7 +269,8 @@ def _parse_header(raw: bytes, path: str) -> tuple[Any, int | None, bool]:
         return full, None, "PixelData" in full
     tag = _tag_at(raw, pos, ds)
     if tag in _FLOAT_PIXEL_TAGS:
-        raise DicomError("not_image", "float pixel data (parametric map), not a radiograph", path=path)
+        raise DicomError("not_image", "float pixel data (parametric map), not a radiograph",
+                         path=path)
     if tag != _PIXEL_TAG:
         _check_no_partial_tail(ds, raw, path)
     return ds, (pos if tag == _PIXEL_TAG else None), tag == _PIXEL_TAG
@@ -314,7 +321,8 @@ def _check_no_partial_tail(ds: Any, raw: bytes, path: str) -> None:
 
 
 def _meta_end(raw: bytes) -> int | None:
-    """Where the File Meta Information ends, from (0002,0000) right after 'DICM' (None if absent)."""
+    """Where the File Meta Information ends, from (0002,0000) right after 'DICM' (None if
+    absent)."""
     if len(raw) < 144 or raw[132:138] != b"\x02\x00\x00\x00UL":
         return None
     return 144 + int(struct.unpack_from("<I", raw, 140)[0])
@@ -381,7 +389,8 @@ def _check_header(ds: Any, path: str, *, has_pixels: bool, max_pixels: int, max_
                          f"{_uid_name(_text(ds, 'SOPClassUID'))}): not an image{hint}", path=path)
     samples = _int(ds, "SamplesPerPixel", path)
     if (samples or 1) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2", ""):
-        raise DicomError("colour", f"colour pixels (PhotometricInterpretation {photometric or '?'}, "
+        raise DicomError("colour", f"colour pixels "
+                         f"(PhotometricInterpretation {photometric or '?'}, "
                          f"SamplesPerPixel {samples}): boneaug reads single-channel radiographs; "
                          "export the image as MONOCHROME2 or leave it out", path=path)
     frames = _int(ds, "NumberOfFrames", path)
@@ -391,17 +400,19 @@ def _check_header(ds: Any, path: str, *, has_pixels: bool, max_pixels: int, max_
     modality = (_text(ds, "Modality") or "").upper()
     bits_allocated = _int(ds, "BitsAllocated", path)
     if modality in _NON_IMAGE_MODALITIES or bits_allocated == 1:
-        raise DicomError("not_image", f"Modality {modality or '?'} with BitsAllocated {bits_allocated}: "
-                         "pixel data that is not a radiograph", path=path)
-    missing = [k for k, v in (("Rows", rows), ("Columns", columns), ("BitsAllocated", bits_allocated),
+        raise DicomError("not_image", f"Modality {modality or '?'} with BitsAllocated "
+                         f"{bits_allocated}: pixel data that is not a radiograph", path=path)
+    missing = [k for k, v in (("Rows", rows), ("Columns", columns),
+                              ("BitsAllocated", bits_allocated),
                               ("PhotometricInterpretation", photometric)) if not v]
     if missing:
-        raise DicomError("bad_header", f"missing or zero {', '.join(missing)}: the Image Pixel module "
-                         "is incomplete", path=path)
+        raise DicomError("bad_header", f"missing or zero {', '.join(missing)}: "
+                         "the Image Pixel module is incomplete", path=path)
     assert rows is not None and columns is not None and bits_allocated is not None
     if rows > max_side or columns > max_side or rows * columns > max_pixels:
         raise DicomError("absurd_dimensions", f"{rows} x {columns} pixels exceeds the limits "
-                         f"(max_side {max_side}, max_pixels {max_pixels}); raise them if this is real",
+                         f"(max_side {max_side}, max_pixels {max_pixels}); "
+                         "raise them if this is real",
                          path=path)
     bits_stored = _int(ds, "BitsStored", path) or bits_allocated
     high_bit = _int(ds, "HighBit", path)
@@ -412,9 +423,9 @@ def _check_header(ds: Any, path: str, *, has_pixels: bool, max_pixels: int, max_
         raise DicomError("bad_header", f"unsupported bit layout: BitsAllocated {bits_allocated}, "
                          f"BitsStored {bits_stored}, HighBit {high_bit}, PixelRepresentation "
                          f"{representation}", path=path)
-    return _Header(rows=rows, columns=columns, photometric=photometric, bits_allocated=bits_allocated,
-                   bits_stored=bits_stored, high_bit=high_bit, signed=representation == 1,
-                   transfer_syntax=_transfer_syntax(ds))
+    return _Header(rows=rows, columns=columns, photometric=photometric,
+                   bits_allocated=bits_allocated, bits_stored=bits_stored, high_bit=high_bit,
+                   signed=representation == 1, transfer_syntax=_transfer_syntax(ds))
 
 
 def _int(ds: Any, keyword: str, path: str) -> int | None:
@@ -427,7 +438,8 @@ def _int(ds: Any, keyword: str, path: str) -> int | None:
     try:
         return int(value)
     except (TypeError, ValueError) as exc:
-        raise DicomError("bad_header", f"{keyword} is {value!r}, not an integer", path=path) from exc
+        raise DicomError("bad_header", f"{keyword} is {value!r}, not an integer",
+                         path=path) from exc
 
 
 def _text(ds: Any, keyword: str) -> str | None:
@@ -466,7 +478,8 @@ def _pixel_spacing(ds: Any) -> tuple[float, float] | None:
 # ---- pixels
 
 
-def _stored_pixels(raw: bytes, ds: Any, pixel_pos: int | None, header: _Header, path: str) -> np.ndarray:
+def _stored_pixels(raw: bytes, ds: Any, pixel_pos: int | None, header: _Header,
+                   path: str) -> np.ndarray:
     """(rows, columns) stored values: a zero-copy view for native little endian, else pydicom."""
     ts = header.transfer_syntax
     if (pixel_pos is not None and ts in (_IMPLICIT_LE, _EXPLICIT_LE)
@@ -482,7 +495,8 @@ def _native_view(raw: bytes, pos: int, header: _Header, path: str) -> np.ndarray
     length = struct.unpack_from("<I", raw, pos + size - 4)[0] if pos + size <= len(raw) else None
     value_pos = pos + size
     if length is None:
-        raise DicomError("truncated", "the file ends inside the Pixel Data element header", path=path)
+        raise DicomError("truncated", "the file ends inside the Pixel Data element header",
+                         path=path)
     if length == 0xFFFFFFFF:
         raise DicomError("bad_header", f"Pixel Data has undefined length (encapsulated) but the "
                          f"transfer syntax is {_uid_name(header.transfer_syntax)}", path=path)
@@ -526,7 +540,8 @@ def _decode_with_pydicom(raw: bytes, ds_header: Any, header: _Header, path: str)
                          f"{name} ({ts})", path=path) from exc
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies) or "a plugin"
-        raise DicomError("unsupported_compression", f"transfer syntax {name} ({ts}) needs {missing}, "
+        raise DicomError("unsupported_compression",
+                         f"transfer syntax {name} ({ts}) needs {missing}, "
                          "which is not installed (pip install pylibjpeg pylibjpeg-libjpeg "
                          "pylibjpeg-openjpeg pylibjpeg-rle)", path=path)
     has_prefix = len(raw) >= 132 and raw[128:132] == b"DICM"
@@ -557,8 +572,8 @@ def _decode_with_pydicom(raw: bytes, ds_header: Any, header: _Header, path: str)
                          f"{', '.join(decoder.available_plugins) or 'pydicom'}: {detail}",
                          path=path) from exc
     if arr.shape != (header.rows, header.columns):
-        raise DicomError("decode_error", f"decoded {name} pixels have shape {arr.shape}, the header "
-                         f"says {(header.rows, header.columns)}", path=path)
+        raise DicomError("decode_error", f"decoded {name} pixels have shape {arr.shape}, "
+                         f"the header says {(header.rows, header.columns)}", path=path)
     return arr  # (rows, cols)
 
 
@@ -599,7 +614,8 @@ def normalise(stored: np.ndarray, ds: Any) -> np.ndarray:
     lo, hi = _value_range(values, ds)  # stored-value range, padding excluded
     if hi <= lo:
         return np.zeros(stored.shape, dtype=np.float32)
-    if slope >= 0:  # min-max of the modality values: (v*slope + b - (lo*slope + b)) / ((hi-lo)*slope)
+    # min-max of the modality values: (v*slope + b - (lo*slope + b)) / ((hi-lo)*slope)
+    if slope >= 0:
         return _affine_clip(values, 1.0 / (hi - lo), -lo / (hi - lo), invert)
     return _affine_clip(values, -1.0 / (hi - lo), hi / (hi - lo), invert)
 
@@ -699,7 +715,8 @@ def encode_derived(
     instance_number: int = 1,
     created: datetime | None = None,
 ) -> bytes:
-    """A derived radiograph as DICOM bytes (Secondary Capture, DERIVED\\SECONDARY, 12-bit MONOCHROME2).
+    """A derived radiograph as DICOM bytes (Secondary Capture, DERIVED\\SECONDARY, 12-bit
+    MONOCHROME2).
 
     pixels: (H, W) float in [0, 1], bone bright. `source` (or the explicit `study_uid`,
     `patient_id`, `source_sop_uid`, `source_sop_class_uid`, which win over it) places the image in
@@ -748,7 +765,8 @@ def encode_derived(
     ds.ReferringPhysicianName = ""
     ds.SeriesDescription = f"{creator} derived ({model})"[:64]
     ds.ManufacturerModelName = (model_name or creator)[:64]
-    ds.SoftwareVersions = [f"boneaug {version}"[:64]] + ([model_version[:64]] if model_version else [])
+    ds.SoftwareVersions = ([f"boneaug {version}"[:64]]
+                           + ([model_version[:64]] if model_version else []))
     ds.DerivationDescription = f"{creator}: {description}; model {model}"[:1024]
     if ref_sop:
         ref = Dataset()
@@ -838,11 +856,13 @@ def _provenance_json(provenance: Mapping[str, str | float]) -> str:
         elif isinstance(value, str):
             clean[key] = value
         else:
-            raise ValueError(f"provenance {key!r} has a {type(value).__name__}; use str, int or float")
+            raise ValueError(f"provenance {key!r} has a {type(value).__name__}; "
+                             "use str, int or float")
     return json.dumps(clean, sort_keys=True, allow_nan=False)
 
 
-def _derived_spacing(source: XrayImage | None, rows: int, columns: int) -> tuple[float, float] | None:
+def _derived_spacing(source: XrayImage | None, rows: int,
+                     columns: int) -> tuple[float, float] | None:
     if source is None or source.pixel_spacing_mm is None:
         return None
     row_mm, col_mm = source.pixel_spacing_mm
@@ -901,7 +921,8 @@ def check_uris(uris: Sequence[str], *, endpoint_url: str | None = None,
             result = read_xray(data, path=path, max_pixels=max_pixels, max_side=max_side)
             if isinstance(result, Rejection):
                 yield _record(path, ok=False, reason=result.reason, message=result.message,
-                              rows=result.rows, columns=result.columns, photometric=result.photometric)
+                              rows=result.rows, columns=result.columns,
+                              photometric=result.photometric)
             else:
                 yield _record(path, ok=True, reason=None, message=None, rows=result.rows,
                               columns=result.columns, photometric=result.photometric)
@@ -918,7 +939,8 @@ def _expand(uri: str, endpoint_url: str | None) -> list[str] | None:
             return None
     except Exception as exc:  # noqa: BLE001 - botocore errors are many
         raise StorageError(f"cannot stat {uri}: {exc}") from exc
-    return [p for p in storage.list_files(uri, endpoint_url=endpoint_url) if _looks_like_dicom_name(p)]
+    return [p for p in storage.list_files(uri, endpoint_url=endpoint_url)
+            if _looks_like_dicom_name(p)]
 
 
 def _looks_like_dicom_name(path: str) -> bool:
@@ -928,7 +950,8 @@ def _looks_like_dicom_name(path: str) -> bool:
     return name.lower().endswith(".dcm") or "." not in name
 
 
-def _record(path: str, *, ok: bool, reason: str | None, message: str | None, rows: int | None = None,
-            columns: int | None = None, photometric: str | None = None) -> dict[str, Any]:
+def _record(path: str, *, ok: bool, reason: str | None, message: str | None,
+            rows: int | None = None, columns: int | None = None,
+            photometric: str | None = None) -> dict[str, Any]:
     return {"path": path, "ok": ok, "reason": reason, "message": message, "rows": rows,
             "columns": columns, "photometric": photometric}

@@ -46,7 +46,8 @@ def fit_scale(size: tuple[int, int], target: tuple[int, int]) -> tuple[float, in
 
 def resample(pixels: np.ndarray, scale: float, out_hw: tuple[int, int], *,
              method: Method = "torch") -> np.ndarray:
-    """(h, w) float32 -> (out_h, out_w) float32, bilinear + antialias, source coordinate = dest / scale."""
+    """(h, w) float32 -> (out_h, out_w) float32, bilinear + antialias,
+    source coordinate = dest / scale."""
     out_h, out_w = out_hw
     src = np.ascontiguousarray(pixels, dtype=np.float32)
     if method == "torch":
@@ -100,7 +101,8 @@ def fit_pad(pixels: np.ndarray, target: tuple[int, int], *, method: Method = "to
 
 def map_box(box: Sequence[float], scale: float, pad_x: int, pad_y: int, *,
             size: tuple[int, int] | None = None) -> Box:
-    """Stored-image box [x0, y0, x1, y1] -> the fitted image's box (the smallest int box enclosing it).
+    """Stored-image box [x0, y0, x1, y1] -> the fitted image's box (the smallest int box
+    enclosing it).
 
     With `size` = (H, W) the result is clipped to the image and kept at least 1 px wide and high.
     """

@@ -335,7 +335,8 @@ def sample_patient(
     body = sample_body(body_part, rng, deformity="deformity" in confounders)
     les = None
     if lesion:
-        les = sample_lesion(body_part, rng, conspicuity=conspicuity, min_conspicuity=min_conspicuity)
+        les = sample_lesion(body_part, rng, conspicuity=conspicuity,
+                            min_conspicuity=min_conspicuity)
         les = _place_lesion(les, build_scene(body_part, body, 0.0).lesion_zones, rng)
         if les.region == "diaphyseal":
             les = _diaphyseal_size(les, body.canal, rng)

@@ -521,8 +521,9 @@ def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
             for key in ("train_loss", "val_auc", "lr"):
                 client.log_metric(loop["mlflow_run_id"], key, float(metrics[key]), step=epoch)
             # a logger, not print: Ray Train's patched print would emit every line twice
-            log.info("[drn] epoch %d/%d: train loss %.4f, val AUC %.3f (best %.3f, epoch %d)", epoch + 1,
-                     loop["epochs"], train_loss, auc, state.best_auc, state.best_epoch + 1)
+            log.info("[drn] epoch %d/%d: train loss %.4f, val AUC %.3f (best %.3f, epoch %d)",
+                     epoch + 1, loop["epochs"], train_loss, auc, state.best_auc,
+                     state.best_epoch + 1)
         _save_checkpoint(net, optimizer, scheduler, state, best, metrics, rank)
         epoch += 1
 
