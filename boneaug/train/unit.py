@@ -484,6 +484,7 @@ def sample_grid(
         tiles = x.detach().float().clamp(0, 1).cpu().numpy()[:, 0]  # (B, S, S)
         padded = np.pad(tiles, ((0, 0), (pad, pad), (pad, pad)), constant_values=1.0)
         rows.append(np.concatenate(list(padded), axis=1))
+    # the healthy and lesion batches may hold different counts: pad the shorter rows with white
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1])), constant_values=1.0) for r in rows]
     grid = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
