@@ -358,3 +358,29 @@ def test_a_cohort_with_fractures_of_a_body_part_still_lacks_that_body_parts_lesi
     lesion_rows = table.filter(pc.not_equal(table.column("task"), "fracture"))
     assert set(lesion_rows.column("body_part").to_pylist()) == {"humerus", "tibia"}
     assert storage.list_files(storage.join(root, "dicom", "tibia"))
+
+
+def test_visibility_is_measured_for_every_lesion_and_the_minimum_redraws_invisible_ones(
+        synth: SynthConfig, cohort, tmp_path: Path) -> None:
+    from boneaug.synth.cohort import lesion_visibility
+
+    # the measure: the largest change to one pixel of the pooled image
+    a, b = np.zeros((8, 8), np.float32), np.zeros((8, 8), np.float32)
+    a[0, 0] = 0.8  # one stored pixel: a quarter of it in a 2x2 pool
+    assert lesion_visibility(a, b, 1) == pytest.approx(0.8)
+    assert lesion_visibility(a, b, 2) == pytest.approx(0.2)
+    # every positive of the cohort carries its measured visibility, no negative does
+    _, rows = cohort
+    lesions = [r for r in rows if r["task"] == "lesion"]
+    assert all((r["visibility"] is not None) == (r["label"] == 1) for r in lesions)
+    seen = sorted(r["visibility"] for r in lesions if r["label"] == 1)
+    # with a minimum, the patients whose lesion did not show are drawn anew
+    floor = float(np.quantile(seen, 0.5))
+    strict = synth.model_copy(update={"min_visibility": floor, "images_per_patient": 1})
+    generate_cohort(strict, ["humerus"], str(tmp_path), seed=0, workers=1, progress=False)
+    again = storage.read_parquet(str(tmp_path / "annotations.parquet")).to_pylist()
+    shown = np.array([r["visibility"] for r in again if r["label"] == 1])
+    # (a patient none of whose 12 draws shows keeps its most visible one: rare)
+    assert shown.size and (shown >= floor).mean() >= 0.9
+    loose = [r["visibility"] for r in lesions if r["label"] == 1 and r["body_part"] == "humerus"]
+    assert np.mean(shown) > np.mean(loose)

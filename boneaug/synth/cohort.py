@@ -3,6 +3,7 @@
     <root>/dicom/<body_part>/<image_id>.dcm     lesion task, one body part per folder
     <root>/dicom/fracture/<image_id>.dcm        auxiliary fracture corpus (mixed body parts)
     <root>/annotations.parquet                  one row per image, written last, atomically
+    <root>/synth.json                           which SynthConfig, seed and scale made each part
 
 Sizes. `config.counts[body_part]` (paper Table 1) counts the images of the classification sets,
 which exclude confounded images (paper 4.1). The generator writes exactly those clean images,
@@ -23,7 +24,9 @@ do not depend on the number of workers or the order in which chunks finish.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
+import json
 import logging
 import multiprocessing
 import os
@@ -46,6 +49,7 @@ from boneaug.synth.render import render_image
 from boneaug.synth.spec import (
     BODY_PART_INDEX,
     CONFOUNDERS,
+    ImageSpec,
     PatientSpec,
     sample_image,
     sample_patient,
@@ -54,8 +58,11 @@ from boneaug.synth.spec import (
 logger = logging.getLogger("boneaug.synth")
 
 ANNOTATIONS = "annotations.parquet"
+RECORD = "synth.json"  # what generated each body part: the phantom re-renders from it
 SPLITS = ("train", "val", "test")
 PATIENT_STREAM = 7
+VISIBILITY_TRIES = 12  # lesion redraws per patient under SynthConfig.min_visibility
+EXTRA_STREAM = 11
 PART_TAG = {"humerus": "HUM", "tibia": "TIB", "femur": "FEM", "fracture": "FRX"}
 FRACTURE_VAL_SHARE = 0.15
 POSITIVE_CONFOUNDER_BOOST = {"humerus": 1.0, "tibia": 2.5, "femur": 2.5}
@@ -72,6 +79,7 @@ ANNOTATION_SCHEMA = pa.schema([
     ("boxes", pa.list_(pa.list_(pa.int32()))),
     ("lesion_type", pa.string()),
     ("conspicuity", pa.float32()),
+    ("visibility", pa.float32()),  # measured: see lesion_visibility (null without a lesion)
     ("confounders", pa.list_(pa.string())),
     ("fracture", pa.int8()),
     ("view", pa.string()),
@@ -156,7 +164,13 @@ def plan_body_part(config: SynthConfig, body_part: str, *, seed: int,
                 patients.append((split, label, size, ()))
             for size in _group_sizes(n_conf, config.images_per_patient, rng):
                 patients.append((split, label, size, _confounder_set(rng)))
-    order = rng.permutation(len(patients))
+    order = list(rng.permutation(len(patients)))
+    # the learning curve's extra positives come last, from a stream of their own: a cohort
+    # without them is byte for byte the one it was before they existed
+    extra_rng = np.random.default_rng([seed, stream, EXTRA_STREAM])
+    for size in _group_sizes(counts["extra_pos"], config.images_per_patient, extra_rng):
+        order.append(len(patients))
+        patients.append(("extra", 1, size, ()))
     jobs: list[ImageJob] = []
     tag = PART_TAG[body_part]
     for p_index, k in enumerate(order):
@@ -202,11 +216,51 @@ def plan_fractures(config: SynthConfig, *, seed: int, scale: float) -> list[Imag
 
 # ------------------------------------------------------------------------------------ rendering
 
-def _patient(job: ImageJob, seed: int, min_conspicuity: float) -> PatientSpec:
-    rng = np.random.default_rng([seed, job.stream, job.patient_index, PATIENT_STREAM])
-    return sample_patient(job.body_part, rng, patient_id=job.patient_id, lesion=bool(job.label),
+def _patient(job: ImageJob, seed: int, min_conspicuity: float, attempt: int = 0) -> PatientSpec:
+    stream = [seed, job.stream, job.patient_index, PATIENT_STREAM] + ([attempt] if attempt else [])
+    return sample_patient(job.body_part, np.random.default_rng(stream),
+                          patient_id=job.patient_id, lesion=bool(job.label),
                           confounders=job.confounders, fracture=bool(job.fracture),
                           min_conspicuity=min_conspicuity)
+
+
+def lesion_visibility(with_lesion: np.ndarray, without: np.ndarray, pool: int) -> float:
+    """The largest change a lesion makes to one pixel of the image average-pooled by `pool`
+    (what a classifier that downsamples by `pool` sees), in display-range units."""
+    diff = np.abs(with_lesion - without)
+    h, w = (diff.shape[0] // pool) * pool, (diff.shape[1] // pool) * pool
+    pooled = diff[:h, :w].reshape(h // pool, pool, w // pool, pool).mean(axis=(1, 3))
+    return float(pooled.max())
+
+
+def _visibility(spec: ImageSpec, rng: np.random.Generator, pool: int) -> tuple[Any, float]:
+    """(the rendered image, its lesion's visibility): rendered twice, with and without the
+    lesion, on the same quantum noise."""
+    before = copy.deepcopy(rng)
+    image = render_image(spec, rng)
+    without = render_image(spec.without_lesion(), before)
+    return image, lesion_visibility(image.pixels, without.pixels, pool)
+
+
+def patient_of(job: ImageJob, config: SynthConfig, seed: int) -> PatientSpec:
+    """The patient of `job`. A lesion patient is redrawn (up to VISIBILITY_TRIES times) until
+    the lesion is visible on the patient's first image (`SynthConfig.min_visibility`); the most
+    visible draw is kept when none is."""
+    patient = _patient(job, seed, config.min_conspicuity)
+    if patient.lesion is None or config.min_visibility <= 0:
+        return patient
+    first = job.image_index - job.study_index  # a patient's images are planned in a row
+    best: tuple[float, PatientSpec] = (-1.0, patient)
+    for attempt in range(VISIBILITY_TRIES):
+        candidate = patient if attempt == 0 else _patient(job, seed, config.min_conspicuity,
+                                                          attempt)
+        rng = np.random.default_rng([seed, job.stream, first])
+        spec = sample_image(candidate, config, rng, study_index=0)
+        _, seen = _visibility(spec, rng, config.visibility_pool)
+        if seen >= config.min_visibility:
+            return candidate
+        best = max(best, (seen, candidate), key=lambda b: b[0])
+    return best[1]
 
 
 def render_job(
@@ -219,12 +273,16 @@ def render_job(
     key = (job.stream, job.patient_index)
     patient = cache.get(key) if cache is not None else None
     if patient is None:
-        patient = _patient(job, seed, config.min_conspicuity)
+        patient = patient_of(job, config, seed)
         if cache is not None:
             cache[key] = patient
     rng = np.random.default_rng([seed, job.stream, job.image_index])
     spec = sample_image(patient, config, rng, study_index=job.study_index)
-    image = render_image(spec, rng)
+    visibility = None
+    if patient.lesion is not None:
+        image, visibility = _visibility(spec, rng, config.visibility_pool)
+    else:
+        image = render_image(spec, rng)
     data = encode_dicom(image, DicomIdentity(
         image_id=job.image_id, patient_id=job.patient_id, seed=seed,
         study_date=_study_date(job.patient_index, job.study_index), instance_number=1,
@@ -236,6 +294,7 @@ def render_job(
         "boxes": image.boxes,
         "lesion_type": lesion.lesion_type if lesion is not None else None,
         "conspicuity": lesion.conspicuity if lesion is not None else None,
+        "visibility": visibility,
         "confounders": list(patient.confounders), "fracture": job.fracture, "view": spec.view,
         "rows": spec.height, "columns": spec.width, "pixel_spacing_mm": spec.spacing_mm,
         "photometric": spec.photometric,
@@ -318,6 +377,9 @@ def _merge(out_uri: str, new: pa.Table, body_parts: Sequence[str], fractures: bo
     if fractures:
         replaced = pc.or_(replaced, pc.equal(old["task"], "fracture"))
     kept = old.filter(pc.invert(replaced))
+    for name in set(ANNOTATION_SCHEMA.names) - set(kept.column_names):  # an older cohort's
+        kept = kept.append_column(name, pa.nulls(kept.num_rows,
+                                                 ANNOTATION_SCHEMA.field(name).type))
     kept = kept.select(ANNOTATION_SCHEMA.names).cast(ANNOTATION_SCHEMA)
     merged = pa.concat_tables([kept, new])
     return merged.sort_by([("task", "ascending"), ("image_id", "ascending")])
@@ -342,6 +404,32 @@ def _count(rows: list[dict[str, Any]], clean: bool) -> dict[str, dict[str, dict[
         split = out.setdefault(r["body_part"], {}).setdefault(r["split"], {0: 0, 1: 0})
         split[r["label"]] += 1
     return out
+
+
+def read_record(out_uri: str) -> dict[str, dict[str, Any]]:
+    """body part (or "fracture") -> {"synth": SynthConfig as JSON data, "seed", "scale"} of the
+    generate_cohort call that wrote it; empty for a cohort this generator did not write."""
+    uri = storage.join(out_uri, RECORD)
+    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else {}
+
+
+def generated_with(out_uri: str, part: str, config: SynthConfig, *, seed: int,
+                   scale: float = 1.0) -> bool:
+    """True when `part` of the cohort at `out_uri` is what `config`, `seed` and `scale`
+    generate (so the phantom can re-render its images)."""
+    made = read_record(out_uri).get(part)
+    return made == _entry(config, seed, scale)
+
+
+def _entry(config: SynthConfig, seed: int, scale: float) -> dict[str, Any]:
+    return {"synth": config.model_dump(mode="json"), "seed": seed, "scale": scale}
+
+
+def _record(out_uri: str, config: SynthConfig, parts: Sequence[str], seed: int,
+            scale: float) -> None:
+    record = read_record(out_uri)
+    record.update({part: _entry(config, seed, scale) for part in parts})
+    storage.write_text(storage.join(out_uri, RECORD), json.dumps(record, indent=1))
 
 
 def generate_cohort(
@@ -389,6 +477,7 @@ def generate_cohort(
             split[r["fracture"]] += 1
     table = _merge(out_uri, _table(rows), list(body_parts), fractures)
     storage.write_parquet(storage.join(out_uri, ANNOTATIONS), table)
+    _record(out_uri, config, [*body_parts, *(["fracture"] if fractures else [])], seed, scale)
     for folder, keep in keys_by_folder.items():
         stale = _remove_stale(out_uri, folder, keep)
         if stale:

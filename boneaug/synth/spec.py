@@ -411,6 +411,16 @@ def _exposure(body_part: str, var: Variation, rng: np.random.Generator) -> Expos
     )
 
 
+def lesion_centre(lesion: LesionSpec, scene: Scene3D, omega_deg: float) -> tuple[float, float]:
+    """The lesion centre in projected bone coordinates (s, t), mm: the point framing keeps in
+    view and `lesions.lesion_geometry` centres the lesion on."""
+    (s, x, y), rx, ry, _ = scene.shaft.at(lesion.u)
+    a = math.radians(lesion.angle_deg)
+    p = (s, x + lesion.ecc * rx * math.cos(a), y + lesion.ecc * ry * math.sin(a))
+    ps, pt, _ = project_point(p, omega_deg)
+    return ps, pt
+
+
 def focus_point(patient: PatientSpec, omega_deg: float) -> tuple[float, float] | None:
     """What must be in the frame, in projected bone coordinates (s, t): the lesion centre, or
     the fracture site; None for an image without either."""
@@ -419,14 +429,34 @@ def focus_point(patient: PatientSpec, omega_deg: float) -> tuple[float, float] |
         return None
     scene = build_scene(patient.body_part, patient.body, omega_deg)
     if les is not None:
-        (s, x, y), rx, ry, _ = scene.shaft.at(les.u)
-        a = math.radians(les.angle_deg)
-        p = (s, x + les.ecc * rx * math.cos(a), y + les.ecc * ry * math.sin(a))
-    else:
-        assert fx is not None
-        p, *_ = scene.shaft.at(fx.u)
+        return lesion_centre(les, scene, omega_deg)
+    assert fx is not None
+    p, *_ = scene.shaft.at(fx.u)
     ps, pt, _ = project_point(p, omega_deg)
     return ps, pt
+
+
+def bone_to_pixel(s: float, t: float, *, s_c: float, t_c: float, rotation_deg: float,
+                  mirror: bool, spacing_mm: float, height: int, width: int) -> tuple[float, float]:
+    """Stored-image pixel coordinates (px = column, py = row; pixel i spans [i, i + 1)) of the
+    projected bone point (s, t) in mm, for a frame centred on bone point (s_c, t_c).
+
+    The one place that maps bone coordinates to stored pixels outside the renderer: framing
+    (`sample_image`) and lesion placement on a stored image (`phantom`) must agree with each
+    other and with `raster.Placement`, which the renderer uses on its working grid.
+    """
+    th = math.radians(rotation_deg)
+    ds, dt = s - s_c, (t - t_c) * (-1 if mirror else 1)
+    px = width / 2 + (ds * math.sin(th) + dt * math.cos(th)) / spacing_mm
+    py = height / 2 + (ds * math.cos(th) - dt * math.sin(th)) / spacing_mm
+    return px, py
+
+
+def image_pixel(spec: ImageSpec, s: float, t: float) -> tuple[float, float]:
+    """`bone_to_pixel` with the framing of a sampled image."""
+    return bone_to_pixel(s, t, s_c=spec.s_c, t_c=spec.t_c, rotation_deg=spec.rotation_deg,
+                         mirror=spec.mirror, spacing_mm=spec.spacing_mm, height=spec.height,
+                         width=spec.width)
 
 
 def sample_image(
@@ -461,10 +491,8 @@ def sample_image(
         if target is None:
             break
         # the lesion centre / fracture site must project well inside the frame
-        th = math.radians(rotation)
-        ds, dt = target[0] - s_c, (target[1] - t_c) * (-1 if mirror else 1)
-        px = width / 2 + (ds * math.sin(th) + dt * math.cos(th)) / spacing
-        py = height / 2 + (ds * math.cos(th) - dt * math.sin(th)) / spacing
+        px, py = bone_to_pixel(target[0], target[1], s_c=s_c, t_c=t_c, rotation_deg=rotation,
+                               mirror=mirror, spacing_mm=spacing, height=height, width=width)
         if 0.12 * width < px < 0.88 * width and 0.1 * height < py < 0.9 * height:
             break
     exposure = _exposure(patient.body_part, var, rng)
