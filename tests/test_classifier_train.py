@@ -21,6 +21,7 @@ from boneaug.train.classifier import (
     build_model,
     load_init_state,
     make_loss,
+    make_ema,
     make_optimizer,
     make_scheduler,
     predict,
@@ -140,12 +141,60 @@ def test_plateau_scheduler_decays_lr_and_early_stopping_counts() -> None:
     stops = []
     for epoch, auc in enumerate([0.6, 0.7, 0.72, 0.65, 0.69, 0.8, 0.7, 0.7, 0.7]):
         state.update(epoch, auc)
-        scheduler.step(auc)
+        scheduler.after_batch()  # the plateau schedule moves per epoch only
+        scheduler.after_epoch(auc)
         stops.append(state.should_stop(config))
     assert state.best_auc == 0.8 and state.best_epoch == 5
     assert stops.index(True) == 8  # three epochs without improvement after epoch 5
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.9**2)
-    assert make_scheduler(optimizer, config.model_copy(update={"lr_decay": 1.0})) is None
+    assert make_scheduler(optimizer, config.model_copy(update={"lr_decay": 1.0})).scheduler is None
+
+
+def test_keeping_the_last_epoch_never_stops_early_and_reports_the_kept_model() -> None:
+    config = DrnConfig(width_mult=0.125, epochs=20, pretrain_epochs=1, early_stop_patience=2,
+                       checkpoint="last")
+    state = TrainState()
+    kept = [state.update(epoch, auc, latest=config.checkpoint == "last")
+            for epoch, auc in enumerate([0.8, 0.7, 0.6, 0.65])]
+    assert all(kept) and not state.should_stop(config)
+    assert (state.best_epoch, state.best_auc) == (3, 0.65)  # the last epoch's, not the max
+
+
+def test_cosine_schedule_warms_up_then_decays_each_group_to_zero() -> None:
+    config = DrnConfig(width_mult=0.125, epochs=4, pretrain_epochs=1, lr=1e-3, head_lr=4e-3,
+                       schedule="cosine", warmup_epochs=1)
+    optimizer = make_optimizer(build_model(config), config)
+    heads = [g for g in optimizer.param_groups if g["lr"] == 4e-3]
+    assert len(optimizer.param_groups) == 2 and len(heads) == 1  # the head is its own group
+    schedule = make_scheduler(optimizer, config, steps_per_epoch=10)
+    lrs = []
+    for _ in range(40):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        schedule.after_batch()
+        schedule.after_epoch(0.5)  # ignored by the cosine schedule
+    body, head = np.array(lrs).T
+    assert body[0] == pytest.approx(1e-4) and body[9] == pytest.approx(1e-3)  # linear warm-up
+    assert np.all(np.diff(body[9:]) <= 0) and body[-1] < 0.01 * 1e-3  # cosine down to ~0
+    np.testing.assert_allclose(head, 4 * body)  # one schedule, both groups
+    with pytest.raises(ValueError, match="needs schedule='cosine'"):
+        DrnConfig(epochs=4, pretrain_epochs=1, warmup_epochs=1)
+
+
+def test_ema_follows_the_weights_with_its_decay(one_thread: None) -> None:
+    config = DrnConfig(width_mult=0.125, epochs=1, pretrain_epochs=1, ema_decay=0.5)
+    model = build_model(config, generator=torch.Generator().manual_seed(0))
+    ema = make_ema(model, config)
+    assert ema is not None and make_ema(model, config.model_copy(update={"ema_decay": None})) \
+        is None
+    start = model.fc.weight.detach().clone()
+    with torch.no_grad():
+        model.fc.weight.add_(1.0)
+    ema.update_parameters(model)  # the first update copies
+    with torch.no_grad():
+        model.fc.weight.add_(1.0)
+    ema.update_parameters(model)  # then 0.5 old + 0.5 new
+    torch.testing.assert_close(ema.module.fc.weight, start + 1.5)
 
 
 def test_init_from_file_copies_the_backbone_and_reinitialises_the_head(tmp_path: Path) -> None:
@@ -294,3 +343,56 @@ def test_local_mode_run_writes_its_outputs_to_s3(
     x = torch.rand(2, 1, H, W, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(logged(x), best(x))
+
+
+@pytest.mark.slow
+def test_full_finetuning_with_ema_publishes_the_averaged_weights_it_validated(
+    ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local profile's regime: every stage trains, a faster head, warm-up and cosine, and
+    an EMA of the weights that validation judges and the registry receives."""
+    import ray
+
+    from boneaug import storage, tracking
+    from boneaug.train.classifier import fit_classifier, load_best_model
+
+    db = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", db.tracking_uri)
+    base = load_config("smoke").drn
+    init = build_model(base, generator=torch.Generator().manual_seed(7))
+    torch.save(init.state_dict(), tmp_path / "best_model.pt")  # stands in for the fracture model
+    config = base.model_copy(update={
+        "epochs": 3, "finetune_blocks": 8, "lr": 1e-3, "head_lr": 3e-3, "schedule": "cosine",
+        "warmup_epochs": 1.0, "ema_decay": 0.9})
+    val_rows = shard_rows(9, split="val", task="lesion", seed=2)
+    result = fit_classifier(
+        config, ray.data.from_items(shard_rows(18, split="train", task="lesion", seed=1)),
+        ray.data.from_items(val_rows), test=None, run_uri=str(tmp_path / "run"), num_workers=0,
+        use_gpu=False, experiment="boneaug/humerus/ema", registered_name="boneaug-drn-ema",
+        init_from=str(tmp_path), image_size=(H, W), tracking_config=db,
+    )
+    best = load_best_model(result, config)
+    registered = tracking.load_torch_model(result.model_uri, tracking=db)
+    images, labels, ids = batch_to_arrays(_columns(val_rows), label_column="label",
+                                          image_size=(H, W))
+    with torch.no_grad():
+        assert torch.equal(registered(torch.from_numpy(images)), best(torch.from_numpy(images)))
+    # every stage moved from its initialisation (nothing frozen)
+    moved = [k for k, v in init.state_dict().items()
+             if k.endswith("weight") and not torch.equal(v, best.state_dict()[k])]
+    assert {k.split(".")[0] for k in moved} >= {"layer0", "layer1", "layer4", "layer8", "fc"}
+    # the stored val scores are the published (averaged) model's, and the AUC the trainer chose by
+    table = storage.read_parquet(result.predictions_uri).to_pandas().set_index("image_id").loc[ids]
+    np.testing.assert_allclose(table["score"], predict(best, images), rtol=1e-5, atol=1e-6)
+    from sklearn.metrics import roc_auc_score
+    assert roc_auc_score(labels, table["score"]) == pytest.approx(result.best_val_auc)
+    # the learning rate followed the warm-up and the cosine: it ends near 0
+    client = mlflow_client(db)
+    lrs = [m.value for m in client.get_metric_history(result.mlflow_run_id, "lr")]
+    assert len(lrs) == 3 and lrs[0] > lrs[-1] and lrs[-1] < 0.3 * config.lr
+
+
+def mlflow_client(db: TrackingConfig):  # noqa: ANN201 - a test helper
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=db.tracking_uri)

@@ -14,6 +14,14 @@ Choices the paper leaves open, and why:
   re-initialised (a fracture logit means nothing for lesions) and only the last
   ``DrnConfig.finetune_blocks`` stages (of the DRN's 8) and the head train; frozen stages keep
   their BatchNorm statistics (see `boneaug.models.drn`). Without `init_from` everything trains.
+  The paper's regime (2 stages, Adam lr 1e-4, x0.9 on plateau) is the `paper` profile's; on the
+  `local` cohort it does not learn (the network only re-reads its fracture features), so the
+  `local` profile trains every stage, the fresh head at ``head_lr``, with a warm-up, a cosine
+  decay and an EMA of the weights (`DrnConfig`, and the measurements in `boneaug.config`).
+- Weight averaging: with ``ema_decay`` the EMA (weights and BatchNorm statistics) is updated
+  after every step; validation scores it, the best epoch is chosen by it, and it is what is
+  published. Its averaging over ~1/(1 - decay) steps removes most of the epoch-to-epoch
+  jitter of a network that really moves.
 - ``DrnConfig.batch_size`` is the global batch (the paper's hyper-parameter); each of the
   ``num_workers`` DDP workers takes ``batch_size // num_workers`` (at least 1).
 - Validation and test rows are not split by Ray: every worker reads them and scores the rows
@@ -25,6 +33,10 @@ Choices the paper leaves open, and why:
 - Augmentation (train only): small random affine (rotation, isotropic scale, translation) and a
   horizontal flip (left and right long bones are mirror images), drawn from a torch Generator
   seeded by (seed, rank, epoch), so a resumed run repeats the same draws.
+- Feed order: every epoch each worker reads its shard through a shuffle buffer as large as the
+  shard, seeded by (seed, rank, epoch): a fresh permutation of all its rows, augmented and real,
+  whatever the block layout (`epoch_batches`). `classification_splits` interleaves the rows into
+  small blocks, so every worker's shard holds its share of the augmented rows.
 
 Outputs under `run_uri`: ``ray/`` (Ray Train checkpoints every epoch: model, optimiser,
 scheduler, epoch, best AUC and best weights; Train's local mode, ``num_workers=0``, keeps them in
@@ -43,7 +55,7 @@ import logging
 import math
 import tempfile
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +63,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from boneaug import storage, tracking
 from boneaug.config import DrnConfig, TrackingConfig
@@ -163,20 +176,75 @@ def build_model(config: DrnConfig, *, generator: torch.Generator | None = None) 
 
 
 def make_optimizer(model: nn.Module, config: DrnConfig) -> torch.optim.Adam:
-    """Adam over the trainable parameters (L2 weight decay, as in the paper)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    """Adam over the trainable parameters (L2 weight decay, as in the paper); the head (``fc``)
+    is its own group at ``config.head_lr`` when one is set."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if not n.startswith("fc.")], "lr": config.lr},
+              {"params": [p for n, p in named if n.startswith("fc.")],
+               "lr": config.head_lr or config.lr}]
+    return torch.optim.Adam([g for g in groups if g["params"]], lr=config.lr,
+                            weight_decay=config.weight_decay)
 
 
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, config: DrnConfig
-) -> torch.optim.lr_scheduler.ReduceLROnPlateau | None:
-    """lr x `lr_decay` after `plateau_patience` epochs without a better val AUC (None if 1.0)."""
-    if config.lr_decay >= 1.0:
+class LrSchedule:
+    """The lr policy of `config.schedule`, stepped per batch and per epoch by the loop.
+
+    cosine: linear warm-up over ``warmup_epochs`` then cosine decay to 0 at ``epochs`` (a
+    LambdaLR, per step). plateau: the paper's ``lr x lr_decay`` after ``plateau_patience``
+    epochs without a better val AUC (ReduceLROnPlateau, per epoch); none when lr_decay is 1.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, config: DrnConfig, *,
+                 steps_per_epoch: int, epochs: int) -> None:
+        self.scheduler: Any = None
+        if config.schedule == "cosine":
+            warmup = config.warmup_epochs * steps_per_epoch
+            total = max(1, epochs * steps_per_epoch)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: _cosine_factor(step, warmup, total))
+        elif config.lr_decay < 1.0:
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max", factor=config.lr_decay, patience=config.plateau_patience)
+
+    def after_batch(self) -> None:
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
+            self.scheduler.step()
+
+    def after_epoch(self, val_auc: float) -> None:
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(val_auc if math.isfinite(val_auc) else 0.0)
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None if self.scheduler is None else self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if self.scheduler is not None and state is not None:
+            self.scheduler.load_state_dict(state)
+
+
+def _cosine_factor(step: int, warmup: float, total: int) -> float:
+    """lr factor at `step`: linear warm-up to 1 over `warmup` steps, then cosine to 0 at
+    `total` (and 0 beyond)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: DrnConfig, *,
+                   steps_per_epoch: int = 1, epochs: int | None = None) -> LrSchedule:
+    """The configured lr policy (`LrSchedule`)."""
+    return LrSchedule(optimizer, config, steps_per_epoch=steps_per_epoch,
+                      epochs=epochs or config.epochs)
+
+
+def make_ema(model: nn.Module, config: DrnConfig) -> AveragedModel | None:
+    """An exponential moving average of `model`'s weights and BatchNorm statistics, updated
+    after every optimiser step (None when ``config.ema_decay`` is off)."""
+    if config.ema_decay is None:
         return None
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="max", factor=config.lr_decay, patience=config.plateau_patience
-    )
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay),
+                         use_buffers=True)
 
 
 def make_loss(pos_weight: float, device: torch.device | str = "cpu") -> nn.BCEWithLogitsLoss:
@@ -244,10 +312,12 @@ class TrainState:
     epochs_since_best: int = 0
     stopped: bool = False
 
-    def update(self, epoch: int, auc: float) -> bool:
-        """Record epoch `epoch`'s val AUC; True when it is the best so far."""
+    def update(self, epoch: int, auc: float, *, latest: bool = False) -> bool:
+        """Record epoch `epoch`'s val AUC; True when this epoch's model is now the one kept:
+        the best so far, or with `latest` (``DrnConfig.checkpoint == "last"``) every epoch
+        (``best_*`` then describe the kept, last model)."""
         self.epoch = epoch
-        if auc > self.best_auc:  # NaN never wins
+        if latest or auc > self.best_auc:  # NaN never wins
             self.best_auc, self.best_epoch, self.epochs_since_best = auc, epoch, 0
             return True
         self.epochs_since_best += 1
@@ -386,40 +456,56 @@ def _score_split(
             np.concatenate([p[2] for p in parts])[order])
 
 
+def epoch_batches(shard: Any, *, batch_size: int, shuffle_rows: int,
+                  seed: int) -> Iterator[dict[str, np.ndarray]]:
+    """One epoch of a worker's training shard in a fresh random order: the shuffle buffer holds
+    the whole shard (`shuffle_rows`), so every row, augmented or real, can land anywhere in the
+    epoch whatever the block layout, and the order is a function of `seed` alone."""
+    return shard.iter_batches(batch_size=batch_size, batch_format="numpy",
+                              local_shuffle_buffer_size=max(shuffle_rows, batch_size),
+                              local_shuffle_seed=seed)
+
+
 def _train_epoch(
     model: nn.Module,
-    shard: Any,
+    batches: Iterator[dict[str, np.ndarray]],
     *,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: nn.Module,
-    augment: AffineAugment,
+    steps: TrainSteps,
     generator: torch.Generator,
     device: torch.device,
     label_column: str,
     image_size: tuple[int, int],
-    batch_size: int,
-    shuffle_seed: int,
 ) -> float:
     """Mean training loss over this epoch, across all ranks (weighted by batch size)."""
     total, count = 0.0, 0
-    batches = shard.iter_batches(batch_size=batch_size, batch_format="numpy",
-                                 local_shuffle_buffer_size=max(64, 8 * batch_size),
-                                 local_shuffle_seed=shuffle_seed)
     for batch in batches:
         images, labels, _ = batch_to_arrays(batch, label_column=label_column, image_size=image_size)
-        x = augment(_to_device(images, device), generator)
+        x = steps.augment(_to_device(images, device), generator)
         y = torch.as_tensor(labels, device=device)
-        total += train_step(model, x, y, optimizer=optimizer, loss_fn=loss_fn) * len(labels)
+        total += train_step(model, x, y, optimizer=steps.optimizer,
+                            loss_fn=steps.loss_fn) * len(labels)
         count += len(labels)
+        steps.schedule.after_batch()
+        if steps.ema is not None:
+            steps.ema.update_parameters(getattr(model, "module", model))
     parts = gather((total, count))
     n = sum(c for _, c in parts)
     return sum(t for t, _ in parts) / max(n, 1)
 
 
-def _save_checkpoint(
-    model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState,
-    best: dict[str, Tensor], metrics: dict[str, float], rank: int,
-) -> None:
+@dataclass
+class TrainSteps:
+    """What one optimisation step uses besides the model and the batch."""
+
+    optimizer: torch.optim.Optimizer
+    schedule: LrSchedule
+    loss_fn: nn.Module
+    augment: AffineAugment
+    ema: AveragedModel | None
+
+
+def _save_checkpoint(net: nn.Module, steps: TrainSteps, state: TrainState,
+                     best: dict[str, Tensor], metrics: dict[str, float], rank: int) -> None:
     import ray.train
 
     if rank != 0:
@@ -427,8 +513,9 @@ def _save_checkpoint(
         return
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(
-            {"model": cpu_state(model), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            {"model": cpu_state(net), "optimizer": steps.optimizer.state_dict(),
+             "scheduler": steps.schedule.state_dict(),
+             "ema": None if steps.ema is None else cpu_state(steps.ema),
              "state": asdict(state), "best_model": best},
             Path(tmp) / CHECKPOINT_FILE,
         )
@@ -445,9 +532,60 @@ def _load_checkpoint() -> dict[str, Any] | None:
         return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
+def _prepare_model(loop: Mapping[str, Any], config: DrnConfig, device: torch.device,
+                   world: int) -> nn.Module:
+    """The DRN of this rank: initialised (from the fracture model when given), partly frozen,
+    on its device, wrapped for DDP by Ray Train."""
+    import ray.train.torch
+
+    model = build_model(config, generator=torch.Generator().manual_seed(config.seed))
+    if loop["init_state"] is not None:
+        apply_init(model, loop["init_state"])
+        model.freeze(config.finetune_blocks)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL object collectives use the current device
+        torch.backends.cudnn.benchmark = True
+        model = model.to(memory_format=torch.channels_last)
+        if world > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return ray.train.torch.prepare_model(model)
+
+
+def _make_steps(net: nn.Module, config: DrnConfig, loop: Mapping[str, Any],
+                device: torch.device, batch_size: int, world: int) -> TrainSteps:
+    optimizer = make_optimizer(net, config)
+    rows = loop["train_rows"] // world
+    return TrainSteps(
+        optimizer=optimizer,
+        schedule=make_scheduler(optimizer, config, steps_per_epoch=math.ceil(rows / batch_size),
+                                epochs=loop["epochs"]),
+        loss_fn=make_loss(loop["pos_weight"], device),
+        augment=AffineAugment(degrees=config.aug_degrees, scale=config.aug_scale,
+                              translate=config.aug_translate, hflip=config.aug_hflip),
+        ema=make_ema(net, config),
+    )
+
+
+def _restore(saved: Mapping[str, Any] | None, net: nn.Module, steps: TrainSteps,
+             rank: int) -> tuple[TrainState, dict[str, Tensor] | None]:
+    """Continue from Ray Train's latest checkpoint, if there is one."""
+    if saved is None:
+        return TrainState(), None
+    net.load_state_dict(saved["model"])
+    steps.optimizer.load_state_dict(saved["optimizer"])
+    steps.schedule.load_state_dict(saved["scheduler"])
+    if steps.ema is not None and saved.get("ema") is not None:
+        steps.ema.load_state_dict(saved["ema"])
+    state = TrainState(**saved["state"])
+    log.info("rank %d resumed after epoch %d (best val AUC %.4f)", rank, state.epoch,
+             state.best_auc)
+    return state, saved["best_model"]
+
+
 def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train loop: DDP training with per-epoch validation, checkpoints and early stopping,
-    then (all ranks) scoring of val/test with the best weights and (rank 0) publishing."""
+    then (all ranks) scoring of val/test with the best weights and (rank 0) publishing.
+    Validation, checkpoint choice and the published weights are the EMA's when it is on."""
     import ray.train
     import ray.train.torch
 
@@ -461,79 +599,60 @@ def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
     torch.set_num_threads(int(loop["torch_threads"]))
     torch.manual_seed(seed_for(config.seed, rank))
 
-    model = build_model(config, generator=torch.Generator().manual_seed(config.seed))
-    if loop["init_state"] is not None:
-        apply_init(model, loop["init_state"])
-        model.freeze(config.finetune_blocks)
-    saved = _load_checkpoint()
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # NCCL object collectives use the current device
-        torch.backends.cudnn.benchmark = True
-        model = model.to(memory_format=torch.channels_last)
-        if world > 1:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = ray.train.torch.prepare_model(model)
+    model = _prepare_model(loop, config, device, world)
     net: DRN = getattr(model, "module", model)
-
-    optimizer = make_optimizer(net, config)
-    scheduler = make_scheduler(optimizer, config)
-    loss_fn = make_loss(loop["pos_weight"], device)
-    state = TrainState()
-    best = cpu_state(net)
-    if saved is not None:
-        optimizer.load_state_dict(saved["optimizer"])
-        if scheduler is not None and saved["scheduler"] is not None:
-            scheduler.load_state_dict(saved["scheduler"])
-        state = TrainState(**saved["state"])
-        best = saved["best_model"]
-        log.info("rank %d resumed after epoch %d (best val AUC %.4f)", rank, state.epoch,
-                 state.best_auc)
+    steps = _make_steps(net, config, loop, device, batch_size, world)
+    state, best = _restore(_load_checkpoint(), net, steps, rank)
+    judged: nn.Module = net if steps.ema is None else steps.ema.module  # what validation scores
+    best = best if best is not None else cpu_state(judged)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     client = _mlflow_client(loop) if rank == 0 else None
-    augment = AffineAugment(degrees=config.aug_degrees, scale=config.aug_scale,
-                            translate=config.aug_translate, hflip=config.aug_hflip)
     split_kw = dict(label_column=label_column, image_size=image_size, batch_size=batch_size,
                     rank=rank, world_size=world)
-
     epoch = state.epoch + 1
     while not state.stopped and epoch < loop["epochs"]:
+        batches = epoch_batches(train_shard, batch_size=batch_size,
+                                shuffle_rows=loop["train_rows"] // world + 1,
+                                seed=seed_for(config.seed, rank, epoch, 2) % 2**31)
         train_loss = _train_epoch(
-            model, train_shard, optimizer=optimizer, loss_fn=loss_fn, augment=augment,
+            model, batches, steps=steps, device=device, label_column=label_column,
             generator=torch.Generator().manual_seed(seed_for(config.seed, rank, epoch, 1)),
-            device=device, label_column=label_column, image_size=image_size,
-            batch_size=batch_size, shuffle_seed=seed_for(config.seed, rank, epoch, 2) % 2**31,
-        )
+            image_size=image_size)
         _sync_buffers(model)
-        _, labels, scores = _score_split(model, val_shard, **split_kw)
+        _sync_buffers(judged)
+        _, labels, scores = _score_split(judged, val_shard, **split_kw)
         auc = _val_auc(labels, scores)
-        if scheduler is not None:
-            scheduler.step(auc if math.isfinite(auc) else 0.0)
-        if state.update(epoch, auc):
-            best = cpu_state(net)
+        steps.schedule.after_epoch(auc)
+        if state.update(epoch, auc, latest=config.checkpoint == "last"):
+            best = cpu_state(judged)
         state.stopped = state.should_stop(config)
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_auc": auc,
-                   "lr": optimizer.param_groups[0]["lr"], "best_val_auc": state.best_auc}
+                   "lr": steps.optimizer.param_groups[0]["lr"], "best_val_auc": state.best_auc}
         if client is not None:
-            for key in ("train_loss", "val_auc", "lr"):
-                client.log_metric(loop["mlflow_run_id"], key, float(metrics[key]), step=epoch)
-            # a logger, not print: Ray Train's patched print would emit every line twice
-            log.info("[drn] epoch %d/%d: train loss %.4f, val AUC %.3f (best %.3f, epoch %d)",
-                     epoch + 1, loop["epochs"], train_loss, auc, state.best_auc,
-                     state.best_epoch + 1)
-        _save_checkpoint(net, optimizer, scheduler, state, best, metrics, rank)
+            _log_epoch(client, loop, metrics, state)
+        _save_checkpoint(net, steps, state, best, metrics, rank)
         epoch += 1
 
-    net.load_state_dict(best)
-    rows = {"val": _score_split(model, val_shard, **split_kw)}
+    judged.load_state_dict(best)
+    rows = {"val": _score_split(judged, val_shard, **split_kw)}
     if loop["has_test"]:
-        rows["test"] = _score_split(model, ray.train.get_dataset_shard("test"), **split_kw)
+        rows["test"] = _score_split(judged, ray.train.get_dataset_shard("test"), **split_kw)
     if rank != 0:
         return None
     return _publish(loop, config, best, rows, state)
+
+
+def _log_epoch(client: Any, loop: Mapping[str, Any], metrics: Mapping[str, float],
+               state: TrainState) -> None:
+    for key in ("train_loss", "val_auc", "lr"):
+        client.log_metric(loop["mlflow_run_id"], key, float(metrics[key]),
+                          step=int(metrics["epoch"]))
+    # a logger, not print: Ray Train's patched print would emit every line twice
+    log.info("[drn] epoch %d/%d: train loss %.4f, val AUC %.3f (best %.3f, epoch %d)",
+             int(metrics["epoch"]) + 1, loop["epochs"], metrics["train_loss"],
+             metrics["val_auc"], state.best_auc, state.best_epoch + 1)
 
 
 def _mlflow_client(loop: Mapping[str, Any]) -> Any:
@@ -675,7 +794,6 @@ def fit_classifier(
     pos_weight = (n_train - pos_train) / pos_train
     init_state = (load_init_state(init_from, tracking_config=tracking_config)
                   if init_from else None)
-    datasets["train"] = datasets["train"].randomize_block_order(seed=config.seed)
 
     params = {
         "drn": config.model_dump(),
@@ -701,6 +819,7 @@ def fit_classifier(
             "image_size": list(image_size),
             "label_column": label_column,
             "pos_weight": pos_weight,
+            "train_rows": n_train,
             "init_state": init_state,
             "has_test": test is not None,
             "run_uri": run_uri,
@@ -733,6 +852,15 @@ def fit_classifier(
     return ClassifierResult.from_manifest(done)
 
 
+def pretraining_config(config: DrnConfig) -> DrnConfig:
+    """What the fracture pre-training trains with: every stage from scratch at ``pretrain_lr``
+    under the paper's plateau schedule, whatever the fine-tuning regime (head lr, warm-up,
+    cosine, EMA) is; the training seed is the config's."""
+    return config.model_copy(update={"lr": config.pretrain_lr, "head_lr": None,
+                                     "schedule": "plateau", "warmup_epochs": 0.0,
+                                     "ema_decay": None})
+
+
 def pretrain_fracture(
     config: DrnConfig,
     images: ray.data.Dataset,
@@ -756,7 +884,7 @@ def pretrain_fracture(
     split = {s: images.filter(expr=(col("task") == "fracture") & (col("split") == s))
              for s in ("train", "val", "test")}
     return fit_classifier(
-        config.model_copy(update={"lr": config.pretrain_lr}), split["train"], split["val"],
+        pretraining_config(config), split["train"], split["val"],
         test=split["test"], run_uri=run_uri,
         num_workers=num_workers, use_gpu=use_gpu, experiment=experiment,
         registered_name=registered_name, init_from=None, image_size=image_size,
@@ -780,5 +908,6 @@ __all__ = [
     "make_scheduler",
     "predict",
     "pretrain_fracture",
+    "pretraining_config",
     "train_step",
 ]
