@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 WORK    ?= work
 PROFILE ?= local
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean reproduce
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python jobs/augment_tibia.py --profile $(PROFILE) --data $(WORK) --synthetic
+
+# the paper's tables with the copy-paste and oracle arms, the learning curve and SEEDS seeds
+SEEDS   ?= 0,1,2
+reproduce: $(STAMP)
+	$(BIN)/python jobs/reproduce.py --profile $(PROFILE) --data $(WORK) --synthetic --seeds $(SEEDS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

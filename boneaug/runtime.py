@@ -41,6 +41,19 @@ def job_parser(description: str, *, body_part: bool = True,
     return parser
 
 
+def parse_seeds(text: str | None) -> tuple[int, ...]:
+    """"0,1,2" -> (0, 1, 2); None or "" -> () (the config's seed)."""
+    if not text:
+        return ()
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {text!r}")
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds repeats a seed: {text!r}")
+    return seeds
+
+
 def absolute(uri: str) -> str:
     """Plain relative paths become absolute so Ray workers in other directories find them."""
     if "://" in uri:
@@ -91,12 +104,18 @@ def augment_job(body_part: str, argv: list[str] | None = None) -> None:
     """`jobs/augment_<body_part>.py`: the whole chain for one body part, then the report table."""
     import time
 
-    from boneaug.workflow import OWN, run_body_part
+    from boneaug.workflow import ARMS, run_body_part
 
     parser = job_parser(f"The augmentation chain for {body_part} (Gupta et al. 2019).",
                         body_part=False)
     parser.add_argument("--thresholds", default=None,
                         help="comma-separated t grid (default: the profile's augment.thresholds)")
+    parser.add_argument("--arms", default="unit",
+                        help="comma-separated augmentation arms beside the baseline: unit (the "
+                             "method), copy_paste (real lesion patches), oracle (the phantom's "
+                             "own lesions; synthetic cohorts only). Default: unit")
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated training seeds, e.g. 0,1,2 (default: the config's)")
     args = parser.parse_args(argv)
     args.body_part = body_part
     config, data, _ = setup(args)
@@ -107,9 +126,14 @@ def augment_job(body_part: str, argv: list[str] | None = None) -> None:
     tracking.configure(config.tracking)
     init_ray()
     thresholds = tuple(float(t) for t in args.thresholds.split(",")) if args.thresholds else None
+    unknown = [a for a in args.arms.split(",") if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"--arms: unknown {unknown}; choose from {', '.join(ARMS)}")
     result = run_body_part(config, body_part,  # type: ignore[arg-type]
                            data_uri=data, out_uri=absolute(args.out or data), run_id=args.run_id,
-                           synthesize=synthesize, variants=(OWN,), thresholds=thresholds)
+                           synthesize=synthesize, thresholds=thresholds,
+                           variants=tuple(ARMS[a] for a in args.arms.split(",")),
+                           seeds=parse_seeds(args.seeds) or None)
     print("\n" + result.markdown)
     print(f"report:  {result.report_uri}/report.md (ROC figure beside it)")
     for key, png in result.figures.items():

@@ -1,10 +1,13 @@
 """The whole chain for one body part (paper sections 3-4), with stage reuse.
 
-    cohort -> ingest -> patches -> UNIT (or another body part's: TL_G)
-           -> fracture pre-training -> baseline DRN
-           -> translate + blend + score (own baseline, or another body part's: TL_PL)
-           -> augmented DRN per t of the grid -> t chosen on validation AUC
-           -> paired bootstrap against the baseline on test -> report + registry aliases
+    cohort -> ingest -> patches -> fracture pre-training
+           -> per variant: translate (UNIT, another body part's UNIT: TL_G, copy-paste, oracle)
+              + blend, once
+           -> per training seed: baseline DRN, learning curve (a share / a multiple of the real
+              positives), and per variant: score (that seed's baseline, or another body part's:
+              TL_PL) -> augmented DRN per t of the grid -> t chosen on validation AUC
+           -> paired bootstrap against the same seed's baseline on test -> report (mean +- sd
+              over seeds) + registry aliases (first seed)
 
 Every stage records what it produced under <run>/stages/<name>.json with a fingerprint of its
 inputs and settings; a stage whose fingerprint matches is reused, not recomputed, so re-running a
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from boneaug import storage, tracking
+from boneaug.augment.arms import Arm, TranslatorSpec
 from boneaug.config import BodyPart, BoneaugConfig
 from boneaug.errors import DataError
 
@@ -58,11 +62,15 @@ class Variant:
 
     key: str  # file-name safe, e.g. "aug", "tl_g", "tl_g_pl"
     type: str  # the paper's "Type" column
-    unit_from: BodyPart | None = None  # None: this body part's own UNIT
+    arm: Arm = "unit"  # what makes the lesion patches (boneaug.augment.arms)
+    unit_from: BodyPart | None = None  # unit arm: None = this body part's own UNIT
     scorer_from: BodyPart | None = None  # None: this body part's own baseline
 
 
 OWN = Variant("aug", "Augmented")
+COPY_PASTE = Variant("copy_paste", "Copy-paste", arm="copy_paste")
+ORACLE = Variant("oracle", "Oracle", arm="oracle")
+ARMS = {"unit": OWN, "copy_paste": COPY_PASTE, "oracle": ORACLE}  # a job's --arms
 
 
 @dataclass
@@ -74,12 +82,13 @@ class BodyPartResult:
     chosen: dict[str, float] = field(default_factory=dict)  # variant key -> t
     models: dict[str, str] = field(default_factory=dict)  # role -> models:/name/version
     figures: dict[str, str] = field(default_factory=dict)  # variant key -> Figure 3 PNG URI
+    baselines: dict[int, str] = field(default_factory=dict)  # training seed -> baseline URI
 
 
 def ensure_cohort(config: BoneaugConfig, data_uri: str, body_parts: list[str], *,
                   synthesize: bool) -> None:
     """Make sure `data_uri` holds annotated DICOMs of `body_parts` (+ the fracture corpus)."""
-    from boneaug.synth.cohort import generate_cohort
+    from boneaug.synth.cohort import generate_cohort, generated_with, read_record
 
     ann_uri = storage.join(data_uri, "annotations.parquet")
     have: set[str] = set()
@@ -93,6 +102,13 @@ def ensure_cohort(config: BoneaugConfig, data_uri: str, body_parts: list[str], *
                 if task != "fracture"}
         if "fracture" in tasks:
             have.add("fracture")
+    stale = [p for p in [*body_parts, "fracture"]
+             if p in have and p in read_record(data_uri)
+             and not generated_with(data_uri, p, config.synth, seed=config.synth.seed)]
+    if stale and synthesize:  # our own cohort, made with other synth settings: make it anew
+        print(f"[cohort] {stale} were generated with other synth settings: regenerating",
+              flush=True)
+        have -= set(stale)
     missing = [p for p in body_parts if p not in have]
     needs_fractures = "fracture" not in have
     if not missing and not needs_fractures:
@@ -130,7 +146,7 @@ def ingest_stage(config: BoneaugConfig, data: str, run: str, prefix_part: str) -
 def fracture_model(config: BoneaugConfig, data: str, out: str) -> str:
     """The auxiliary fracture-detection DRN (paper 4.2), shared by every body part of a profile."""
     from boneaug.data.datasets import image_table
-    from boneaug.train.classifier import FRACTURE_MODEL, pretrain_fracture
+    from boneaug.train.classifier import FRACTURE_MODEL, pretrain_fracture, pretraining_config
 
     run = storage.join(out, "runs", f"fracture-{config.profile}")
     ingest_stage(config, data, run, "fracture")
@@ -148,28 +164,34 @@ def fracture_model(config: BoneaugConfig, data: str, out: str) -> str:
         return {"model": f"models:/{FRACTURE_MODEL}/{result.model_version}",
                 "val_auc": result.best_val_auc}
 
-    return stage(run, "fracture", [config.drn, config.image, config.compute.num_workers],
+    pretraining = pretraining_config(config.drn).model_dump(exclude={"epochs", "finetune_blocks"})
+    return stage(run, "fracture", [pretraining, config.image, config.compute.num_workers],
                  go)["model"]
 
 
 def train_drn(config: BoneaugConfig, run: str, name: str, *, augmented: Any, init_from: str,
-              registered_name: str, experiment: str) -> dict[str, Any]:
+              registered_name: str | None, experiment: str, seed: int | None = None,
+              positive_fraction: float = 1.0, extra_positives: int = 0) -> dict[str, Any]:
+    """Fine-tune one DRN at training seed `seed` (default: the config's) on the real training
+    rows (a share of the positives, plus extra ones for the learning curve) and `augmented`;
+    register it as `registered_name` (None: logged to MLflow only)."""
     from boneaug.data.datasets import classification_splits
     from boneaug.train.classifier import fit_classifier
 
+    drn = config.drn if seed is None else config.drn.model_copy(update={"seed": seed})
     splits = classification_splits(run, augmented=augmented,
-                                   max_train_negatives=config.drn.max_train_negatives,
-                                   seed=config.drn.seed)
+                                   max_train_negatives=drn.max_train_negatives,
+                                   seed=drn.data_seed, positive_fraction=positive_fraction,
+                                   extra_positives=extra_positives)
     result = fit_classifier(
-        config.drn, splits["train"], splits["val"], test=splits["test"],
+        drn, splits["train"], splits["val"], test=splits["test"],
         run_uri=storage.join(run, name), experiment=experiment, registered_name=registered_name,
         init_from=init_from, image_size=(config.image.height, config.image.width), overwrite=True,
-        run_name=f"{registered_name}-{name}", **_ray_train(config),
+        run_name=f"{registered_name or 'drn'}-{name}", **_ray_train(config),
         torch_threads=config.compute.torch_threads,
     )
-    return {"model": f"models:/{registered_name}/{result.model_version}",
-            "version": result.model_version, "val_auc": result.best_val_auc,
-            "predictions": result.predictions_uri}
+    return {"model": result.model_uri, "version": result.model_version,
+            "val_auc": result.best_val_auc, "predictions": result.predictions_uri}
 
 
 def unit_model(config: BoneaugConfig, data: str, run: str, body_part: str) -> str:
@@ -221,25 +243,191 @@ def patches_stage(config: BoneaugConfig, data: str, run: str, body_part: str) ->
     return stage(run, "patches", [config.patches, config.augment.max_source_images], go)
 
 
-def baseline_stage(config: BoneaugConfig, run: str, body_part: str,
-                   fracture: str) -> dict[str, Any]:
-    """The baseline DRN (no augmentation), fine-tuned from the fracture model; registered as
-    boneaug-drn-<body_part>."""
-    return stage(run, "baseline", [config.drn, config.image, fracture],
-                 lambda: train_drn(config, run, "drn-baseline", augmented=None, init_from=fracture,
-                                    registered_name=f"boneaug-drn-{body_part}",
-                                    experiment=f"boneaug/{body_part}/train_classifier"))
+def baseline_stage(config: BoneaugConfig, run: str, body_part: str, fracture: str,
+                   seed: int | None = None) -> dict[str, Any]:
+    """The baseline DRN (no augmentation) at training seed `seed` (default: the config's),
+    fine-tuned from the fracture model; registered as boneaug-drn-<body_part>."""
+    seed = config.drn.seed if seed is None else seed
+    return stage(run, f"baseline-s{seed}", [config.drn, config.image, fracture, seed],
+                 lambda: train_drn(config, run, f"drn-baseline-s{seed}", augmented=None,
+                                   init_from=fracture, registered_name=f"boneaug-drn-{body_part}",
+                                   experiment=f"boneaug/{body_part}/train_classifier", seed=seed))
+
+
+def translator_spec(config: BoneaugConfig, data: str, run: str, body_part: str,
+                    variant: Variant) -> TranslatorSpec:
+    """The translator of `variant`: this body part's UNIT (trained here when needed) or another
+    body part's (TL_G), the copy-paste arm over this run's lesion patches, or the oracle."""
+    from boneaug.augment.pipeline import ModelRef
+
+    seed = config.augment.seed
+    if variant.arm == "copy_paste":
+        return TranslatorSpec("copy_paste", lesion_patches_uri=storage.join(run, "patches",
+                                                                             "lesion"), seed=seed)
+    if variant.arm == "oracle":
+        return TranslatorSpec("oracle", synth=config.synth, seed=seed)
+    uri = (unit_model(config, data, run, body_part) if variant.unit_from is None
+           else f"models:/boneaug-unit-{variant.unit_from}@challenger")
+    return TranslatorSpec("unit", model_uri=ModelRef.resolve(uri).uri, seed=seed)
+
+
+def blend_stage(config: BoneaugConfig, data: str, run: str, key: str,
+                translator: TranslatorSpec) -> dict[str, Any]:
+    """One arm's blended, unscored candidates under <run>/augmented/<key>/blended (made once;
+    every seed's pseudo-labeller scores them)."""
+    from boneaug.augment.pipeline import blend_candidates
+
+    out = storage.join(run, "augmented", key)
+    inputs = [translator, config.augment.blend_n, config.image, config.augment.max_source_images,
+              storage.read_manifest(storage.join(run, "patches"))]
+
+    def go() -> dict[str, Any]:
+        count = blend_candidates(data_uri=data, run_uri=run, out_uri=out, translator=translator,
+                                 image=config.image, n=config.augment.blend_n,
+                                 tracking=config.tracking,
+                                 max_sources=config.augment.max_source_images)
+        print(f"[blend-{key}] {count} candidates blended with {translator.label}", flush=True)
+        return {"blended_uri": storage.join(out, "blended"), "blended": count}
+
+    return stage(run, f"blend-{key}", inputs, go)
+
+
+def score_stage(config: BoneaugConfig, run: str, key: str, blended: dict[str, Any],
+                scorer_uri: str, seed: int) -> dict[str, Any]:
+    """One arm's candidates scored by one seed's pseudo-labeller, under
+    <run>/augmented/<key>/s<seed>; returns {"candidates": URI, "blended": count}."""
+    from boneaug.augment.pipeline import score_candidates
+
+    def go() -> dict[str, Any]:
+        summary = score_candidates(blended_uri=blended["blended_uri"],
+                                   out_uri=storage.join(run, "augmented", key, f"s{seed}"),
+                                   scorer_uri=scorer_uri, tracking=config.tracking)
+        print(summary, flush=True)
+        return {"candidates": summary.candidates_uri, "blended": summary.blended}
+
+    return stage(run, f"score-{key}-s{seed}", [blended, scorer_uri], go)
 
 
 def candidates_stage(config: BoneaugConfig, data: str, run: str, key: str, unit_uri: str,
                      scorer_uri: str) -> dict[str, Any]:
-    """The blended, scored candidates of one variant under <run>/augmented/<key> (made once;
-    every t selects from them); returns {"candidates": URI, "blended": count}."""
+    """This body part's UNIT candidates (`key`), scored by `scorer_uri` at the config's seed
+    (what a Tune threshold sweep selects from); returns {"candidates": URI, "blended": count}."""
+    from boneaug.augment.pipeline import ModelRef
+
+    spec = TranslatorSpec("unit", model_uri=ModelRef.resolve(unit_uri).uri,
+                          seed=config.augment.seed)
+    blended = blend_stage(config, data, run, key, spec)
+    return score_stage(config, run, key, blended, scorer_uri, config.drn.seed)
+
+
+def learning_curve_stage(config: BoneaugConfig, run: str, body_part: str, fracture: str,
+                         seed: int, multiple: float) -> dict[str, Any]:
+    """The baseline trained on `multiple` x the real training positives: a share of them
+    (< 1), or all of them plus extra ones from the cohort's "extra" split (> 1)."""
+    positives = train_positives(run)
+    extra = round((multiple - 1.0) * positives) if multiple > 1 else 0
+    name = f"lc-{multiple:g}-s{seed}"
+    result = stage(run, name, [config.drn, config.image, fracture, seed, multiple],
+                   lambda: train_drn(config, run, f"drn-{name}", augmented=None,
+                                     init_from=fracture, registered_name=None,
+                                     experiment=f"boneaug/{body_part}/learning_curve", seed=seed,
+                                     positive_fraction=min(multiple, 1.0),
+                                     extra_positives=extra))
+    return result | {"positives": max(1, round(min(multiple, 1.0) * positives)) + extra}
+
+
+def train_positives(run: str) -> int:
+    """Real training positives of the run's classification set (confounder images excluded)."""
+    import pyarrow.compute as pc
+
+    from boneaug.data.datasets import image_table
+
+    table = image_table(run)
+    train = pc.equal(table.column("split"), "train")
+    return int(pc.sum(pc.and_(train, pc.equal(table.column("label"), 1))).as_py() or 0)
+
+
+def _scorer(variant: Variant, seed: int, baseline: dict[str, Any],
+            scorers: dict[str, dict[int, str]]) -> str:
+    """The pseudo-labeller of `variant` at `seed`: this body part's baseline of that seed, or
+    (TL_PL) the other body part's baseline of the same seed, else its @champion."""
+    if variant.scorer_from is None:
+        return str(baseline["model"])
+    own = scorers.get(variant.scorer_from, {})
+    return own.get(seed, f"models:/boneaug-drn-{variant.scorer_from}@champion")
+
+
+@dataclass
+class _Arm:
+    """One variant's trained models at one seed, by t."""
+
+    variant: Variant
+    seed: int
+    trained: dict[float, dict[str, Any]]
+    candidates: dict[str, Any]
+
+    @property
+    def best_t(self) -> float:
+        return max(self.trained, key=lambda t: self.trained[t]["val_auc"])
+
+
+def _train_arm(config: BoneaugConfig, run: str, body_part: str, fracture: str, variant: Variant,
+               candidates: dict[str, Any], seed: int, thresholds: tuple[float, ...],
+               primary: bool) -> _Arm:
+    """One DRN per t on the real data plus the variant's candidates scoring >= t; the UNIT and
+    transfer arms of the primary seed are registered (boneaug-drn-<part>-aug)."""
+    from boneaug.augment.pipeline import select_augmented
+    from boneaug.eval.report import ModelMeta, import_predictions
+
+    registered = (f"boneaug-drn-{body_part}-aug" if primary and variant.arm == "unit"
+                  else None)
+    trained: dict[float, dict[str, Any]] = {}
+    for t in thresholds:
+        selected = select_augmented(candidates["candidates"], t)
+        name = f"drn-{variant.key}-t{t:.2f}-s{seed}"
+        trained[t] = stage(
+            run, name, [config.drn, config.image, candidates, t, fracture, seed],
+            lambda selected=selected, name=name: {
+                **train_drn(config, run, name, augmented=selected, init_from=fracture,
+                            registered_name=registered, experiment=f"boneaug/{body_part}/augment",
+                            seed=seed),
+                "samples": selected.num_rows})
+        import_predictions(run, f"{variant.key}-t{t:.2f}-s{seed}", ModelMeta(
+            type=variant.type, t=t, augmented_samples=trained[t]["samples"],
+            model_name=registered, model_version=trained[t]["version"], body_part=body_part,
+            baseline=False, seed=seed), trained[t]["predictions"])
+    return _Arm(variant, seed, trained, candidates)
+
+
+def _publish_arm(config: BoneaugConfig, data: str, run: str, body_part: str, arm: _Arm,
+                 baseline: dict[str, Any], result: BodyPartResult) -> None:
+    """The primary seed's choice of t for one variant: derived DICOMs, Figure 3, aliases."""
+    from boneaug.augment.pipeline import select_augmented, write_derived_dicoms
+    from boneaug.eval.figures import figure3
+
+    key, best_t = arm.variant.key, arm.best_t
+    best = arm.trained[best_t]
+    result.chosen[key] = best_t
+    result.models[key] = best["model"]
     aug_uri = storage.join(run, "augmented", key)
-    return stage(run, f"augment-{key}",
-                 [unit_uri, scorer_uri, config.augment.blend_n, config.image,
-                  storage.read_manifest(storage.join(run, "patches"))],
-                 lambda: _blend(config, data, run, aug_uri, unit_uri, scorer_uri))
+    cands = arm.candidates
+    dicoms = stage(run, f"dicom-{key}", [cands, best_t, best["model"]], lambda: {
+        "files": len(write_derived_dicoms(
+            data_uri=data, run_uri=run, selected=select_augmented(cands["candidates"], best_t),
+            out_uri=storage.join(aug_uri, "dicom"), t=best_t))})
+    print(f"[{key}] {dicoms['files']} derived DICOMs under {storage.join(aug_uri, 'dicom')}",
+          flush=True)
+    png = figure3(data_uri=data, run_uri=run, candidates_uri=cands["candidates"],
+                  out_png=storage.join(run, "report", f"figure3_{key}.png"))
+    if png:
+        result.figures[key] = png
+    registered = f"boneaug-drn-{body_part}-aug"
+    note = f"val AUC {best['val_auc']:.3f} vs baseline {baseline['val_auc']:.3f}"
+    if best["version"] and best["model"].startswith(f"models:/{registered}/"):
+        alias = "champion" if best["val_auc"] > baseline["val_auc"] else "challenger"
+        tracking.set_alias(registered, alias, best["version"])
+        note += f"; {registered} v{best['version']} -> @{alias}"
+    print(f"[{key}] t chosen on validation: {best_t:.2f} ({note})", flush=True)
 
 
 def run_body_part(
@@ -252,90 +440,150 @@ def run_body_part(
     synthesize: bool = True,
     variants: tuple[Variant, ...] = (OWN,),
     thresholds: tuple[float, ...] | None = None,
+    seeds: tuple[int, ...] | None = None,
+    learning_curve: tuple[float, ...] = (),
+    scorers: dict[str, dict[int, str]] | None = None,
 ) -> BodyPartResult:
-    """The paper's chain for one body part; returns the report and the chosen thresholds."""
-    from boneaug.augment.pipeline import select_augmented, write_derived_dicoms
-    from boneaug.eval.figures import figure3
+    """The paper's chain for one body part, its arms and instruments; returns the report.
+
+    Translators are trained and candidates blended once; every training seed in `seeds`
+    (default: the config's) repeats the classifier trainings: the baseline, the learning curve
+    (`learning_curve`: multiples of the real training positives, e.g. 0.25, 0.5, 2, 4) and one
+    DRN per variant and t, pseudo-labelled by that seed's baseline (`scorers`: other body
+    parts' baselines per seed, for TL_PL). The first seed publishes: aliases, DICOMs, figures.
+    """
     from boneaug.eval.report import ModelMeta, import_predictions, render_report_from_predictions
 
     tracking.configure(config.tracking)
     run = storage.join(out_uri, "runs", run_id or f"{body_part}-{config.profile}")
     thresholds = tuple(thresholds or config.augment.thresholds)
+    seeds = seeds or (config.drn.seed,)
     ensure_cohort(config, data_uri, [body_part], synthesize=synthesize)
     ingest_stage(config, data_uri, run, body_part)
     fracture = fracture_model(config, data_uri, out_uri)
-    baseline = baseline_stage(config, run, body_part, fracture)
-    result = BodyPartResult(body_part, run, "", "", models={"baseline": baseline["model"]})
+    patches_stage(config, data_uri, run, body_part)
+    result = BodyPartResult(body_part, run, "", "")
+    blended = {}
+    for v in variants:
+        spec = translator_spec(config, data_uri, run, body_part, v)
+        if spec.arm == "unit":
+            result.models[f"{v.key}-unit"] = spec.label
+        blended[v.key] = blend_stage(config, data_uri, run, v.key, spec)
     storage.remove(storage.join(run, "predictions"))
-    import_predictions(run, "baseline", ModelMeta(type="Baseline", t=None, augmented_samples=0,
-                                                  model_name=f"boneaug-drn-{body_part}",
-                                                  model_version=baseline["version"],
-                                                  body_part=body_part, baseline=True),
-                       baseline["predictions"])
-    for variant in variants:
-        unit_uri = (unit_model(config, data_uri, run, body_part) if variant.unit_from is None
-                    else f"models:/boneaug-unit-{variant.unit_from}@challenger")
-        scorer_uri = (baseline["model"] if variant.scorer_from is None
-                      else f"models:/boneaug-drn-{variant.scorer_from}@champion")
-        patches_stage(config, data_uri, run, body_part)  # TL_G needs this body part's sources too
-        result.models[f"{variant.key}-unit"] = unit_uri
-        aug_uri = storage.join(run, "augmented", variant.key)
-        cands = candidates_stage(config, data_uri, run, variant.key, unit_uri, scorer_uri)
-        trained: dict[float, dict[str, Any]] = {}
-        for t in thresholds:
-            selected = select_augmented(cands["candidates"], t)
-            trained[t] = stage(
-                run, f"drn-{variant.key}-t{t:.2f}", [config.drn, config.image, cands, t, fracture],
-                lambda selected=selected, t=t: {
-                    **train_drn(config, run, f"drn-{variant.key}-t{t:.2f}", augmented=selected,
-                                 init_from=fracture, registered_name=f"boneaug-drn-{body_part}-aug",
-                                 experiment=f"boneaug/{body_part}/augment"),
-                    "samples": selected.num_rows},
-            )
-            import_predictions(run, f"{variant.key}-t{t:.2f}", ModelMeta(
-                type=variant.type, t=t, augmented_samples=trained[t]["samples"],
-                model_name=f"boneaug-drn-{body_part}-aug", model_version=trained[t]["version"],
-                body_part=body_part, baseline=False), trained[t]["predictions"])
-        best_t = max(thresholds, key=lambda t: trained[t]["val_auc"])
-        result.chosen[variant.key] = best_t
-        best = trained[best_t]
-        result.models[variant.key] = best["model"]
-        dicoms = stage(run, f"dicom-{variant.key}", [cands, best_t, best["model"]], lambda: {
-            "files": len(write_derived_dicoms(
-                data_uri=data_uri, run_uri=run,
-                selected=select_augmented(cands["candidates"], best_t),
-                out_uri=storage.join(aug_uri, "dicom"), t=best_t))})
-        print(f"[{variant.key}] {dicoms['files']} derived DICOMs under "
-              f"{storage.join(aug_uri, 'dicom')}", flush=True)
-        png = figure3(data_uri=data_uri, run_uri=run, candidates_uri=cands["candidates"],
-                      out_png=storage.join(run, "report", f"figure3_{variant.key}.png"))
-        if png:
-            result.figures[variant.key] = png
-        alias = "champion" if best["val_auc"] > baseline["val_auc"] else "challenger"
-        tracking.set_alias(f"boneaug-drn-{body_part}-aug", alias, best["version"])
-        print(f"[{variant.key}] t chosen on validation: {best_t:.2f} "
-              f"(val AUC {best['val_auc']:.3f} vs baseline {baseline['val_auc']:.3f}); "
-              f"boneaug-drn-{body_part}-aug v{best['version']} -> @{alias}",
-              flush=True)
-    tracking.set_alias(f"boneaug-drn-{body_part}", "champion", baseline["version"])
-    if OWN in variants:  # this body part's own translator and t are what its service (serve/) uses
-        name, version = tracking.resolve(result.models[f"{OWN.key}-unit"])
-        tracking.set_alias(name, "champion", str(version))
-        tracking.set_version_tag(f"boneaug-drn-{body_part}", baseline["version"],
-                                 tracking.PSEUDO_LABEL_T_TAG, f"{result.chosen[OWN.key]:.2f}")
+    _write_conspicuity(data_uri, run, body_part)
+    positives = train_positives(run)
+    for seed in seeds:
+        primary = seed == seeds[0]
+        baseline = baseline_stage(config, run, body_part, fracture, seed)
+        result.baselines[seed] = baseline["model"]
+        import_predictions(run, f"baseline-s{seed}", ModelMeta(
+            type="Baseline", t=None, augmented_samples=0, model_name=f"boneaug-drn-{body_part}",
+            model_version=baseline["version"], body_part=body_part, baseline=True, seed=seed,
+            positives=positives), baseline["predictions"])
+        for multiple in learning_curve:
+            lc = learning_curve_stage(config, run, body_part, fracture, seed, multiple)
+            import_predictions(run, f"lc-{multiple:g}-s{seed}", ModelMeta(
+                type="Learning curve", augmented_samples=0, body_part=body_part, seed=seed,
+                positives=lc["positives"], learning_curve=True), lc["predictions"])
+        for variant in variants:
+            scored = score_stage(config, run, variant.key, blended[variant.key],
+                                 _scorer(variant, seed, baseline, scorers or {}), seed)
+            arm = _train_arm(config, run, body_part, fracture, variant, scored, seed, thresholds,
+                             primary)
+            if primary:
+                _publish_arm(config, data_uri, run, body_part, arm, baseline, result)
+        if primary:
+            result.models["baseline"] = baseline["model"]
+            _publish_baseline(config, body_part, baseline, result, variants)
     result.markdown = render_report_from_predictions(run, config.eval)
     result.report_uri = storage.join(run, "report")
     return result
 
 
-def _blend(config: BoneaugConfig, data: str, run: str, aug_uri: str, unit_uri: str,
-           scorer_uri: str) -> dict[str, Any]:
-    from boneaug.augment.pipeline import blend_and_score
+def _publish_baseline(config: BoneaugConfig, body_part: str, baseline: dict[str, Any],
+                      result: BodyPartResult, variants: tuple[Variant, ...]) -> None:
+    """The primary seed's baseline is the body part's @champion; its own translator and t are
+    what its service (serve/) uses."""
+    tracking.set_alias(f"boneaug-drn-{body_part}", "champion", baseline["version"])
+    if OWN in variants:
+        name, version = tracking.resolve(result.models[f"{OWN.key}-unit"])
+        tracking.set_alias(name, "champion", str(version))
+        tracking.set_version_tag(f"boneaug-drn-{body_part}", baseline["version"],
+                                 tracking.PSEUDO_LABEL_T_TAG, f"{result.chosen[OWN.key]:.2f}")
 
-    summary = blend_and_score(data_uri=data, run_uri=run, out_uri=aug_uri, unit_uri=unit_uri,
-                              scorer_uri=scorer_uri, image=config.image, n=config.augment.blend_n,
-                              tracking=config.tracking,
-                              max_sources=config.augment.max_source_images)
-    print(summary, flush=True)
-    return {"candidates": summary.candidates_uri, "blended": summary.blended}
 
+def _write_conspicuity(data: str, run: str, body_part: str) -> None:
+    """Each image's lesion conspicuity (synthetic cohorts annotate it), for the report's table
+    by conspicuity band."""
+    import pyarrow.compute as pc
+
+    from boneaug.eval.report import write_conspicuity
+
+    table = storage.read_parquet(storage.join(data, "annotations.parquet"))
+    if "conspicuity" not in table.column_names:
+        return
+    table = table.filter(pc.and_(pc.equal(table.column("body_part"), body_part),
+                                 pc.equal(table.column("task"), "lesion")))
+    rows = table.select(["image_id", "conspicuity"]).to_pydict()
+    write_conspicuity(run, rows["image_id"], rows["conspicuity"])
+
+
+def critic_stage(config: BoneaugConfig, data: str, run: str, body_part: str,
+                 translators: dict[str, str] | None = None) -> dict[str, Any]:
+    """The phantom lesion critic of a synthetic cohort's body part (an instrument: see
+    `boneaug.eval.phantom_critic`), validated on this run's real patch sets and on the
+    translations of `translators` (label -> translator URI), and registered as
+    boneaug-critic-<body_part>; returns its validation as numbers."""
+    from boneaug.synth.cohort import generated_with
+
+    if not generated_with(data, body_part, config.synth, seed=config.synth.seed):
+        raise DataError(f"the phantom critic needs the synthetic cohort the config's synth section "
+                        f"generates; {data} holds another {body_part} cohort")
+    patches_stage(config, data, run, body_part)
+    inputs = [config.synth, config.patches, config.eval.critic_pairs, config.eval.critic_steps,
+              translators]
+    return stage(run, "critic", inputs,
+                 lambda: _train_critic(config, run, body_part, translators or {}))
+
+
+def _train_critic(config: BoneaugConfig, run: str, body_part: str,
+                  translators: dict[str, str]) -> dict[str, Any]:
+    import dataclasses
+    from functools import partial
+
+    import numpy as np
+
+    from boneaug.augment.translate import load_translator, translate_patches
+    from boneaug.data.patch_sets import load_patch_array
+    from boneaug.eval import phantom_critic as pc
+    from boneaug.eval.quality import CriticConfig
+
+    settings = config.patches.body_parts[body_part]  # type: ignore[index]
+    pairs = pc.paired_patches(config.synth, body_part, n=config.eval.critic_pairs,
+                              size=config.patches.size, s=settings.s, workers=2)
+    critic, heldout = pc.train_phantom_critic(
+        pairs, CriticConfig(steps=config.eval.critic_steps, holdout=0.0, seed=config.eval.seed))
+    sets = {k: load_patch_array(storage.join(run, "patches", k)) for k in ("lesion", "normal")}
+    validation = pc.validate(
+        critic, heldout_pair_auc=heldout, lesion=sets["lesion"], normal=sets["normal"],
+        translators={label: partial(translate_patches, load_translator(uri))
+                     for label, uri in translators.items()})
+    section = pc.markdown(validation, body_part)
+    storage.write_text(storage.join(run, "report", "critic.md"), section)
+    print(section, flush=True)
+    name = f"boneaug-critic-{body_part}"
+    with tracking.start_run(f"boneaug/{body_part}/critic", name,
+                            {"pairs": len(pairs.lesion), "threshold": critic.threshold}):
+        import mlflow
+
+        mlflow.log_metrics({"heldout_pair_auc": heldout, "real_auc": validation.real_auc,
+                            "worst_rise": validation.worst_rise})
+        version = tracking.log_torch_model(critic.model.eval(), name="critic",
+                                           input_example=np.zeros((1, 1, config.patches.size,
+                                                                   config.patches.size),
+                                                                  np.float32),
+                                           registered_name=name, alias="champion")
+    tracking.set_version_tag(name, str(version), "lesion_threshold", f"{critic.threshold:.6f}")
+    return {"model": f"models:/{name}/{version}", "threshold": critic.threshold,
+            "pairs": len(pairs.lesion), **dataclasses.asdict(validation),
+            "worst_rise": validation.worst_rise}

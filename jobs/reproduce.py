@@ -1,48 +1,66 @@
-"""The paper's experiments (SPEC 8) on the synthetic cohort, one report beside the paper's tables.
+"""The paper's experiments (SPEC 8) and the chain's own instruments (SPEC 9), one report.
 
-    python jobs/reproduce.py [--profile local] [--out URI]
+    python jobs/reproduce.py [--profile local] [--seeds 0,1,2] [--out URI]
     ray job submit --working-dir . -- python jobs/reproduce.py --profile local --data /abs/path
-        --synthetic
+        --synthetic --seeds 0,1,2
 
-Table 2: humerus baseline and augmented at t in {0.70, 0.85, 0.90, 0.95}.
+Table 2: humerus baseline and augmented at t in {0.70, 0.85, 0.90, 0.95}, beside the copy-paste
+and (synthetic cohorts) oracle arms at the same t, and the learning curve (the baseline on a
+share, and a multiple, of the real training positives: `eval.learning_curve`).
 Table 3: tibia baseline / augmented / TL_G / TL_G + TL_PL; femur baseline / TL_G / TL_G + TL_PL
-(TL_G: the humerus UNIT; TL_PL: the humerus baseline as pseudo-labeller). t is chosen on
-validation AUC for every augmented variant (humerus: the paper's grid; the others: the profile's
-augment.thresholds); the test set is only used for the final table.
+(TL_G: the humerus UNIT; TL_PL: the humerus baseline of the same seed as pseudo-labeller), each
+beside copy-paste and oracle. t is chosen on validation AUC for every arm (humerus: the paper's
+grid; the others: the profile's augment.thresholds); the test set is only used for the tables.
+
+Translators are trained once per body part; each training seed of --seeds repeats every
+classifier training, and the tables give the mean +- sd over seeds beside each row.
 """
 
 import time
 
 from boneaug import storage, tracking
 from boneaug.config import PAPER_THRESHOLDS
-from boneaug.runtime import absolute, init_ray, job_parser, setup
-from boneaug.workflow import OWN, Variant, ensure_cohort, run_body_part
+from boneaug.runtime import absolute, init_ray, job_parser, parse_seeds, setup
+from boneaug.synth.cohort import generated_with
+from boneaug.workflow import COPY_PASTE, ORACLE, OWN, Variant, ensure_cohort, run_body_part
 
 TL_G = Variant("tl_g", "TL_G", unit_from="humerus")
 TL_G_PL = Variant("tl_g_pl", "TL_G + TL_PL", unit_from="humerus", scorer_from="humerus")
-EXPERIMENTS = (("humerus", (OWN,)), ("tibia", (OWN, TL_G, TL_G_PL)), ("femur", (TL_G, TL_G_PL)))
+EXPERIMENTS = (("humerus", (OWN, COPY_PASTE, ORACLE)),
+               ("tibia", (OWN, TL_G, TL_G_PL, COPY_PASTE, ORACLE)),
+               ("femur", (TL_G, TL_G_PL, COPY_PASTE, ORACLE)))
 
 
 def main() -> None:
-    args = job_parser(__doc__, body_part=False).parse_args()
+    parser = job_parser(__doc__, body_part=False)
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated training seeds, e.g. 0,1,2 (default: the config's)")
+    args = parser.parse_args()
     config, data, _ = setup(args)
+    seeds = parse_seeds(args.seeds) or (config.drn.seed,)
     out = absolute(args.out or data)
     start = time.perf_counter()
     tracking.configure(config.tracking)
     init_ray()
     ensure_cohort(config, data, [part for part, _ in EXPERIMENTS],
                   synthesize=args.data is None or args.synthetic)
-    sections = []
+    sections, scorers = [], {}
     for part, variants in EXPERIMENTS:
+        if not generated_with(data, part, config.synth, seed=config.synth.seed):
+            variants = tuple(v for v in variants if v is not ORACLE)  # a real cohort: no phantom
         result = run_body_part(config, part,  # type: ignore[arg-type]
                                data_uri=data, out_uri=out, synthesize=False, variants=variants,
-                               thresholds=PAPER_THRESHOLDS if part == "humerus" else None)
+                               thresholds=PAPER_THRESHOLDS if part == "humerus" else None,
+                               seeds=seeds, scorers=scorers,
+                               learning_curve=config.eval.learning_curve if part == "humerus"
+                               else ())
+        scorers[part] = result.baselines
         png = result.figures.get(variants[0].key)
         chosen = ", ".join(f"{k}: t = {t:.2f}" for k, t in result.chosen.items())
         figure = (f"![Figure 3: original, translated, blended]({png})\n" if png
                   else "(no candidates: no Figure 3)\n")
-        sections.append(f"## {part}\n\nt chosen on validation: {chosen}\n\n"
-                        f"{result.markdown}\n{figure}")
+        sections.append(f"## {part}\n\nt chosen on validation (seed {seeds[0]}): {chosen}\n\n"
+                        f"{result.markdown}\n{figure}\nFull report: {result.report_uri}\n")
     report = storage.join(out, "runs", f"reproduce-{config.profile}", "report.md")
     storage.write_text(report, "# boneaug: the paper's experiments on the synthetic cohort\n\n"
                        + "\n".join(sections))

@@ -1,8 +1,9 @@
 """`jobs/augment_tibia.py --profile smoke` on a `ray start` head, end to end.
 
 A real `ray start --head` (token auth as Ray 2.60 ships it), joined by the job driver, runs the
-whole chain: synthetic cohort -> ingest -> patches -> UNIT -> fracture pre-training -> baseline
-DRN -> translate/blend/score -> augmented DRNs over a t grid -> report, MLflow registry, derived
+whole chain: synthetic cohort -> ingest -> patches -> UNIT -> fracture pre-training -> blends of
+the UNIT, copy-paste and oracle arms -> per training seed (two): baseline DRN, scores,
+augmented DRNs over a t grid -> report (mean +- sd over seeds), MLflow registry, derived
 DICOMs.
 """
 
@@ -64,13 +65,22 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
 
 def test_augment_tibia_smoke_on_a_ray_head(ray_head: dict[str, str], tmp_path: Path) -> None:
     data, db = tmp_path / "cohort", ray_head["MLFLOW_TRACKING_URI"][len("sqlite:///"):]
+    # the classifiers train in Ray Train's local mode (as the local profile's do): a worker group
+    # per DRN would start 10 of them; the UNIT trains on a worker of the head
+    config = tmp_path / "local_mode.yaml"
+    config.write_text("compute:\n  num_workers: 0\n")
     cmd = [str(BIN / "python"), str(ROOT / "jobs" / "augment_tibia.py"), "--profile", "smoke",
-           "--data", str(data), "--synthetic", "--thresholds", "0.3,0.9"]
+           "--data", str(data), "--synthetic", "--thresholds", "0.3,0.9", "--config", str(config),
+           "--arms", "unit,copy_paste,oracle", "--seeds", "0,1"]
     proc = subprocess.run(cmd, env=ray_head, capture_output=True, text=True, timeout=1500, cwd=ROOT)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| Type | t | Augmented samples | ROC AUC (CI 95 %) |" in out
     assert "[ingest] done" in out and "[unit] done" in out and "t chosen on validation" in out
+    # every arm beside the baseline, and the seeds' mean +- sd and paired differences
+    for row in ("| Baseline |", "| Augmented | 0.30 |", "| Copy-paste | 0.90 |", "| Oracle |"):
+        assert row in out
+    assert "AUC mean ± sd (n seeds)" in out and "(n = 2)" in out and "Validation-chosen t" in out
 
     run = data / "runs" / "tibia-smoke"
     assert ((run / "report" / "report.md").exists()
@@ -91,7 +101,7 @@ def test_augment_tibia_smoke_on_a_ray_head(ray_head: dict[str, str], tmp_path: P
     from boneaug.io.dicom import check_uris, read_provenance
 
     dicoms = storage.list_files(str(run / "augmented" / "aug" / "dicom"), suffix=".dcm")
-    candidates = storage.read_parquet(str(run / "augmented" / "aug" / "candidates"))
+    candidates = storage.read_parquet(str(run / "augmented" / "aug" / "s0" / "candidates"))
     chosen = [float(line.split("validation: ")[1].split(" ")[0]) for line in out.splitlines()
               if "t chosen on validation" in line][0]
     assert len(dicoms) == sum(s >= chosen for s in candidates.column("score").to_pylist())
@@ -102,4 +112,14 @@ def test_augment_tibia_smoke_on_a_ray_head(ray_head: dict[str, str], tmp_path: P
     if dicoms:
         provenance = read_provenance(storage.read_bytes(dicoms[0]))
         assert float(provenance["t"]) == chosen and "score" in provenance
+    # the seeds repeat the classifier trainings only: one UNIT, one blend per arm
+    stages = {p.stem for p in (run / "stages").glob("*.json")}
+    assert {"unit", "blend-aug", "blend-copy_paste", "blend-oracle", "baseline-s0",
+            "baseline-s1", "score-oracle-s1", "drn-oracle-t0.90-s1"} <= stages
+    blended = storage.read_parquet(str(run / "augmented" / "oracle" / "blended"))
+    for seed in (0, 1):  # each seed's baseline pseudo-labels the same blends
+        scored = storage.read_parquet(str(run / "augmented" / "oracle" / f"s{seed}" /
+                                          "candidates"))
+        assert sorted(scored.column("image_id").to_pylist()) == \
+            sorted(blended.column("image_id").to_pylist())
     shutil.rmtree(tmp_path / "cohort" / "dicom", ignore_errors=True)

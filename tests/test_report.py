@@ -3,8 +3,10 @@ ROC figures, and a report re-rendered from stored predictions (local path and S3
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,19 +16,23 @@ from PIL import Image
 from boneaug import storage
 from boneaug.config import EvalConfig
 from boneaug.errors import DataError
-from boneaug.eval.metrics import bootstrap_auc, operating_point, sens_spec
+from boneaug.eval.metrics import bootstrap_auc, operating_point, roc_auc, sens_spec
 from boneaug.eval.report import (
     ModelMeta,
+    band_aucs,
+    band_masks,
     evaluate_models,
     from_json,
     import_predictions,
     paper_tables,
     plot_roc,
+    read_conspicuity,
     read_index,
     render_report_from_predictions,
     roc_curves,
     to_json,
     to_markdown,
+    write_conspicuity,
     write_predictions,
 )
 
@@ -197,7 +203,7 @@ def _check_report(run: str) -> None:
     assert png[:8] == PNG_MAGIC and Image.open(io.BytesIO(png)).size == (900, 900)
     assert _coloured_pixels(png) > 2000
     metrics = json.loads(storage.read_bytes(storage.join(report, "metrics.json")))
-    assert metrics["schema"] == "boneaug.report/1"
+    assert metrics["schema"] == "boneaug.report/2"
     table = from_json(metrics["tables"][0])
     assert [r.key for r in table.rows] == ["base", "aug70", "aug90"]
     files = storage.read_manifest(report)["files"]
@@ -285,3 +291,292 @@ def test_import_a_classifier_runs_predictions(tmp_path: Path) -> None:
     md = render_report_from_predictions(run, CONFIG)
     assert "### tibia: lesion classification on the test set (cf. paper Table 3a)" in md
     assert "Paper Table 3a: tibia" in md and (tmp_path / "exp/report/roc_tibia.png").exists()
+
+
+# ------------------------------------------------------------------ seeds, arms, curve, bands
+
+ARMS = {  # (type, t) -> (test push, val push by seed); push scales how well a model separates
+    ("Copy-paste", 0.70): (1.05, (1.05, 1.05)),
+    ("Copy-paste", 0.90): (0.6, (0.6, 0.6)),
+    ("Augmented", 0.70): (1.10, (1.10, 1.10)),
+    ("Augmented", 0.90): (1.30, (1.30, 1.30)),
+    # the oracle: seed 0's validation prefers t = 0.70, seed 1's t = 0.90
+    ("Oracle", 0.70): (1.70, (2.5, 1.0)),
+    ("Oracle", 0.90): (1.60, (1.0, 2.5)),
+}
+CURVE = {0.25: (30, 0.55), 0.5: (60, 0.8), 2.0: (240, 1.15)}  # share -> (positives, push)
+FULL_POSITIVES = 120
+KEYS = {"Copy-paste": "cp", "Augmented": "aug", "Oracle": "oracle"}
+
+
+class MultiSeed:
+    """In-memory predictions of a 2-seed, 3-arm, 2-t humerus experiment with a learning curve,
+    and the test set's conspicuity. preds[key] = (val labels, val scores, test labels, scores)."""
+
+    def __init__(self, seeds: tuple[int, ...] = (0, 1), twin: bool = False) -> None:
+        rng = np.random.default_rng(42)
+        self.val, self.test = _split_labels((20, 200), (50, 500))
+        # two test positives below 0.3: that band gets no AUC
+        consp = np.r_[0.1, 0.2, rng.uniform(0.3, 1.0, 48)]
+        self.conspicuity = np.r_[consp, np.full(500, np.nan)]
+        self.test_ids = [f"t{i:03d}" for i in range(self.test.size)]
+        self.val_ids = [f"v{i:03d}" for i in range(self.val.size)]
+        self.preds: dict[str, tuple[np.ndarray, ...]] = {}
+        self.meta: dict[str, ModelMeta] = {}
+        for seed in seeds:
+            shared_val = rng.normal(size=self.val.size)
+            shared_test = rng.normal(size=self.test.size)
+
+            def add(key: str, meta: ModelMeta, push: float, val_push: float) -> None:
+                val = val_push * self.val + shared_val + 0.5 * rng.normal(size=self.val.size)
+                gain = np.nan_to_num(self.conspicuity, nan=0.0) + 0.5
+                test = (push * self.test * gain + shared_test
+                        + 0.5 * rng.normal(size=self.test.size))
+                self.preds[key] = (self.val, val, self.test, test)
+                self.meta[key] = meta
+
+            add(f"baseline-s{seed}", ModelMeta("Baseline", None, 0, body_part="humerus",
+                                               baseline=True, seed=seed,
+                                               positives=FULL_POSITIVES), 1.0, 1.0)
+            for (type_, t), (push, val_push) in ARMS.items():
+                add(f"{KEYS[type_]}-t{t:.2f}-s{seed}",
+                    ModelMeta(type_, t, 1000 + 10 * seed + int(100 * t), body_part="humerus",
+                              seed=seed, positives=FULL_POSITIVES),
+                    push, val_push[seed % 2])
+            for share, (positives, push) in CURVE.items():
+                add(f"lc-{share:.2f}-s{seed}",
+                    ModelMeta("Baseline", None, 0, body_part="humerus", seed=seed,
+                              positives=positives, learning_curve=True), push, push)
+            if twin:  # the very scores of this seed's baseline
+                self.preds[f"twin-s{seed}"] = self.preds[f"baseline-s{seed}"]
+                self.meta[f"twin-s{seed}"] = ModelMeta("Twin", body_part="humerus", seed=seed)
+
+    def store(self, run: str, *, conspicuity: bool = True) -> None:
+        for key, (val_l, val_s, test_l, test_s) in self.preds.items():
+            write_predictions(run, key, self.meta[key], image_ids=self.val_ids + self.test_ids,
+                              splits=["val"] * val_l.size + ["test"] * test_l.size,
+                              labels=np.r_[val_l, test_l], scores=np.r_[val_s, test_s])
+        if conspicuity:
+            write_conspicuity(run, self.test_ids, self.conspicuity)
+
+    def seed_keys(self, seed: int) -> dict[str, tuple[np.ndarray, ...]]:
+        return {k: v for k, v in self.preds.items() if self.meta[k].seed == seed}
+
+
+def _render(tmp_path: Path, data: MultiSeed, **kwargs: bool) -> tuple[str, dict, str]:
+    run = str(tmp_path / "run")
+    data.store(run, **kwargs)
+    md = render_report_from_predictions(run, CONFIG, compare_paper=False)
+    metrics = json.loads((tmp_path / "run/report/metrics.json").read_text())
+    return md, metrics, run
+
+
+def _arm(metrics: dict, type_: str, t: float | None) -> dict:
+    part = metrics["parts"][0]
+    return next(a for a in part["arms"] if a["type"] == type_ and a["t"] == t)
+
+
+def test_two_seeds_aggregate_to_mean_and_sample_sd(tmp_path: Path) -> None:
+    data = MultiSeed()
+    md, metrics, _ = _render(tmp_path, data)
+    assert metrics["parts"][0]["seeds"] == [0, 1]
+    assert [t["name"] for t in metrics["tables"]] == ["humerus-s0", "humerus-s1"]
+    assert [t["train_seed"] for t in metrics["tables"]] == [0, 1]
+    part = metrics["parts"][0]
+    assert [(a["type"], a["t"]) for a in part["arms"]] == [("Baseline", None)] + list(ARMS)
+    for (type_, t) in [("Baseline", None), *ARMS]:
+        arm = _arm(metrics, type_, t)
+        keys = [f"baseline-s{s}" if t is None else f"{KEYS[type_]}-t{t:.2f}-s{s}" for s in (0, 1)]
+        aucs = [roc_auc(data.preds[k][2], data.preds[k][3]) for k in keys]
+        mean, sd = float(np.mean(aucs)), float(np.std(aucs, ddof=1))
+        assert arm["keys"] == keys and arm["seeds"] == [0, 1]
+        assert arm["auc"]["mean"] == pytest.approx(mean, abs=1e-12)
+        assert arm["auc"]["sd"] == pytest.approx(sd, abs=1e-12) and arm["auc"]["n"] == 2
+        assert f"{mean:.3f} ± {sd:.3f} (n = 2) |" in md
+        if t is not None:
+            base = [roc_auc(data.preds[f"baseline-s{s}"][2], data.preds[f"baseline-s{s}"][3])
+                    for s in (0, 1)]
+            diffs = np.subtract(aucs, base)
+            assert arm["diff"]["mean"] == pytest.approx(float(diffs.mean()), abs=1e-12)
+            assert arm["diff"]["sd"] == pytest.approx(float(diffs.std(ddof=1)), abs=1e-12)
+    # augmented samples differ by seed: the main table shows their mean
+    assert "| Oracle | 0.70 | 1075 (mean) |" in md
+    # learning-curve models are not rows of the main table, nor of the ROC figure
+    assert all(not r["learning_curve"] for a in part["arms"] for r in [a] if "learning_curve" in r)
+    assert "lc-0.25" not in md.split("Learning curve:")[0]
+
+
+def test_each_seed_is_paired_against_its_own_baseline(tmp_path: Path) -> None:
+    data = MultiSeed(twin=True)
+    md, metrics, _ = _render(tmp_path, data, conspicuity=False)
+    twin = _arm(metrics, "Twin", None)
+    assert twin["diffs"] == [0.0, 0.0] and twin["n_up"] == twin["n_down"] == 0
+    for table in metrics["tables"]:
+        row = from_json(table).row(f"twin-s{table['train_seed']}")
+        assert (row.auc.diff, row.auc.diff_ci_low, row.auc.diff_ci_high) == (0.0, 0.0, 0.0)
+        assert row.auc.baseline == f"baseline-s{table['train_seed']}"
+    # the seeds' baselines differ, so pairing across seeds would not give 0
+    b0, b1 = (roc_auc(data.preds[f"baseline-s{s}"][2], data.preds[f"baseline-s{s}"][3])
+              for s in (0, 1))
+    assert abs(b0 - b1) > 1e-3
+    zero = "+0.000 (+0.000 to +0.000)"
+    assert f"| Twin | – | +0.000 ± 0.000 | {zero} | {zero} | 0/2 |" in md
+
+
+def test_the_chosen_t_is_the_best_validation_auc_of_each_seed(tmp_path: Path) -> None:
+    data = MultiSeed()
+    md, metrics, _ = _render(tmp_path, data)
+    chosen = {c["type"]: c for c in metrics["parts"][0]["chosen"]}
+    assert list(chosen) == ["Copy-paste", "Augmented", "Oracle"]
+    for type_, summary in chosen.items():
+        for pick, seed in zip(summary["picks"], (0, 1), strict=True):
+            val = {t: roc_auc(data.preds[f"{KEYS[type_]}-t{t:.2f}-s{seed}"][0],
+                              data.preds[f"{KEYS[type_]}-t{t:.2f}-s{seed}"][1])
+                   for (ty, t) in ARMS if ty == type_}
+            assert pick["seed"] == seed and pick["t"] == max(val, key=val.get)
+            assert pick["val_auc"] == pytest.approx(max(val.values()), abs=1e-12)
+            assert pick["key"] == f"{KEYS[type_]}-t{pick['t']:.2f}-s{seed}"
+    # the validation sets were built so that the seeds choose different oracle t
+    assert [p["t"] for p in chosen["Oracle"]["picks"]] == [0.70, 0.90]
+    diffs = [p["auc"]["diff"] for p in chosen["Oracle"]["picks"]]
+    assert chosen["Oracle"]["diff"]["mean"] == pytest.approx(np.mean(diffs), abs=1e-12)
+    assert chosen["Oracle"]["diff"]["sd"] == pytest.approx(np.std(diffs, ddof=1), abs=1e-12)
+    assert chosen["Oracle"]["n_up"] == 2 and chosen["Oracle"]["n_gain"] == 2
+    row = next(line for line in md.splitlines() if line.startswith("| Oracle | t = 0.70 (val"))
+    assert "| t = 0.90 (val" in row and row.endswith("| 2/2 | 2/2 |")
+    assert "| CI > 0 | CI > 0 and ΔAUC ≥ +0.030 |" in md
+
+
+def test_significant_seeds_are_counted_up_and_down(tmp_path: Path) -> None:
+    data = MultiSeed()
+    md, metrics, _ = _render(tmp_path, data, conspicuity=False)
+    for (type_, t) in ARMS:
+        arm = _arm(metrics, type_, t)
+        up = down = 0
+        for seed in (0, 1):
+            preds = data.seed_keys(seed)
+            res = bootstrap_auc(data.test, {k: v[3] for k, v in preds.items()}, n_replicates=400,
+                                seed=0, baseline=f"baseline-s{seed}")[arm["keys"][seed]]
+            up += res.diff_ci_low > 0
+            down += res.diff_ci_high < 0
+        assert (arm["n_up"], arm["n_down"]) == (up, down)
+    assert (_arm(metrics, "Oracle", 0.70)["n_up"], _arm(metrics, "Copy-paste", 0.90)["n_down"]) \
+        == (2, 2)
+    diff_rows = md.split("Paired AUC difference against each training seed's own baseline")[1]
+    assert "| 2/2 down |" in diff_rows and "| 2/2 up |" in diff_rows
+
+
+def test_learning_curve_table_and_figure(tmp_path: Path) -> None:
+    data = MultiSeed()
+    md, metrics, run = _render(tmp_path, data, conspicuity=False)
+    curve = metrics["parts"][0]["learning_curve"]
+    assert [p["positives"] for p in curve] == [30, 60, 120, 240]
+    assert [p["share"] for p in curve] == [0.25, 0.5, 1.0, 2.0]
+    for point in curve:
+        keys = point["keys"]
+        aucs = [roc_auc(data.preds[k][2], data.preds[k][3]) for k in keys]
+        assert point["seeds"] == [0, 1] and point["aucs"] == pytest.approx(aucs, abs=1e-12)
+        assert point["auc"]["sd"] == pytest.approx(np.std(aucs, ddof=1), abs=1e-12)
+    assert curve[2]["keys"] == ["baseline-s0", "baseline-s1"]  # the 100 % point
+    rows = [line for line in md.splitlines() if re.match(r"^\| \d+ \| \d+ % \|", line)]
+    assert [int(r.split("|")[1]) for r in rows] == [30, 60, 120, 240]
+    assert rows[0].startswith("| 30 | 25 % | ")
+    png = (tmp_path / "run/report/learning_curve_humerus.png").read_bytes()
+    assert png[:8] == PNG_MAGIC and Image.open(io.BytesIO(png)).size == (1050, 675)
+    assert _coloured_pixels(png) > 500  # seed dots and the arms' dashed lines
+    assert "![Learning curve, humerus](learning_curve_humerus.png)" in md
+    files = storage.read_manifest(storage.join(run, "report"))["files"]
+    assert files == ["report.md", "metrics.json", "roc_humerus.png", "learning_curve_humerus.png"]
+
+
+def test_band_aucs_are_the_auc_of_the_band_subset(tmp_path: Path) -> None:
+    data = MultiSeed()
+    md, metrics, run = _render(tmp_path, data)
+    assert read_conspicuity(run)["t000"] == pytest.approx(0.1, abs=1e-6)
+    assert np.isnan(read_conspicuity(run)["t100"])
+    bands = metrics["parts"][0]["bands"]
+    c = np.nan_to_num(data.conspicuity.astype(np.float32).astype(np.float64), nan=-1.0)
+    pos = data.test == 1
+    masks = [pos & (c >= 0) & (c < 0.3), pos & (c >= 0.3) & (c < 0.5),
+             pos & (c >= 0.5) & (c < 0.7), pos & (c >= 0.7) & (c <= 1.0), pos]
+    assert bands["n_pos"] == [int(m.sum()) for m in masks] and bands["n_pos"][0] == 2
+    assert bands["n_neg"] == 500 and bands["n_unbanded"] == 0
+    chosen = {ch["type"]: ch for ch in metrics["parts"][0]["chosen"]}
+    assert [r["type"] for r in bands["rows"]] == ["Baseline", "Copy-paste", "Augmented", "Oracle"]
+    for row in bands["rows"]:
+        if row["type"] != "Baseline":
+            assert row["keys"] == [p["key"] for p in chosen[row["type"]]["picks"]]
+        per_seed = []
+        for key, aucs in zip(row["keys"], row["aucs"], strict=True):
+            scores = data.preds[key][3]
+            expected = [roc_auc(data.test[m | ~pos], scores[m | ~pos]) for m in masks[1:]]
+            assert aucs[0] is None  # 2 positives: fewer than 3
+            assert aucs[1:] == pytest.approx(expected, abs=1e-12)
+            per_seed.append(expected)
+        assert row["mean"][0] is None
+        assert row["mean"][1:] == pytest.approx(np.mean(per_seed, axis=0).tolist(), abs=1e-12)
+    header = next(line for line in md.splitlines() if line.startswith("| Type | t | [0, 0.3)"))
+    assert f"[0, 0.3) (n = 2) | [0.3, 0.5) (n = {bands['n_pos'][1]})" in header
+    assert header.endswith("| [0.7, 1.0] (n = %d) | all (n = 50) |" % bands["n_pos"][3])
+    oracle = next(line for line in md.splitlines() if line.startswith("| Oracle | 0.70, 0.90"))
+    assert oracle.split(" | ")[2] == "–"
+
+
+def test_band_helpers_and_conspicuity_checks(tmp_path: Path) -> None:
+    labels = np.array([1, 1, 1, 1, 0, 0, 0])
+    consp = np.array([0.3, 0.5, 0.7, 1.0, np.nan, np.nan, np.nan])
+    masks = band_masks(labels, consp)
+    # edges: [lo, hi) except the last band, which holds 1.0
+    assert [m.nonzero()[0].tolist() for m in masks] == [[], [0], [1], [2, 3]]
+    scores = np.array([0.9, 0.2, 0.8, 0.7, 0.1, 0.5, 0.6])
+    assert band_aucs(labels, scores, [labels == 1], min_positives=3) == (
+        roc_auc(labels, scores),)
+    assert band_aucs(labels, scores, masks[3:], min_positives=3) == (None,)
+    with pytest.raises(DataError, match=r"conspicuity must lie in \[0, 1\].*'b' has 1.5"):
+        write_conspicuity(str(tmp_path), ["a", "b"], [0.2, 1.5])
+    with pytest.raises(DataError, match="image_id repeats"):
+        write_conspicuity(str(tmp_path), ["a", "a"], [0.2, None])
+
+
+def test_an_old_index_without_seeds_still_renders(tmp_path: Path) -> None:
+    run = str(tmp_path / "old")
+    _store_run(run)
+    index_path = tmp_path / "old/predictions/index.json"
+    index = json.loads(index_path.read_text())
+    for entry in index["models"].values():
+        for name in ("seed", "positives", "learning_curve"):
+            del entry[name]
+    index_path.write_text(json.dumps(index))
+    assert read_index(run)["aug90"] == META["aug90"]
+    md = render_report_from_predictions(run, CONFIG)
+    metrics = json.loads((tmp_path / "old/report/metrics.json").read_text())
+    table = from_json(metrics["tables"][0])
+    assert table.name == "humerus" and table.train_seed == 0
+    assert metrics["parts"][0]["learning_curve"] == [] and metrics["parts"][0]["bands"] is None
+    assert "Learning curve" not in md and "conspicuity" not in md
+    assert "AUC mean ± sd (n seeds)" not in md  # one seed: the paper's layout, as before
+    assert "| Augmented | t = 0.90 (val " in md  # two t: the validation choice is shown
+    # a metrics.json table written before the new fields still loads
+    old_row = dict(metrics["tables"][0]["rows"][0])
+    for name in ("val_auc", "positives", "learning_curve"):
+        del old_row[name]
+    old = {**metrics["tables"][0], "rows": [old_row]}
+    del old["train_seed"]
+    assert from_json(old).rows[0].val_auc is None
+
+
+def test_a_second_baseline_for_a_seed_names_both(tmp_path: Path) -> None:
+    data = MultiSeed(seeds=(0, 1))
+    data.meta["cp-t0.70-s1"] = dataclasses.replace(data.meta["cp-t0.70-s1"], baseline=True)
+    run = str(tmp_path / "run")
+    data.store(run, conspicuity=False)
+    with pytest.raises(DataError, match="'humerus', training seed 1: needs exactly one model "
+                                        "with \"baseline\": true in the prediction index, found "
+                                        "'baseline-s1', 'cp-t0.70-s1'"):
+        render_report_from_predictions(run, CONFIG)
+    # a seed without a baseline cannot be paired either
+    data.meta["cp-t0.70-s1"] = dataclasses.replace(data.meta["cp-t0.70-s1"], baseline=False)
+    data.meta["baseline-s1"] = dataclasses.replace(data.meta["baseline-s1"], baseline=False)
+    data.store(run, conspicuity=False)
+    with pytest.raises(DataError, match="training seed 1: needs exactly one .* found none"):
+        render_report_from_predictions(run, CONFIG)

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from boneaug import storage
+from boneaug.augment.arms import TranslatorSpec
 from boneaug.config import ImageConfig, TrackingConfig
 from boneaug.data.arrays import decode_pixels, encode_pixels
 from boneaug.errors import DataError
@@ -66,21 +67,25 @@ def _device(num_gpus: float) -> str:
 
 
 class Translate:
-    """Actor: batches of source patches -> their h->l translations (`translated` column)."""
+    """Actor: batches of source patches -> an arm's candidate lesion patches (`translated`)."""
 
-    def __init__(self, model_uri: str, tracking: TrackingConfig | None, num_gpus: float) -> None:
-        from boneaug.augment.translate import load_translator
-
+    def __init__(self, spec: TranslatorSpec, tracking: TrackingConfig | None,
+                 num_gpus: float) -> None:
         from boneaug import tracking as tr
+        from boneaug.augment.arms import build_translator
 
         tr.configure(tracking)
-        self.device = _device(num_gpus)
-        self.model = load_translator(model_uri)
+        self.translate = build_translator(spec, device=_device(num_gpus))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from boneaug.augment.translate import translate_patches
+        from boneaug.augment.arms import SourceBatch
 
-        out = translate_patches(self.model, _images(batch), device=self.device)  # (B, 1, S, S)
+        rows = batch.select(["patch_id", "image_id", "crop", "box"]).to_pydict()
+        out = self.translate(SourceBatch(
+            patches=_images(batch), patch_ids=[str(p) for p in rows["patch_id"]],
+            image_ids=[str(i) for i in rows["image_id"]],
+            crops=[tuple(int(v) for v in c) for c in rows["crop"]],
+            boxes=[tuple(int(v) for v in b) for b in rows["box"]]))  # (B, 1, S, S)
         return batch.append_column("translated", pa.array([encode_pixels(x[0]) for x in out],
                                                           pa.binary()))
 
@@ -153,7 +158,7 @@ class AugmentSummary:
     candidates_uri: str
     sources: int
     blended: int
-    unit: str
+    translator: str
     scorer: str
     score_quantiles: dict[str, float]
     seconds: float
@@ -161,28 +166,39 @@ class AugmentSummary:
     def __str__(self) -> str:
         q = ", ".join(f"{k}={v:.3f}" for k, v in self.score_quantiles.items())
         return (f"augment {self.candidates_uri}\n  {self.blended} blended from {self.sources} "
-                f"source patches with {self.unit}, scored by {self.scorer}\n  scores: {q}\n  "
-                f"{self.seconds:.1f} s")
+                f"source patches with {self.translator}, scored by {self.scorer}\n  scores: {q}"
+                f"\n  {self.seconds:.1f} s")
 
 
-def blend_and_score(
+def _actors(gpus: float) -> Any:
+    import ray
+
+    return ray.data.ActorPoolStrategy(
+        min_size=1, max_size=2 if gpus == 0 else int(ray.cluster_resources()["GPU"]))
+
+
+def _gpus() -> float:
+    import ray
+
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+def blend_candidates(
     *,
     data_uri: str,
     run_uri: str,
     out_uri: str,
-    unit_uri: str,
-    scorer_uri: str,
+    translator: TranslatorSpec,
     image: ImageConfig,
     n: float,
     tracking: TrackingConfig | None = None,
     max_sources: int | None = None,
-) -> AugmentSummary:
-    """Translate, blend and score every source patch of `run_uri`; write candidates under
-    `out_uri`."""
+) -> int:
+    """Translate every source patch of `run_uri` with one arm and blend it into its source
+    image; write the unscored candidates under ``<out_uri>/blended`` (any scorer can score them
+    later, `score_candidates`). Returns how many were blended."""
     import ray
 
-    start = time.perf_counter()
-    unit, scorer = ModelRef.resolve(unit_uri), ModelRef.resolve(scorer_uri)
     source_uri = storage.join(run_uri, "patches", "source")
     if storage.read_manifest(storage.join(run_uri, "patches")) is None:
         raise DataError(f"{run_uri}/patches has no manifest: "
@@ -190,49 +206,77 @@ def blend_and_score(
     images = storage.read_parquet(storage.join(run_uri, "images"),
                                   columns=["image_id", "key", "patient_id", "sop_uid", "study_uid"])
     sources = {r["image_id"]: r for r in images.to_pylist()}
-    candidates_uri = storage.join(out_uri, "candidates")
-    storage.remove(storage.join(out_uri, storage.MANIFEST))
-    storage.remove(candidates_uri)
+    blended_uri = storage.join(out_uri, "blended")
+    storage.remove(storage.join(blended_uri, storage.MANIFEST))
+    storage.remove(blended_uri)
 
     fs, path = storage.pyarrow_filesystem(source_uri)
     ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
     if max_sources is not None:
         ds = ds.limit(max_sources)
-    gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    actors = ray.data.ActorPoolStrategy(
-        min_size=1, max_size=2 if gpus == 0 else int(ray.cluster_resources()["GPU"]))
-    ds = ds.map_batches(Translate, fn_constructor_kwargs={"model_uri": unit.uri,
+    gpus = _gpus()
+    ds = ds.map_batches(Translate, fn_constructor_kwargs={"spec": translator,
                                                           "tracking": tracking, "num_gpus": gpus},
-                        batch_size=32, batch_format="pyarrow", compute=actors, num_gpus=gpus,
-                        num_cpus=0.5 if gpus == 0 else 1)
+                        batch_size=32, batch_format="pyarrow", compute=_actors(gpus),
+                        num_gpus=gpus, num_cpus=0.5 if gpus == 0 else 1)
     ds = ds.map_batches(Blend(data_uri, sources, image, n), batch_size=4, batch_format="pyarrow")
+    out_fs, out_path = storage.pyarrow_filesystem(blended_uri)
+    ds.write_parquet(out_path, filesystem=out_fs)
+    count = storage.read_parquet(blended_uri, columns=["image_id"]).num_rows
+    if count == 0:
+        raise DataError(f"no source patches under {source_uri}: nothing to augment")
+    storage.publish_manifest(blended_uri, {"stage": "blend", "translator": translator.label,
+                                           "arm": translator.arm, "n": n, "blended": count})
+    return count
+
+
+def score_candidates(
+    *,
+    blended_uri: str,
+    out_uri: str,
+    scorer_uri: str,
+    tracking: TrackingConfig | None = None,
+) -> AugmentSummary:
+    """Score blended candidates (``<...>/blended``) with a pseudo-labeller; write them with
+    their scores and provenance under ``<out_uri>/candidates``."""
+    import ray
+
+    start = time.perf_counter()
+    made = storage.read_manifest(blended_uri)
+    if made is None:
+        raise DataError(f"{blended_uri} has no manifest: blend the candidates first")
+    scorer = ModelRef.resolve(scorer_uri)
+    candidates_uri = storage.join(out_uri, "candidates")
+    storage.remove(storage.join(out_uri, storage.MANIFEST))
+    storage.remove(candidates_uri)
+    fs, path = storage.pyarrow_filesystem(blended_uri)
+    ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
+    gpus = _gpus()
     ds = ds.map_batches(Score, fn_constructor_kwargs={"model_uri": scorer.uri,
                                                       "tracking": tracking, "num_gpus": gpus},
-                        batch_size=16, batch_format="pyarrow", compute=actors, num_gpus=gpus,
-                        num_cpus=0.5 if gpus == 0 else 1)
-    ds = ds.map_batches(_with_models(unit, scorer), batch_format="pyarrow")
+                        batch_size=16, batch_format="pyarrow", compute=_actors(gpus),
+                        num_gpus=gpus, num_cpus=0.5 if gpus == 0 else 1)
+    ds = ds.map_batches(_with_models(made["translator"], scorer), batch_format="pyarrow")
     out_fs, out_path = storage.pyarrow_filesystem(candidates_uri)
     ds.write_parquet(out_path, filesystem=out_fs)
-
     scores = storage.read_parquet(candidates_uri, columns=["score"]).column("score").to_numpy()
-    if len(scores) == 0:
-        raise DataError(f"no source patches under {source_uri}: nothing to augment")
     summary = AugmentSummary(
         candidates_uri=candidates_uri, sources=len(scores), blended=len(scores),
-        unit=f"{unit.name} v{unit.version}", scorer=f"{scorer.name} v{scorer.version}",
+        translator=made["translator"], scorer=f"{scorer.name} v{scorer.version}",
         score_quantiles={f"q{int(q * 100)}": float(np.quantile(scores, q))
                          for q in (0.1, 0.5, 0.9)},
         seconds=time.perf_counter() - start,
     )
-    storage.publish_manifest(out_uri, {"stage": "augment", "unit": asdict(unit),
-                                       "scorer": asdict(scorer), "n": n, **asdict(summary)})
+    storage.publish_manifest(out_uri, {"stage": "augment", "scorer": asdict(scorer),
+                                       "n": made["n"], **asdict(summary)})
     return summary
 
 
-def _with_models(unit: ModelRef, scorer: ModelRef):  # noqa: ANN202 - a Ray Data batch function
+def _with_models(translator: str, scorer: ModelRef):  # noqa: ANN202 - a Ray Data batch function
+    name, _, version = translator.removeprefix("models:/").partition("/")
     def add(table: pa.Table) -> pa.Table:
         size = table.num_rows
-        for column, value in (("unit_model", unit.name), ("unit_version", unit.version),
+        for column, value in (("unit_model", name), ("unit_version", version or None),
                               ("scorer_model", scorer.name), ("scorer_version", scorer.version)):
             table = table.append_column(column, pa.array([value] * size, pa.string()))
         return table.select(CANDIDATE_COLUMNS)

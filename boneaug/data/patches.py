@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from boneaug.errors import DataError
 
 Box = tuple[int, int, int, int]
+NORMAL_SLACK = 1.5  # normal candidates cut per translation patch wanted (the intensity filter
+#                     drops some, balancing trims the rest)
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,8 @@ def plan_patches(
     - lesion: every lesion image (confounders included), crops_per_box random crops per box,
       enough to reach `target_per_class` patches;
     - normal: for each lesion image, n of its 3n most similar clean non-lesion images, each cropped
-      at the lesion box carried over (one crop per box);
+      at the lesion box carried over (one crop per box); of these, a random NORMAL_SLACK x
+      `target_per_class` are kept;
     - source: clean non-lesion images not used for translation, each cropped at the box of its
       most similar lesion image.
     """
@@ -211,6 +214,13 @@ def plan_patches(
                                              neg.image_id, neg.key, crop, s, mapped,
                                              lesion.image_id))
 
+    if len(normal_tasks) > (keep := math.ceil(NORMAL_SLACK * target_per_class)):
+        # every lesion image matched, but only as many normals cut as balancing can use: the
+        # negatives left over stay available as augmentation sources (with Table 1's positives
+        # and n = 10, the matches would otherwise use up every negative of a few hundred)
+        picked = rng.choice(len(normal_tasks), size=keep, replace=False)
+        normal_tasks = [normal_tasks[i] for i in sorted(picked)]
+        used = {t.image_id for t in normal_tasks}
     sources = [im for im in clean_neg if im.image_id not in used]
     if max_source_images is not None and len(sources) > max_source_images:
         keep = rng.choice(len(sources), size=max_source_images, replace=False)
