@@ -299,3 +299,24 @@ def test_auc_replicates_in_chunks_equal_all_at_once(monkeypatch: pytest.MonkeyPa
     whole = auc_replicates(labels, scores, idx)
     monkeypatch.setattr(metrics, "_CHUNK_CELLS", 250)  # 2 replicates per chunk
     np.testing.assert_array_equal(auc_replicates(labels, scores, idx), whole)
+
+
+def test_kernel_distance_is_zero_in_expectation_for_one_distribution_and_grows_with_a_shift(
+) -> None:
+    from boneaug.eval.metrics import kernel_distance
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 16)), rng.normal(size=(300, 16))
+    same, sd = kernel_distance(a, b, subsets=20, subset_size=100)
+    near, _ = kernel_distance(a, b + 0.2, subsets=20, subset_size=100)
+    far, _ = kernel_distance(a, b + 1.0, subsets=20, subset_size=100)
+    assert abs(same) < 3 * sd / np.sqrt(20) + 1e-3  # unbiased: ~0 for one distribution
+    assert 0 < near < far
+    # the estimator itself, against the definition on one subset
+    x, y = a[:5], b[:5] + 1.0
+    k = lambda u, v: (u @ v / 16 + 1.0) ** 3  # noqa: E731
+    want = (sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(5) for j in range(5) if i != j) / 20
+            - 2 * sum(k(x[i], y[j]) for i in range(5) for j in range(5)) / 25)
+    assert kernel_distance(x, y, subsets=1, subset_size=5)[0] == pytest.approx(want)
+    with pytest.raises(DataError, match="same D"):
+        kernel_distance(a, b[:, :3])

@@ -1,0 +1,36 @@
+"""Train the phantom lesion critic of one body part (an instrument, SPEC 9) and register it.
+
+    python jobs/train_critic.py --body-part humerus [--profile local] [--translator URI ...]
+
+Synthetic cohorts only: the critic learns from patches the phantom renders twice, with and
+without a lesion, on patients the cohort does not hold. It is validated on the cohort's real
+lesion and normal patch sets, under blur, noise, brightness and contrast changes, and on the
+translations of each --translator given (e.g. models:/boneaug-unit-humerus@champion), then
+registered as `boneaug-critic-<body_part>` (alias champion). Nothing in the method trains on it
+or selects by it; jobs/train_unit.py logs its verdict on the translator as it trains.
+"""
+
+from boneaug import tracking
+from boneaug.runtime import init_ray, job_parser, setup
+from boneaug.workflow import critic_stage, ensure_cohort, ingest_stage
+
+
+def main() -> None:
+    parser = job_parser(__doc__)
+    parser.add_argument("--translator", action="append", default=[],
+                        help="a translator URI whose translations of healthy patches the critic "
+                             "is checked on (repeatable)")
+    args = parser.parse_args()
+    config, data, run = setup(args)
+    tracking.configure(config.tracking)
+    init_ray()
+    ensure_cohort(config, data, [args.body_part], synthesize=args.data is None or args.synthetic)
+    ingest_stage(config, data, run, args.body_part)
+    result = critic_stage(config, data, run, args.body_part,
+                          {uri: uri for uri in args.translator} or None)
+    print(f"registered: {result['model']} (real-patch AUC {result['real_auc']:.3f}, "
+          f"worst lesion-call rise on healthy patches {result['worst_rise']:+.3f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The phantom lesion critic (boneaug.eval.phantom_critic): pairs that differ only by a lesion,
+a critic that learns the lesion from them, and its validation on healthy patches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from boneaug.config import SynthConfig, load_config
+from boneaug.eval.phantom_critic import (
+    paired_patches,
+    perturbations,
+    train_phantom_critic,
+    validate,
+)
+from boneaug.eval.quality import CriticConfig
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def synth() -> SynthConfig:
+    return load_config("smoke").synth.model_copy(update={"min_conspicuity": 0.5})
+
+
+@pytest.fixture(scope="module")
+def pairs(synth: SynthConfig):  # noqa: ANN201 - a PairSet
+    return paired_patches(synth, "humerus", n=160, size=SIZE, s=2.0)
+
+
+def test_a_pair_differs_only_inside_its_lesion_box(pairs) -> None:  # noqa: ANN001
+    assert pairs.lesion.shape == pairs.healthy.shape and len(pairs.lesion) >= 150
+    assert pairs.lesion.shape[1:] == (1, SIZE, SIZE)
+    peaks = []
+    for lesion, healthy, (x0, y0, x1, y1) in zip(pairs.lesion, pairs.healthy, pairs.boxes,
+                                                 strict=True):
+        diff = np.abs(lesion[0] - healthy[0])
+        outside = np.ones_like(diff, bool)
+        # the box in patch pixels, grown by the resize's reach (antialiased bilinear: 2 px)
+        outside[max(0, y0 - 2):y1 + 2, max(0, x0 - 2):x1 + 2] = False
+        assert diff[outside].max() < 1e-6
+        peaks.append(diff.max())
+        # the patch rule: the crop holds the whole box
+        assert 0 <= x0 < x1 <= SIZE and 0 <= y0 < y1 <= SIZE
+    assert min(peaks) > 0 and np.median(peaks) > 0.03  # the lesion changes its box
+
+
+def test_pairs_are_seeded_and_never_the_cohorts_own_images(synth: SynthConfig, pairs) -> None:  # noqa: ANN001
+    again = paired_patches(synth, "humerus", n=8, size=SIZE, s=2.0)
+    assert np.array_equal(again.lesion, pairs.lesion[:8])
+    with pytest.raises(ValueError, match="must not be the cohort itself"):
+        paired_patches(synth, "humerus", n=8, size=SIZE, s=2.0, seed=synth.seed)
+
+
+def test_the_critic_learns_the_lesion_and_ignores_label_free_changes(pairs) -> None:  # noqa: ANN001
+    critic, heldout = train_phantom_critic(pairs, CriticConfig(steps=300, holdout=0.0, seed=0))
+    assert heldout > 0.6  # on pairs it never saw (chance: 0.5; smoke lesions are a few px)
+    half = len(pairs.lesion) // 2
+    v = validate(critic, heldout_pair_auc=heldout, lesion=pairs.lesion[half:],
+                 normal=pairs.healthy[half:],
+                 translators={"identity": lambda x: x, "darken": lambda x: x * 0.7})
+    assert v.real_auc > 0.6
+    assert set(v.perturbed_rates) == set(perturbations())
+    assert v.translated_rates["identity"] == pytest.approx(v.healthy_rate)
+    assert v.worst_rise == max(r - v.healthy_rate for r in
+                               [*v.perturbed_rates.values(), *v.translated_rates.values()])
