@@ -5,9 +5,12 @@ Conventions (DESIGN.md): experiment per job ``boneaug/<body_part>/<job>``; regis
 aliases ``champion`` and ``challenger``. The default tracking URI is a sqlite file in the working
 directory (tracking and registry, no server); a cluster sets ``MLFLOW_TRACKING_URI``.
 
-Models are logged in MLflow's "pickle" serialization (torch.save of the module) rather than the
-"pt2" default: pt2 (torch.export) fixes the batch size of the input example, and every consumer
-here (jobs, Serve) has boneaug installed. Loading is tested to reproduce outputs exactly.
+Models are logged without pickle: a state dict (``weights.pt``, loaded with
+``weights_only=True``) and the architecture spec in the ``boneaug`` flavor of the ``MLmodel``
+file (`boneaug.models.specs`). Anyone who can write to the registry can then at worst make a
+model load wrong weights, never run code in a job or the service. MLflow's pt2 format was the
+alternative; it fixes the batch size of the input example (torch.export). Loading is tested to
+reproduce outputs exactly and to refuse a malicious pickle.
 """
 
 from __future__ import annotations
@@ -19,15 +22,19 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from boneaug.config import TrackingConfig
 from boneaug.errors import ModelError
 
 if TYPE_CHECKING:
     import mlflow
-    import numpy as np
     import torch
 
 log = logging.getLogger(__name__)
+
+FLAVOR = "boneaug"  # the MLmodel flavor of a model boneaug registered
+WEIGHTS_FILE = "weights.pt"
 
 
 def tracking_uri(config: TrackingConfig | None = None) -> str:
@@ -123,30 +130,39 @@ def log_torch_model(
     registered_name: str | None = None,
     alias: str | None = None,
 ) -> str | None:
-    """Log `model` in the active run; register it (and set `alias`) when a name is given.
+    """Log `model` in the active run as weights plus its architecture spec (no pickle); register
+    it (and set `alias`) when a name is given.
 
-    Returns the registered version, or None when not registered.
+    The artifact ``<name>/`` holds ``weights.pt`` (a state dict) and an ``MLmodel`` whose
+    ``boneaug`` flavor records the spec (`boneaug.models.specs`), with the signature and input
+    example MLflow shows. Returns the registered version, or None when not registered.
     """
+    import tempfile
+
     import mlflow
     import torch
+    from mlflow.models import Model, infer_signature
 
+    from boneaug.models.specs import spec_of
+
+    spec = spec_of(model)
     model = model.eval()
     with torch.no_grad():
         output = model(torch.as_tensor(input_example))
-    signature = mlflow.models.infer_signature(input_example, output.detach().cpu().numpy())
-    info = mlflow.pytorch.log_model(
-        model,
-        name=name,
-        input_example=input_example,
-        signature=signature,
-        serialization_format="pickle",
-        # pinned here: MLflow's own inference starts a subprocess and costs ~9 s per model
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        registered_model_name=registered_name,
-    )
+    run_id = mlflow.active_run().info.run_id
+    meta = Model(artifact_path=name, run_id=run_id,
+                 signature=infer_signature(input_example, output.detach().cpu().numpy()))
+    meta.add_flavor(FLAVOR, spec=spec, weights=WEIGHTS_FILE,
+                    torch_version=torch.__version__.split("+")[0])
+    with tempfile.TemporaryDirectory() as tmp:
+        meta.save(os.path.join(tmp, "MLmodel"))
+        state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+        torch.save(state, os.path.join(tmp, WEIGHTS_FILE))
+        np.save(os.path.join(tmp, "input_example.npy"), np.asarray(input_example))
+        mlflow.log_artifacts(tmp, name)
     if registered_name is None:
         return None
-    version = str(info.registered_model_version)
+    version = str(mlflow.register_model(f"runs:/{run_id}/{name}", registered_name).version)
     if alias:
         set_alias(registered_name, alias, version)
     return version
@@ -198,14 +214,45 @@ def resolve(uri: str) -> tuple[str, str | None]:
 
 
 def load_torch_model(uri: str, *, tracking: TrackingConfig | None = None) -> torch.nn.Module:
-    """A registered (``models:/name@alias``) or logged (``runs:/...``) torch model, in eval mode."""
+    """A registered (``models:/name@alias``) or logged (``runs:/...``) torch model, in eval mode.
+
+    Only boneaug's own format loads: the architecture is rebuilt from the spec in ``MLmodel``
+    and the weights are read with ``weights_only=True``, so nothing in the registry is ever
+    unpickled into code. Anything else (a pickled ``mlflow.pytorch`` model, a tampered weights
+    file) is refused with a `ModelError`.
+    """
+    import tempfile
+
     import mlflow
+    import torch
     from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    from boneaug.models.specs import build_from_spec
 
     configure(tracking)
-    try:
-        model = mlflow.pytorch.load_model(uri, map_location="cpu")
-    except MlflowException as exc:
-        raise ModelError(f"cannot load model {uri!r} from {tracking_uri(tracking)}: "
-                         f"{exc.message}") from exc
+    with tempfile.TemporaryDirectory() as tmp:
+        try:  # a models:/ URI lands in `tmp` itself, a runs:/ one in tmp/<name>
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+            flavors = Model.load(os.path.join(local, "MLmodel")).flavors
+        except (MlflowException, OSError) as exc:
+            message = getattr(exc, "message", str(exc))
+            raise ModelError(f"cannot load model {uri!r} from {tracking_uri(tracking)}: "
+                             f"{message}") from exc
+        if FLAVOR not in flavors:
+            raise ModelError(
+                f"model {uri!r} is not in boneaug's format (flavors: {sorted(flavors)}); "
+                "boneaug loads only weights plus an architecture spec and never unpickles a "
+                "model. Re-register it with boneaug.tracking.log_torch_model.")
+        flavor = flavors[FLAVOR]
+        model = build_from_spec(flavor["spec"])
+        try:
+            state = torch.load(os.path.join(local, flavor["weights"]), map_location="cpu",
+                               weights_only=True)
+            model.load_state_dict(state)
+        except Exception as exc:  # weights_only refuses any pickled object, whatever it holds
+            raise ModelError(
+                f"model {uri!r}: its weights file is not a plain state dict for a "
+                f"{flavor['spec'].get('kind')} network; refused without running it: {exc}"
+            ) from exc
     return model.eval()

@@ -104,6 +104,7 @@ class PatchCritic(nn.Module):
             nn.AdaptiveAvgPool2d(1),
         )
         self.head = nn.Linear(4 * w, 1)
+        self.spec = {"kind": "patch_critic", "width": width, "size": size}  # models.specs
 
     def embed(self, x: Tensor) -> Tensor:
         """(B, 1, S, S) in [0, 1] -> penultimate features (B, 4 * width)."""

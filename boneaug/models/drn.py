@@ -359,8 +359,12 @@ def build_drn(
     if arch not in ARCHS:
         raise ValueError(f"unknown DRN arch {arch!r}; choose one of {', '.join(ARCHS)}")
     block, layers, kind = ARCHS[arch]
-    return DRN(block, layers, arch=kind, num_classes=num_classes, in_channels=in_channels,
-               width_mult=width_mult, downsample=downsample, generator=generator)
+    model = DRN(block, layers, arch=kind, num_classes=num_classes, in_channels=in_channels,
+                width_mult=width_mult, downsample=downsample, generator=generator)
+    # what a registry needs to rebuild it (boneaug.models.specs): weights are stored alone
+    model.spec = {"kind": "drn", "arch": arch, "num_classes": num_classes,
+                  "in_channels": in_channels, "width_mult": width_mult, "downsample": downsample}
+    return model
 
 
 def drn_c_26(*, num_classes: int = 1, in_channels: int = 1, width_mult: float = 1.0,

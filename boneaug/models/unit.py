@@ -43,7 +43,7 @@ This file holds the networks only: no I/O, no optimisers, no losses (see `boneau
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -376,7 +376,11 @@ class UNIT(nn.Module):
         source, _, target = direction.partition("2")
         if source not in domains or target not in domains:
             raise ValueError(f"direction must be 'h2l', 'l2h', 'h2h' or 'l2l', got {direction!r}")
-        return Translator(domains[source][0], domains[target][1])
+        translator = Translator(domains[source][0], domains[target][1])
+        # what a registry needs to rebuild it (boneaug.models.specs): weights are stored alone
+        translator.spec = {"kind": "unit_translator", "arch": asdict(self.arch),
+                           "direction": direction}
+        return translator
 
 
 class Translator(nn.Module):

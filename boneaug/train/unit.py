@@ -850,7 +850,7 @@ def fit_unit(
             f"num_workers={num_workers}: UNIT training needs Ray Train workers (>= 1); local mode "
             "(0) keeps checkpoints in memory only, so it could neither resume nor retry"
         )
-    weights = LossWeights.from_config(config)  # validates the lambdas
+    LossWeights.from_config(config)  # validates the lambdas before any work starts
     unit_uri = storage.join(run_uri, "unit")
     if overwrite:
         storage.remove(unit_uri)
