@@ -7,6 +7,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 WORK    ?= work
 PROFILE ?= local
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
 
 .PHONY: demo test bench install clean reproduce
 
@@ -26,7 +27,13 @@ SEEDS   ?= 0,1,2
 reproduce: $(STAMP)
 	$(BIN)/python jobs/reproduce.py --profile $(PROFILE) --data $(WORK) --synthetic --seeds $(SEEDS)
 
+# the Serve page test drives Debian's headless Chromium (a system package, no browser download)
 test: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || { echo "installing chromium (apt) for the page test"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	  chromium >/dev/null; } || { echo "could not install chromium: as root, run" \
+	  "'apt-get install chromium', then make test again"; exit 1; }
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

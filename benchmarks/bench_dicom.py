@@ -24,7 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-
 from _common import moto_server, print_table
 
 TARGET = (1024, 512)

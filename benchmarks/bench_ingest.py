@@ -16,8 +16,8 @@ from collections import defaultdict
 
 import numpy as np
 import pyarrow as pa
-
 from _common import moto_server, print_table
+
 from boneaug import storage
 from boneaug.config import load_config
 from boneaug.data.arrays import encode_pixels

@@ -18,8 +18,8 @@ import shutil
 import time
 
 import numpy as np
-
 from _common import print_table
+
 from boneaug.config import load_config
 from boneaug.synth.cohort import generate_cohort, plan_body_part, render_job
 

@@ -25,8 +25,8 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-
 from _common import gemm_peak_gflops, print_table
+
 from boneaug.config import UnitConfig, load_config
 from boneaug.models.unit import UNIT, Discriminators, UnitArch, UpConv
 from boneaug.train.unit import (

@@ -624,7 +624,7 @@ class Api:
         timeout = self._service.model_timeout_s
         try:
             out = await asyncio.wait_for(response, timeout)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             response.cancel()
             raise HttpError(503, "model_timeout",
                             f"a model call took over {timeout} s; retry later") from exc

@@ -46,7 +46,7 @@ def s3_endpoint() -> Iterator[str]:
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"moto_server did not start on {endpoint}")
+                raise RuntimeError(f"moto_server did not start on {endpoint}") from None
             time.sleep(0.1)
     saved = {k: os.environ.get(k) for k in _S3_ENV}
     os.environ.update(

@@ -77,7 +77,8 @@ def test_same_generator_seed_gives_same_weights() -> None:
     a = drn_d_38(width_mult=0.125, generator=torch.Generator().manual_seed(3))
     b = drn_d_38(width_mult=0.125, generator=torch.Generator().manual_seed(3))
     c = drn_d_38(width_mult=0.125, generator=torch.Generator().manual_seed(4))
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y)
+               for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert not torch.equal(a.layer3[0].conv1.weight, c.layer3[0].conv1.weight)
 
 

@@ -327,7 +327,9 @@ class MultiSeed:
             shared_val = rng.normal(size=self.val.size)
             shared_test = rng.normal(size=self.test.size)
 
-            def add(key: str, meta: ModelMeta, push: float, val_push: float) -> None:
+            def add(key: str, meta: ModelMeta, push: float, val_push: float,
+                    shared_val: np.ndarray = shared_val,
+                    shared_test: np.ndarray = shared_test) -> None:
                 val = val_push * self.val + shared_val + 0.5 * rng.normal(size=self.val.size)
                 gain = np.nan_to_num(self.conspicuity, nan=0.0) + 0.5
                 test = (push * self.test * gain + shared_test
@@ -517,7 +519,7 @@ def test_band_aucs_are_the_auc_of_the_band_subset(tmp_path: Path) -> None:
         assert row["mean"][1:] == pytest.approx(np.mean(per_seed, axis=0).tolist(), abs=1e-12)
     header = next(line for line in md.splitlines() if line.startswith("| Type | t | [0, 0.3)"))
     assert f"[0, 0.3) (n = 2) | [0.3, 0.5) (n = {bands['n_pos'][1]})" in header
-    assert header.endswith("| [0.7, 1.0] (n = %d) | all (n = 50) |" % bands["n_pos"][3])
+    assert header.endswith(f"| [0.7, 1.0] (n = {bands['n_pos'][3]}) | all (n = 50) |")
     oracle = next(line for line in md.splitlines() if line.startswith("| Oracle | 0.70, 0.90"))
     assert oracle.split(" | ")[2] == "–"
 

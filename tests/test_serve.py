@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -22,8 +21,6 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `serve` is a top-level package
 
-from boneaug import serving  # noqa: E402
-
 from _serve_support import (  # noqa: E402
     BODY_PART,
     CONFIG_YAML,
@@ -34,6 +31,8 @@ from _serve_support import (  # noqa: E402
     radiograph,
     start_service,
 )
+
+from boneaug import serving  # noqa: E402
 
 pytestmark = pytest.mark.slow
 CHOSEN_T = 0.42  # the t a training chain tagged the scorer's version with
@@ -416,9 +415,8 @@ def test_fuzz_openapi_schema_no_5xx(service: Service, image: np.ndarray) -> None
 def test_model_switch_by_alias_without_downtime(service: Service, image: np.ndarray) -> None:
     import copy
 
-    from ray import serve
-
     from _serve_support import train_translator
+    from ray import serve
 
     upload = png_bytes(image)
     fields = {"body_part": BODY_PART, "box": "50,100,78,128", "format": "png"}

@@ -67,7 +67,8 @@ def test_nothing_is_shared_with_n_shared_zero() -> None:
 def test_shared_weights_stay_shared_through_a_state_dict_round_trip() -> None:
     a, b = UNIT(TINY, generator=torch.Generator().manual_seed(1)), UNIT(TINY)
     b.load_state_dict(a.state_dict())
-    assert all(x is y for x, y in zip(b.enc_h.shared.parameters(), b.enc_l.shared.parameters()))
+    assert all(x is y for x, y in zip(b.enc_h.shared.parameters(), b.enc_l.shared.parameters(),
+                                      strict=True))
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
+from unit_helpers import patch_rows, patches
 
 from boneaug.augment.translate import load_translator, translate_patches
 from boneaug.config import TrackingConfig, load_config
@@ -43,7 +44,6 @@ from boneaug.train.unit import (
     train_iteration,
     training_state,
 )
-from unit_helpers import patch_rows, patches
 
 SMOKE = load_config("smoke").unit
 ARCH = UnitArch.from_config(SMOKE)
@@ -118,7 +118,7 @@ def test_every_zero_weight_trains_through_ddp_without_error(
         assert all((k in losses) == present for k in keys), (name, sorted(losses))
     assert ("d_total" in losses) == (weights.gan > 0)
     assert all(torch.isfinite(v) for v in losses.values())
-    assert any(not torch.equal(a, b) for a, b in zip(before, unit.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, unit.parameters(), strict=True))
 
 
 def test_all_zero_or_negative_weights_are_refused() -> None:
@@ -145,8 +145,8 @@ def test_d_step_moves_only_d_and_g_step_only_g_against_the_updated_d() -> None:
     d0 = [p.detach().clone() for p in dis.parameters()]
     out = generate(unit, x_h, x_l, weights=FULL, generator=torch.Generator().manual_seed(0))
     d_losses = d_step(dis, out, x_h, x_l, weights=FULL, optimizer=optimizers.d)
-    assert all(torch.equal(a, b) for a, b in zip(g0, unit.parameters()))
-    assert all(not torch.equal(a, b) for a, b in zip(d0, dis.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(g0, unit.parameters(), strict=True))
+    assert all(not torch.equal(a, b) for a, b in zip(d0, dis.parameters(), strict=True))
     assert d_losses["d_total"] == pytest.approx(FULL.gan * (d_losses["d_h"] + d_losses["d_l"]))
     d1 = [p.detach().clone() for p in dis.parameters()]
     d_grads = [p.grad.clone() for p in dis.parameters()]
@@ -154,11 +154,12 @@ def test_d_step_moves_only_d_and_g_step_only_g_against_the_updated_d() -> None:
         expected_gan_h = sum((o - 1).pow(2).mean() for o in dis.dis_h(out.x_lh))
     g_losses = g_step(dis, out, x_h, x_l, weights=FULL, optimizer=optimizers.g)
     assert g_losses["gan_h"].item() == pytest.approx(expected_gan_h.item(), rel=1e-6)
-    assert all(torch.equal(a, b) for a, b in zip(d1, dis.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(d1, dis.parameters(), strict=True))
     # frozen: the G step computed no weight gradients for D
     assert all(torch.equal(g, p.grad) for g, p in zip(d_grads, dis.parameters(), strict=True))
     assert all(p.requires_grad for p in dis.parameters())  # and unfrozen afterwards
-    assert sum(not torch.equal(a, b) for a, b in zip(g0, unit.parameters())) > len(g0) // 2
+    changed = sum(not torch.equal(a, b) for a, b in zip(g0, unit.parameters(), strict=True))
+    assert changed > len(g0) // 2
 
 
 def test_a_few_iterations_on_a_tiny_batch_lower_the_reconstruction_loss() -> None:
