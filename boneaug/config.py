@@ -228,7 +228,9 @@ class AugmentConfig(_Section):
         default_factory=lambda: {"humerus": 0.90, "tibia": 0.90, "femur": 0.95}
     )
     max_source_images: int | None = Field(None, ge=1)
-    seed: int = 0
+    seed: int = Field(0, description="the blends' draws: which source image and box each "
+                                     "candidate uses, the copy-paste pairing, the oracle's "
+                                     "lesions (the data seed of every arm)")
 
 
 class EvalConfig(_Section):
@@ -262,7 +264,9 @@ class StorageConfig(_Section):
 
     root: str = Field("work", description="s3://bucket/prefix, file:///path or a path")
     s3_endpoint_url: str | None = Field(
-        None, description="S3-compatible server; else AWS_ENDPOINT_URL(_S3) or AWS itself"
+        None, description="S3-compatible server (e.g. http://127.0.0.1:9000); a job exports it "
+                          "as BONEAUG_S3_ENDPOINT_URL for itself and the Ray workers it starts. "
+                          "Unset: BONEAUG_S3_ENDPOINT_URL, AWS_ENDPOINT_URL(_S3), else AWS"
     )
 
 

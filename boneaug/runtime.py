@@ -48,7 +48,8 @@ def parse_seeds(text: str | None) -> tuple[int, ...]:
     try:
         seeds = tuple(int(s) for s in text.split(","))
     except ValueError:
-        raise SystemExit(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {text!r}")
+        raise SystemExit(
+            f"--seeds must be comma-separated integers, e.g. 0,1,2; got {text!r}") from None
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"--seeds repeats a seed: {text!r}")
     return seeds
@@ -66,6 +67,8 @@ def setup(args: argparse.Namespace) -> tuple[BoneaugConfig, str, str]:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(args.profile, args.config)
+    if config.storage.s3_endpoint_url:  # storage.s3_endpoint reads it, here and in workers
+        os.environ[storage.ENDPOINT_VARS[0]] = config.storage.s3_endpoint_url
     if getattr(args, "workers", None) is not None:
         # each of N workers then uses the CPUs it holds, not the profile's threads for one worker
         compute = config.compute.model_copy(update={"num_workers": args.workers,

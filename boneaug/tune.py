@@ -912,7 +912,7 @@ def prepare_patches(config: BoneaugConfig, body_part: str, *, data_uri: str, run
     trains its quality critic on them."""
     from boneaug import workflow as wf
 
-    wf.ensure_cohort(config, data_uri, [body_part], synthesize=synthesize)
+    wf.ensure_cohort(config, data_uri, [body_part], synthesize=synthesize, fractures=False)
     wf.ingest_stage(config, data_uri, run_uri, body_part)
     wf.patches_stage(config, data_uri, run_uri, body_part)
     return {"patches": storage.join(run_uri, "patches")}

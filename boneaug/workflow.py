@@ -86,8 +86,9 @@ class BodyPartResult:
 
 
 def ensure_cohort(config: BoneaugConfig, data_uri: str, body_parts: list[str], *,
-                  synthesize: bool) -> None:
-    """Make sure `data_uri` holds annotated DICOMs of `body_parts` (+ the fracture corpus)."""
+                  synthesize: bool, fractures: bool = True) -> None:
+    """Make sure `data_uri` holds annotated DICOMs of `body_parts`, and the fracture corpus
+    when `fractures` (only the DRN stages need it, to pre-train)."""
     from boneaug.synth.cohort import generate_cohort, generated_with, read_record
 
     ann_uri = storage.join(data_uri, "annotations.parquet")
@@ -102,7 +103,8 @@ def ensure_cohort(config: BoneaugConfig, data_uri: str, body_parts: list[str], *
                 if task != "fracture"}
         if "fracture" in tasks:
             have.add("fracture")
-    stale = [p for p in [*body_parts, "fracture"]
+    wanted = [*body_parts, "fracture"] if fractures else list(body_parts)
+    stale = [p for p in wanted
              if p in have and p in read_record(data_uri)
              and not generated_with(data_uri, p, config.synth, seed=config.synth.seed)]
     if stale and synthesize:  # our own cohort, made with other synth settings: make it anew
@@ -110,13 +112,15 @@ def ensure_cohort(config: BoneaugConfig, data_uri: str, body_parts: list[str], *
               flush=True)
         have -= set(stale)
     missing = [p for p in body_parts if p not in have]
-    needs_fractures = "fracture" not in have
+    needs_fractures = fractures and "fracture" not in have
     if not missing and not needs_fractures:
         return
     if not synthesize:
-        raise DataError(f"{ann_uri} has no rows for {missing or ['the fracture corpus']}; "
-                        "point --data at a cohort that has them, "
-                        "or omit --data for the synthetic one")
+        absent = [*missing, *(["the fracture corpus (task 'fracture', for DRN pre-training)"]
+                              if needs_fractures else [])]
+        raise DataError(f"{ann_uri} has no rows for {', '.join(absent)}; point --data at a "
+                        "cohort that has them (`boneaug synth --fractures` writes a synthetic "
+                        "fracture corpus beside yours), or omit --data for the synthetic one")
     print(f"[cohort] synthesising {missing} (+ fracture corpus: {needs_fractures}) "
           f"into {data_uri}", flush=True)
     generate_cohort(config.synth, missing, data_uri, seed=config.synth.seed,

@@ -24,7 +24,8 @@ def main() -> None:
     config, data, run = setup(args)
     tracking.configure(config.tracking)
     init_ray()
-    ensure_cohort(config, data, [args.body_part], synthesize=args.data is None or args.synthetic)
+    ensure_cohort(config, data, [args.body_part], synthesize=args.data is None or args.synthetic,
+                  fractures=False)
     ingest_stage(config, data, run, args.body_part)
     result = critic_stage(config, data, run, args.body_part,
                           {uri: uri for uri in args.translator} or None)

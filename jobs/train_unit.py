@@ -9,7 +9,7 @@ when they are missing. Registers `boneaug-unit-<body_part>` with alias `challeng
 
 from boneaug import tracking
 from boneaug.runtime import init_ray, job_parser, setup
-from boneaug.workflow import ingest_stage, ensure_cohort, unit_model
+from boneaug.workflow import ensure_cohort, ingest_stage, unit_model
 
 
 def main() -> None:
@@ -18,7 +18,8 @@ def main() -> None:
     config, data, run = setup(args)
     tracking.configure(config.tracking)
     init_ray()
-    ensure_cohort(config, data, [args.body_part], synthesize=args.data is None or args.synthetic)
+    ensure_cohort(config, data, [args.body_part], synthesize=args.data is None or args.synthetic,
+                  fractures=False)
     ingest_stage(config, data, run, args.body_part)
     print(f"registered: {unit_model(config, data, run, args.body_part)} (alias challenger)")
 

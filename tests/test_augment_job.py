@@ -9,8 +9,10 @@ DICOMs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -59,8 +61,33 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
     try:
         yield env
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True,
-                       timeout=120)
+        _stop_head(temp, port)
+
+
+def _stop_head(temp: Path, port: int) -> None:
+    """Stop this head only: its daemons (their command lines name its temp dir or GCS port) and
+    their workers. `ray stop` would kill every Ray instance of this user on the machine."""
+    procs: dict[int, tuple[int, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):  # not a process, or gone meanwhile
+            continue
+        procs[int(entry.name)] = (ppid, cmd)
+    head = {pid for pid, (_, cmd) in procs.items() if pid != os.getpid()
+            and (str(temp) in cmd or ("ray" in cmd and f":{port} " in f"{cmd} "))}
+    while kids := {pid for pid, (ppid, _) in procs.items() if ppid in head} - head:
+        head |= kids
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in head:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in head):
+            time.sleep(0.2)
 
 
 def test_augment_tibia_smoke_on_a_ray_head(ray_head: dict[str, str], tmp_path: Path) -> None:
@@ -123,3 +150,36 @@ def test_augment_tibia_smoke_on_a_ray_head(ray_head: dict[str, str], tmp_path: P
         assert sorted(scored.column("image_id").to_pylist()) == \
             sorted(blended.column("image_id").to_pylist())
     shutil.rmtree(tmp_path / "cohort" / "dicom", ignore_errors=True)
+
+
+def test_train_unit_needs_only_its_body_part_and_registers_without_pickle(
+    ray_head: dict[str, str], tmp_path: Path
+) -> None:
+    """A user's own humerus cohort, no fracture corpus: the translator trains and registers; a
+    DRN job on the same cohort says what it lacks and how to provide it."""
+    data, db = tmp_path / "humerus-only", ray_head["MLFLOW_TRACKING_URI"][len("sqlite:///"):]
+    subprocess.run([str(BIN / "boneaug"), "synth", "--body-part", "humerus", "--out", str(data),
+                    "--profile", "smoke", "--quiet"], check=True, env=ray_head, timeout=600)
+    tasks = set(storage.read_parquet(str(data / "annotations.parquet"),
+                                     columns=["task"]).column("task").to_pylist())
+    assert "fracture" not in tasks
+    cmd = [str(BIN / "python"), str(ROOT / "jobs" / "train_unit.py"), "--body-part", "humerus",
+           "--data", str(data), "--profile", "smoke"]
+    proc = subprocess.run(cmd, env=ray_head, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "registered: models:/boneaug-unit-humerus/" in out
+    assert "Pickle" not in out and "fracture corpus" not in out
+    from boneaug import tracking
+    from boneaug.config import TrackingConfig
+
+    translator = tracking.load_torch_model("models:/boneaug-unit-humerus@challenger",
+                                           tracking=TrackingConfig(tracking_uri=f"sqlite:///{db}"))
+    assert translator.spec["kind"] == "unit_translator"
+
+    cmd = [str(BIN / "python"), str(ROOT / "jobs" / "train_classifier.py"), "--body-part",
+           "humerus", "--data", str(data), "--profile", "smoke"]
+    proc = subprocess.run(cmd, env=ray_head, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode != 0
+    assert "no rows for the fracture corpus" in proc.stderr and "boneaug synth --fractures" in \
+        proc.stderr, proc.stderr[-3000:]

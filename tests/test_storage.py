@@ -74,3 +74,22 @@ def test_endpoint_resolution_order(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BONEAUG_S3_ENDPOINT_URL", "http://127.0.0.1:2")
     assert storage.s3_endpoint() == "http://127.0.0.1:2"
     assert storage.s3_endpoint("http://127.0.0.1:3") == "http://127.0.0.1:3"
+
+
+def test_the_configs_s3_endpoint_reaches_the_server_without_any_endpoint_variable(
+    s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from boneaug.runtime import job_parser, setup
+
+    endpoint = storage.s3_endpoint()
+    for var in storage.ENDPOINT_VARS:
+        monkeypatch.delenv(var, raising=False)
+    storage._s3fs.cache_clear()
+    config = tmp_path / "s3.yaml"
+    config.write_text(f"storage:\n  s3_endpoint_url: {endpoint}\n")
+    args = job_parser("test").parse_args(["--body-part", "tibia", "--config", str(config),
+                                          "--data", f"{s3_bucket}/cohort"])
+    loaded, data, _ = setup(args)
+    assert loaded.storage.s3_endpoint_url == endpoint == storage.s3_endpoint()
+    storage.write_text(f"{data}/hello.txt", "hi")  # reaches the loopback server, not AWS
+    assert storage.read_bytes(f"{data}/hello.txt") == b"hi"
