@@ -14,6 +14,7 @@ from pathlib import Path
 
 from boneaug import storage
 from boneaug.config import BODY_PARTS, PROFILES, BoneaugConfig, load_config
+from boneaug.progress import quiet_ray, set_verbose
 
 
 def job_parser(description: str, *, body_part: bool = True,
@@ -38,6 +39,9 @@ def job_parser(description: str, *, body_part: bool = True,
     parser.add_argument("--out", default=None, help="where runs/<run-id>/ goes; default: --data")
     parser.add_argument("--run-id", default=None,
                         help="default <body-part>-<profile>; re-running replaces it")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Ray's own logs on the terminal too, and lines instead of bars "
+                             "(default: they go to the Ray session's log files)")
     return parser
 
 
@@ -66,6 +70,7 @@ def setup(args: argparse.Namespace) -> tuple[BoneaugConfig, str, str]:
     """(config, data URI, run URI) from the common arguments; logging configured."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    set_verbose(getattr(args, "verbose", False))
     config = load_config(args.profile, args.config)
     if config.storage.s3_endpoint_url:  # storage.s3_endpoint reads it, here and in workers
         os.environ[storage.ENDPOINT_VARS[0]] = config.storage.s3_endpoint_url
@@ -91,16 +96,24 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     if not ray.is_initialized():
         ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else num_cpus)
-    quiet_ray_data()
+    quiet_ray()
 
 
-def quiet_ray_data() -> None:
-    """No Ray Data progress bars for datasets this process makes from now on (they carry the
-    setting to the cluster). The jobs print a line per stage, epoch and UNIT sample; the per-pass
-    bars, dozens per training, would bury them."""
-    import ray.data
+# report sections (caption paragraph + its table) that stay in report.md, off the console
+REPORT_ONLY = ("Test AUC by conspicuity band", "Side by side with the paper", "Paper note",
+               "Learning curve", "![")
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+
+def console_summary(markdown: str) -> str:
+    """The report's result tables for the console: `REPORT_ONLY` sections are left out."""
+    kept, skipping = [], False
+    for block in markdown.strip().split("\n\n"):
+        if block.startswith(REPORT_ONLY):
+            skipping = True
+        elif not (skipping and block.startswith("|")):
+            skipping = False
+            kept.append(block)
+    return "\n\n".join(kept)
 
 
 def augment_job(body_part: str, argv: list[str] | None = None) -> None:
@@ -137,8 +150,9 @@ def augment_job(body_part: str, argv: list[str] | None = None) -> None:
                            synthesize=synthesize, thresholds=thresholds,
                            variants=tuple(ARMS[a] for a in args.arms.split(",")),
                            seeds=parse_seeds(args.seeds) or None)
-    print("\n" + result.markdown)
-    print(f"report:  {result.report_uri}/report.md (ROC figure beside it)")
+    print("\n" + console_summary(result.markdown))
+    print(f"report:  {result.report_uri}/report.md (ROC figure, conspicuity bands, the paper's "
+          "numbers beside ours)")
     for key, png in result.figures.items():
         print(f"figure:  {png} (original, translated, blended: {key})")
     for role, uri in result.models.items():

@@ -57,6 +57,8 @@ def configure(config: TrackingConfig | None = None) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    # a model is three small files: no bar per download between a job's own progress lines
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return uri
 
 
@@ -141,6 +143,7 @@ def log_torch_model(
 
     import mlflow
     import torch
+    from mlflow.exceptions import MlflowException
     from mlflow.models import Model, infer_signature
 
     from boneaug.models.specs import spec_of
@@ -162,7 +165,15 @@ def log_torch_model(
         mlflow.log_artifacts(tmp, name)
     if registered_name is None:
         return None
-    version = str(mlflow.register_model(f"runs:/{run_id}/{name}", registered_name).version)
+    # the client, not mlflow.register_model, which prints two lines per registration
+    client = mlflow.MlflowClient()
+    try:
+        client.create_registered_model(registered_name)
+    except MlflowException as exc:  # registered before (or meanwhile, by another process)
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = str(client.create_model_version(registered_name, mlflow.get_artifact_uri(name),
+                                              run_id=run_id).version)
     if alias:
         set_alias(registered_name, alias, version)
     return version

@@ -623,9 +623,9 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     import ray.tune
     from mlflow import MlflowClient
 
-    from boneaug.runtime import quiet_ray_data
+    from boneaug.progress import quiet_ray
 
-    quiet_ray_data()  # a trial makes its own datasets, as a job's driver does
+    quiet_ray()  # a trial makes its own datasets, as a job's driver does
     trial_id = ray.tune.get_context().get_trial_id()
     tracking.configure(TrackingConfig(tracking_uri=context.tracking_uri))
     client = MlflowClient(tracking_uri=context.tracking_uri, registry_uri=context.tracking_uri)

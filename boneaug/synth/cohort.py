@@ -44,6 +44,7 @@ import pyarrow.compute as pc
 from boneaug import storage
 from boneaug.config import BODY_PARTS, SynthConfig
 from boneaug.errors import ConfigError
+from boneaug.progress import interactive
 from boneaug.synth.dicom_out import DicomIdentity, encode_dicom
 from boneaug.synth.render import render_image
 from boneaug.synth.spec import (
@@ -318,14 +319,27 @@ def _chunks(jobs: list[ImageJob], size: int) -> list[list[ImageJob]]:
 
 
 class _Progress:
+    """A bar on a terminal (boneaug.progress); else a line every `every` images."""
+
     def __init__(self, total: int, enabled: bool, every: int) -> None:
         self.total, self.enabled, self.every = total, enabled, max(1, every)
         self.done = 0
         self.next = self.every
         self.start = time.perf_counter()
+        self.bar = None
+        if enabled and interactive():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="[synth]", unit="img", dynamic_ncols=True)
 
     def add(self, n: int, label: str) -> None:
         self.done += n
+        if self.bar is not None:
+            self.bar.set_description(f"[synth] {label}", refresh=False)
+            self.bar.update(n)
+            if self.done >= self.total:
+                self.bar.close()
+            return
         if self.enabled and (self.done >= self.next or self.done == self.total):
             rate = self.done / max(time.perf_counter() - self.start, 1e-9)
             print(f"[boneaug.synth] {label}: {self.done}/{self.total} images ({rate:.1f} img/s)",

@@ -72,6 +72,7 @@ from boneaug.data.datasets import FEED_CPUS
 from boneaug.errors import DataError, ModelError
 from boneaug.eval.metrics import roc_auc
 from boneaug.models.drn import DRN, build_drn
+from boneaug.progress import Progress, quiet_ray, train_logging
 from boneaug.train.distributed import gather, worker_resources, worker_threads
 
 if TYPE_CHECKING:
@@ -589,6 +590,7 @@ def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train
     import ray.train.torch
 
+    quiet_ray()  # this worker's Ray Data plans go to its log files, as the driver's do
     config = DrnConfig(**loop["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -612,6 +614,8 @@ def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
     split_kw = dict(label_column=label_column, image_size=image_size, batch_size=batch_size,
                     rank=rank, world_size=world)
     epoch = state.epoch + 1
+    progress = (Progress(loop["epochs"], f"[drn] {loop['run_name']}", log, initial=epoch,
+                         unit="epoch") if rank == 0 else None)
     while not state.stopped and epoch < loop["epochs"]:
         batches = epoch_batches(train_shard, batch_size=batch_size,
                                 shuffle_rows=loop["train_rows"] // world + 1,
@@ -630,10 +634,12 @@ def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
         state.stopped = state.should_stop(config)
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_auc": auc,
                    "lr": steps.optimizer.param_groups[0]["lr"], "best_val_auc": state.best_auc}
-        if client is not None:
-            _log_epoch(client, loop, metrics, state)
+        if client is not None and progress is not None:
+            _log_epoch(client, loop, metrics, state, progress)
         _save_checkpoint(net, steps, state, best, metrics, rank)
         epoch += 1
+    if progress is not None:
+        progress.close()
 
     judged.load_state_dict(best)
     rows = {"val": _score_split(judged, val_shard, **split_kw)}
@@ -645,14 +651,15 @@ def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _log_epoch(client: Any, loop: Mapping[str, Any], metrics: Mapping[str, float],
-               state: TrainState) -> None:
+               state: TrainState, progress: Progress) -> None:
     for key in ("train_loss", "val_auc", "lr"):
         client.log_metric(loop["mlflow_run_id"], key, float(metrics[key]),
                           step=int(metrics["epoch"]))
-    # a logger, not print: Ray Train's patched print would emit every line twice
-    log.info("[drn] epoch %d/%d: train loss %.4f, val AUC %.3f (best %.3f, epoch %d)",
-             int(metrics["epoch"]) + 1, loop["epochs"], metrics["train_loss"],
-             metrics["val_auc"], state.best_auc, state.best_epoch + 1)
+    # a bar on a terminal; else a logged line (Ray Train's patched print would double it)
+    progress.step(f"[drn] epoch {int(metrics['epoch']) + 1}/{loop['epochs']}: train loss "
+                  f"{metrics['train_loss']:.4f}, val AUC {metrics['val_auc']:.3f} (best "
+                  f"{state.best_auc:.3f}, epoch {state.best_epoch + 1})",
+                  loss=metrics["train_loss"], auc=metrics["val_auc"])
 
 
 def _mlflow_client(loop: Mapping[str, Any]) -> Any:
@@ -826,6 +833,7 @@ def fit_classifier(
             "s3_endpoint": storage.s3_endpoint() if storage.is_s3(run_uri) else None,
             "tracking_uri": uri,
             "mlflow_run_id": run.info.run_id,
+            "run_name": name,
             "registered_name": registered_name,
             "alias": alias,
         }
@@ -841,6 +849,7 @@ def fit_classifier(
                 name="ray", storage_path=path, storage_filesystem=fs,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                logging_config=train_logging(),
             ),
             datasets=datasets,
             dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),

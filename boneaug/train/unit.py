@@ -63,6 +63,7 @@ from torch import Tensor, nn
 from boneaug.data.datasets import FEED_CPUS
 from boneaug.errors import DataError, ModelError
 from boneaug.models.unit import UNIT, Discriminators, ForwardPlan, UnitArch, UnitOutputs
+from boneaug.progress import quiet_ray, train_logging
 from boneaug.train.distributed import gather, worker_resources, worker_threads
 
 if TYPE_CHECKING:
@@ -622,6 +623,7 @@ def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
 
     from boneaug.config import UnitConfig
 
+    quiet_ray()  # this worker's Ray Data plans go to its log files, as the driver's do
     config = UnitConfig(**loop["config"])
     weights, arch = LossWeights.from_config(config), UnitArch.from_config(config)
     ctx = ray.train.get_context()
@@ -930,6 +932,7 @@ def fit_unit(
                 name="train", storage_path=path, storage_filesystem=fs,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                logging_config=train_logging(),
             ),
             datasets={"lesion": lesion, "normal": normal},
         )
