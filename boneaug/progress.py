@@ -102,11 +102,7 @@ def quiet_ray() -> None:
     log_once("ray_data_progress_manager_disabled")  # we turned them off: no notice that we did
     if verbose():
         return
-    logs = _session_logs(ray)
-    file_handler = logging.FileHandler(os.path.join(logs, DRIVER_LOG)) if logs else None
-    if file_handler is not None:
-        file_handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    file_handler = _driver_file(_session_logs(ray))
     for name in ("ray", "ray.data", *RAY_LOGGERS):
         logger = logging.getLogger(name)
         for handler in logger.handlers:
@@ -144,6 +140,21 @@ def _ray_data_logging_config() -> str:
         json.dump(config, handle)  # JSON is YAML, which is what Ray Data parses
     os.replace(f"{path}.tmp", path)
     return path
+
+
+_DRIVER_FILES: dict[str, logging.Handler] = {}
+
+
+def _driver_file(logs: str | None) -> logging.Handler | None:
+    """One handler per session log file, however often `quiet_ray` runs (a Tune trial each)."""
+    if logs is None:
+        return None
+    path = os.path.join(logs, DRIVER_LOG)
+    if path not in _DRIVER_FILES:
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        _DRIVER_FILES[path] = handler
+    return _DRIVER_FILES[path]
 
 
 def _filter(handler: logging.Handler) -> None:
