@@ -85,6 +85,22 @@ def setup(args: argparse.Namespace) -> tuple[BoneaugConfig, str, str]:
     return config, data, storage.join(out, "runs", run_id)
 
 
+def body_part_job(args: argparse.Namespace, *, fractures: bool) -> tuple[BoneaugConfig, str, str]:
+    """What a one-body-part job does first: setup, MLflow, Ray, the cohort (with the fracture
+    corpus only when `fractures`: DRN pre-training) and its ingested images. Returns `setup`'s
+    (config, data URI, run URI)."""
+    from boneaug import tracking
+    from boneaug.workflow import ensure_cohort, ingest_stage
+
+    config, data, run = setup(args)
+    tracking.configure(config.tracking)
+    init_ray()
+    ensure_cohort(config, data, [args.body_part], synthesize=args.data is None or args.synthetic,
+                  fractures=fractures)
+    ingest_stage(config, data, run, args.body_part)
+    return config, data, run
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster (`ray job submit` sets RAY_ADDRESS) or start a local Ray.
 

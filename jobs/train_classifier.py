@@ -11,15 +11,13 @@ registers `boneaug-drn-<body_part>-aug`. Prints the report table (AUC, bootstrap
 Spec.).
 """
 
-from boneaug import storage, tracking
+from boneaug import storage
 from boneaug.augment.pipeline import select_augmented
 from boneaug.eval.report import ModelMeta, import_predictions, render_report_from_predictions
-from boneaug.runtime import init_ray, job_parser, setup
+from boneaug.runtime import body_part_job, job_parser
 from boneaug.workflow import (
     baseline_stage,
-    ensure_cohort,
     fracture_model,
-    ingest_stage,
     stage,
     train_drn,
 )
@@ -31,11 +29,7 @@ def main() -> None:
     parser.add_argument("--t", type=float, default=None,
                         help="pseudo-label threshold (default: profile's)")
     args = parser.parse_args()
-    config, data, run = setup(args)
-    tracking.configure(config.tracking)
-    init_ray()
-    ensure_cohort(config, data, [args.body_part], synthesize=args.data is None or args.synthetic)
-    ingest_stage(config, data, run, args.body_part)
+    config, data, run = body_part_job(args, fractures=True)
     fracture = fracture_model(config, data, args.out or data)
     part = args.body_part
     if args.augmented:

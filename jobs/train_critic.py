@@ -10,9 +10,8 @@ registered as `boneaug-critic-<body_part>` (alias champion). Nothing in the meth
 or selects by it; jobs/train_unit.py logs its verdict on the translator as it trains.
 """
 
-from boneaug import tracking
-from boneaug.runtime import init_ray, job_parser, setup
-from boneaug.workflow import critic_stage, ensure_cohort, ingest_stage
+from boneaug.runtime import body_part_job, job_parser
+from boneaug.workflow import critic_stage
 
 
 def main() -> None:
@@ -21,12 +20,7 @@ def main() -> None:
                         help="a translator URI whose translations of healthy patches the critic "
                              "is checked on (repeatable)")
     args = parser.parse_args()
-    config, data, run = setup(args)
-    tracking.configure(config.tracking)
-    init_ray()
-    ensure_cohort(config, data, [args.body_part], synthesize=args.data is None or args.synthetic,
-                  fractures=False)
-    ingest_stage(config, data, run, args.body_part)
+    config, data, run = body_part_job(args, fractures=False)
     result = critic_stage(config, data, run, args.body_part,
                           {uri: uri for uri in args.translator} or None)
     print(f"registered: {result['model']} (real-patch AUC {result['real_auc']:.3f}, "

@@ -7,20 +7,14 @@ Makes the cohort (synthetic when --data is not given), the image shards and the 
 when they are missing. Registers `boneaug-unit-<body_part>` with alias `challenger`.
 """
 
-from boneaug import tracking
-from boneaug.runtime import init_ray, job_parser, setup
-from boneaug.workflow import ensure_cohort, ingest_stage, unit_model
+from boneaug.runtime import body_part_job, job_parser
+from boneaug.workflow import unit_model
 
 
 def main() -> None:
     parser = job_parser(__doc__, workers=True)
     args = parser.parse_args()
-    config, data, run = setup(args)
-    tracking.configure(config.tracking)
-    init_ray()
-    ensure_cohort(config, data, [args.body_part], synthesize=args.data is None or args.synthetic,
-                  fractures=False)
-    ingest_stage(config, data, run, args.body_part)
+    config, data, run = body_part_job(args, fractures=False)
     print(f"registered: {unit_model(config, data, run, args.body_part)} (alias challenger)")
 
 
