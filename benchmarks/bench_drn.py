@@ -6,7 +6,8 @@ published width) this measures images/s for inference (eval, no grad), for a ful
 step (only the last `finetune_blocks` stages and the head trainable). FLOPs per image come from
 torch.utils.flop_counter.FlopCounterMode over the same call; achieved GFLOP/s is compared with
 an fp32 2048x2048 matmul measured in the same run with the same threads (the roofline anchor
-in STACK.md: about 150 GFLOP/s with 2 threads here).
+in STACK.md: about 150 GFLOP/s with 2 threads here). The `local` cases also run the same
+model in NCHW layout (the DRN is built channels-last): `/ NCHW` is that layout's speed-up.
 
     .venv/bin/python benchmarks/bench_drn.py            # about 2 minutes on 2 idle cores
     .venv/bin/python benchmarks/bench_drn.py --device cuda --threads 16
@@ -36,7 +37,7 @@ class Case:
 
 
 CASES = (
-    Case("local", "infer", 16, 8),
+    Case("local", "infer", 16, 20),
     Case("local", "train", 16, 6),
     Case("local", "finetune", 16, 6),
     Case("paper", "infer", 2, 2),
@@ -77,11 +78,13 @@ def _best_time(fn: Callable[[], object], repeats: int, device: torch.device) -> 
     return best
 
 
-def run_case(case: Case, device: torch.device) -> dict[str, object]:
+def run_case(case: Case, device: torch.device, *, nchw: bool = False) -> dict[str, object]:
     config = load_config(case.profile)  # type: ignore[arg-type]
     drn = config.drn
     height, width = config.image.height, config.image.width
     model = build_model(drn, generator=torch.Generator().manual_seed(0)).to(device)
+    if nchw:
+        model = model.to(memory_format=torch.contiguous_format)
     if case.mode == "finetune":
         model.freeze(drn.finetune_blocks)
     x = torch.rand(case.batch, 1, height, width, generator=torch.Generator().manual_seed(1))
@@ -129,8 +132,10 @@ def main() -> None:
     print(f"DRN ({arch}) on {device}, {args.threads} threads, torch {torch.__version__}, "
           f"load average {load:.1f} on {os.cpu_count()} CPUs")
     header = (f"{'profile':8} {'input':9} {'width':>5} {'mode':9} {'batch':>5} {'img/s':>9} "
-              f"{'GFLOP/img':>10} {'GFLOP/s':>9} {'/ peak':>7}")
+              f"{'GFLOP/img':>10} {'GFLOP/s':>9} {'/ peak':>7} {'/ NCHW':>7}")
     rows = [run_case(c, device) for c in CASES if c.profile in args.profiles]
+    nchw = {(c.profile, c.mode): run_case(c, device, nchw=True)["img_s"]
+            for c in CASES if c.profile == "local" and c.profile in args.profiles}
     peak_after = gemm_peak(device)
     # the anchor is the better of the two measurements: a contended one only understates it
     peak = max(peak_before, peak_after)
@@ -141,7 +146,9 @@ def main() -> None:
     for r in rows:
         print(f"{r['profile']:8} {r['input']:9} {r['width']:>5} {r['mode']:9} {r['batch']:>5} "
               f"{r['img_s']:>9.2f} {r['gflop_img']:>10.2f} {r['gflop_s']:>9.1f} "
-              f"{r['gflop_s'] / peak:>7.2f}")  # type: ignore[operator]
+              f"{r['gflop_s'] / peak:>7.2f} "  # type: ignore[operator]
+              + (f"{r['img_s'] / nchw[key]:>7.2f}"  # type: ignore[operator]
+                 if (key := (r["profile"], r["mode"])) in nchw else f"{'-':>7}"))
     if abs(peak_after - peak_before) > 0.15 * peak or load > (os.cpu_count() or 1):
         print("\nwarning: the machine was busy (GEMM spread or load average): ratios are noisy")
     epoch = {r["profile"]: r for r in rows if r["mode"] == "train"}

@@ -166,3 +166,26 @@ def test_single_logit_head_starts_unsaturated() -> None:
     with torch.no_grad():
         logits = model(torch.rand(8, 1, 128, 64, generator=torch.Generator().manual_seed(1)))
     assert logits.abs().max() < 1.0  # the fan-out rule (std sqrt(2)) gave logits of several units
+
+
+def test_built_channels_last_and_a_plain_state_dict_keeps_layout_and_logits() -> None:
+    """The DRN is NHWC (faster on CPU and GPU); weights saved from an NCHW copy load into it
+    without changing its layout, and both give the same logits."""
+    model = build_drn("drn_d_22", width_mult=0.125, downsample="maxpool",
+                     generator=torch.Generator().manual_seed(0)).eval()
+    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not all(w.is_contiguous() for w in convs)
+
+    nchw = build_drn("drn_d_22", width_mult=0.125, downsample="maxpool").eval()
+    nchw.load_state_dict(model.state_dict())
+    nchw = nchw.to(memory_format=torch.contiguous_format)
+    fresh = build_drn("drn_d_22", width_mult=0.125, downsample="maxpool").eval()
+    fresh.load_state_dict({k: v.contiguous() for k, v in nchw.state_dict().items()})
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
+               for m in fresh.modules() if isinstance(m, nn.Conv2d))
+
+    x = torch.rand(3, 1, 64, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), nchw(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model(x), nchw(x), atol=1e-5, rtol=1e-4)

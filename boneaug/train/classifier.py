@@ -258,8 +258,7 @@ def _autocast(device: torch.device) -> Any:
 
 
 def _to_device(images: np.ndarray | Tensor, device: torch.device) -> Tensor:
-    x = torch.as_tensor(images, dtype=torch.float32).to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+    return torch.as_tensor(images, dtype=torch.float32).to(device, non_blocking=True)
 
 
 def train_step(
@@ -546,7 +545,6 @@ def _prepare_model(loop: Mapping[str, Any], config: DrnConfig, device: torch.dev
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL object collectives use the current device
         torch.backends.cudnn.benchmark = True
-        model = model.to(memory_format=torch.channels_last)
         if world > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return ray.train.torch.prepare_model(model)
