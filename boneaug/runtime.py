@@ -59,6 +59,24 @@ def parse_seeds(text: str | None) -> tuple[int, ...]:
     return seeds
 
 
+THRESHOLDS_HELP = ("comma-separated pseudo-label t grid, e.g. 0.70,0.85,0.90,0.95 (the paper's "
+                   "Table 2); default: the profile's augment.thresholds")
+
+
+def parse_thresholds(text: str | None) -> tuple[float, ...] | None:
+    """"0.7,0.9" -> (0.7, 0.9); None or "" -> None (the profile's augment.thresholds)."""
+    if not text:
+        return None
+    try:
+        grid = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--thresholds must be comma-separated numbers in [0, 1], e.g. "
+                         f"0.70,0.85,0.90,0.95; got {text!r}") from None
+    if any(not 0.0 <= t <= 1.0 for t in grid) or len(set(grid)) != len(grid):
+        raise SystemExit(f"--thresholds must be distinct numbers in [0, 1]; got {text!r}")
+    return grid
+
+
 def absolute(uri: str) -> str:
     """Plain relative paths become absolute so Ray workers in other directories find them."""
     if "://" in uri:
@@ -140,8 +158,7 @@ def augment_job(body_part: str, argv: list[str] | None = None) -> None:
 
     parser = job_parser(f"The augmentation chain for {body_part} (Gupta et al. 2019).",
                         body_part=False)
-    parser.add_argument("--thresholds", default=None,
-                        help="comma-separated t grid (default: the profile's augment.thresholds)")
+    parser.add_argument("--thresholds", default=None, help=THRESHOLDS_HELP)
     parser.add_argument("--arms", default="unit",
                         help="comma-separated augmentation arms beside the baseline: unit (the "
                              "method), copy_paste (real lesion patches), oracle (the phantom's "
@@ -157,7 +174,7 @@ def augment_job(body_part: str, argv: list[str] | None = None) -> None:
 
     tracking.configure(config.tracking)
     init_ray()
-    thresholds = tuple(float(t) for t in args.thresholds.split(",")) if args.thresholds else None
+    thresholds = parse_thresholds(args.thresholds)
     unknown = [a for a in args.arms.split(",") if a not in ARMS]
     if unknown:
         raise SystemExit(f"--arms: unknown {unknown}; choose from {', '.join(ARMS)}")

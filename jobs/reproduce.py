@@ -4,13 +4,15 @@
     ray job submit --working-dir . -- python jobs/reproduce.py --profile local --data /abs/path
         --synthetic --seeds 0,1,2
 
-Table 2: humerus baseline and augmented at t in {0.70, 0.85, 0.90, 0.95}, beside the copy-paste
-and (synthetic cohorts) oracle arms at the same t, and the learning curve (the baseline on a
-share, and a multiple, of the real training positives: `eval.learning_curve`).
+Table 2: humerus baseline and augmented at each t of the grid (the profile's augment.thresholds:
+the paper's {0.70, 0.85, 0.90, 0.95} on `paper`, {0.70, 0.90} on `local`, where each t costs one
+DRN per arm and seed; --thresholds sets it), beside the copy-paste and (synthetic cohorts) oracle
+arms at the same t, and the learning curve (the baseline on a share, and a multiple, of the real
+training positives: `eval.learning_curve`).
 Table 3: tibia baseline / augmented / TL_G / TL_G + TL_PL; femur baseline / TL_G / TL_G + TL_PL
 (TL_G: the humerus UNIT; TL_PL: the humerus baseline of the same seed as pseudo-labeller), each
-beside copy-paste and oracle. t is chosen on validation AUC for every arm (humerus: the paper's
-grid; the others: the profile's augment.thresholds); the test set is only used for the tables.
+beside copy-paste and oracle. t is chosen on validation AUC for every arm; the test set is only
+used for the tables.
 
 Translators are trained once per body part; each training seed of --seeds repeats every
 classifier training, and the tables give the mean +- sd over seeds beside each row.
@@ -19,8 +21,15 @@ classifier training, and the tables give the mean +- sd over seeds beside each r
 import time
 
 from boneaug import storage, tracking
-from boneaug.config import PAPER_THRESHOLDS
-from boneaug.runtime import absolute, init_ray, job_parser, parse_seeds, setup
+from boneaug.runtime import (
+    THRESHOLDS_HELP,
+    absolute,
+    init_ray,
+    job_parser,
+    parse_seeds,
+    parse_thresholds,
+    setup,
+)
 from boneaug.synth.cohort import generated_with
 from boneaug.workflow import COPY_PASTE, ORACLE, OWN, Variant, ensure_cohort, run_body_part
 
@@ -35,8 +44,10 @@ def main() -> None:
     parser = job_parser(__doc__, body_part=False)
     parser.add_argument("--seeds", default=None,
                         help="comma-separated training seeds, e.g. 0,1,2 (default: the config's)")
+    parser.add_argument("--thresholds", default=None, help=THRESHOLDS_HELP)
     args = parser.parse_args()
     config, data, _ = setup(args)
+    thresholds = parse_thresholds(args.thresholds)
     seeds = parse_seeds(args.seeds) or (config.drn.seed,)
     out = absolute(args.out or data)
     start = time.perf_counter()
@@ -50,7 +61,7 @@ def main() -> None:
             variants = tuple(v for v in variants if v is not ORACLE)  # a real cohort: no phantom
         result = run_body_part(config, part,  # type: ignore[arg-type]
                                data_uri=data, out_uri=out, synthesize=False, variants=variants,
-                               thresholds=PAPER_THRESHOLDS if part == "humerus" else None,
+                               thresholds=thresholds,
                                seeds=seeds, scorers=scorers,
                                learning_curve=config.eval.learning_curve if part == "humerus"
                                else ())

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,17 @@ def test_errors_name_the_file_and_the_field(tmp_path: Path) -> None:
 def test_scaled_counts_keep_nonzero_classes() -> None:
     counts = load_config("local").synth.counts["femur"].scaled(0.01)
     assert counts.train_pos == 1 and counts.test_neg == 5
+
+
+def test_job_grids_parse_or_say_what_is_wrong() -> None:
+    from boneaug.runtime import parse_seeds, parse_thresholds
+
+    assert parse_thresholds("0.70,0.85,0.90,0.95") == (0.70, 0.85, 0.90, 0.95)
+    assert parse_thresholds(None) is None and parse_seeds("") == ()
+    assert parse_seeds("0,1,2") == (0, 1, 2)
+    for bad, message in (("0.7,high", "comma-separated numbers"), ("0.7,1.5", "in [0, 1]"),
+                         ("0.9,0.9", "distinct")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            parse_thresholds(bad)
+    with pytest.raises(SystemExit, match="repeats a seed"):
+        parse_seeds("1,1")
