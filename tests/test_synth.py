@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from boneaug import storage
-from boneaug.config import BoneaugConfig, SynthConfig
+from boneaug.config import BoneaugConfig, SynthConfig, load_config
 from boneaug.errors import ConfigError
 from boneaug.synth.cohort import ANNOTATION_SCHEMA, generate_cohort, plan_body_part, plan_fractures
 from boneaug.synth.dicom_out import DicomIdentity, encode_dicom
@@ -328,16 +328,28 @@ def test_fracture_corpus_alone_merges_into_an_existing_cohort(tmp_path) -> None:
     assert "femur" in set(table.column("body_part").to_pylist())
 
 
-def test_min_conspicuity_bounds_the_drawn_lesions_and_keeps_the_rest_of_the_draw() -> None:
+def test_conspicuity_range_bounds_the_drawn_lesions_and_keeps_the_rest_of_the_draw() -> None:
     from boneaug.synth.spec import sample_lesion
 
     subtle_allowed = [sample_lesion("tibia", np.random.default_rng(i)) for i in range(200)]
-    obvious_only = [sample_lesion("tibia", np.random.default_rng(i), min_conspicuity=0.6)
+    obvious_only = [sample_lesion("tibia", np.random.default_rng(i), conspicuity_range=(0.6, 1.0))
                     for i in range(200)]
+    middle = [sample_lesion("tibia", np.random.default_rng(i), conspicuity_range=(0.4, 0.8))
+              for i in range(200)]
     assert min(les.conspicuity for les in subtle_allowed) < 0.1
+    assert max(les.conspicuity for les in subtle_allowed) > 0.9
     assert min(les.conspicuity for les in obvious_only) >= 0.6
+    assert 0.4 <= min(les.conspicuity for les in middle) < 0.45
+    assert 0.75 < max(les.conspicuity for les in middle) <= 0.8
     # the same draws otherwise: lesion types come from the same stream
     assert [les.lesion_type for les in subtle_allowed] == [les.lesion_type for les in obvious_only]
+    assert [les.lesion_type for les in middle] == [les.lesion_type for les in obvious_only]
+
+
+def test_an_empty_conspicuity_range_is_refused() -> None:
+    with pytest.raises(ValueError, match="must be below max_conspicuity"):
+        SynthConfig.model_validate(
+            load_config("local").synth.model_dump() | {"max_conspicuity": 0.3})
 
 
 def test_a_cohort_with_fractures_of_a_body_part_still_lacks_that_body_parts_lesion_cohort(

@@ -217,12 +217,13 @@ def plan_fractures(config: SynthConfig, *, seed: int, scale: float) -> list[Imag
 
 # ------------------------------------------------------------------------------------ rendering
 
-def _patient(job: ImageJob, seed: int, min_conspicuity: float, attempt: int = 0) -> PatientSpec:
+def _patient(job: ImageJob, seed: int, conspicuity_range: tuple[float, float],
+             attempt: int = 0) -> PatientSpec:
     stream = [seed, job.stream, job.patient_index, PATIENT_STREAM] + ([attempt] if attempt else [])
     return sample_patient(job.body_part, np.random.default_rng(stream),
                           patient_id=job.patient_id, lesion=bool(job.label),
                           confounders=job.confounders, fracture=bool(job.fracture),
-                          min_conspicuity=min_conspicuity)
+                          conspicuity_range=conspicuity_range)
 
 
 def lesion_visibility(with_lesion: np.ndarray, without: np.ndarray, pool: int) -> float:
@@ -247,13 +248,13 @@ def patient_of(job: ImageJob, config: SynthConfig, seed: int) -> PatientSpec:
     """The patient of `job`. A lesion patient is redrawn (up to VISIBILITY_TRIES times) until
     the lesion is visible on the patient's first image (`SynthConfig.min_visibility`); the most
     visible draw is kept when none is."""
-    patient = _patient(job, seed, config.min_conspicuity)
+    patient = _patient(job, seed, config.conspicuity_range)
     if patient.lesion is None or config.min_visibility <= 0:
         return patient
     first = job.image_index - job.study_index  # a patient's images are planned in a row
     best: tuple[float, PatientSpec] = (-1.0, patient)
     for attempt in range(VISIBILITY_TRIES):
-        candidate = patient if attempt == 0 else _patient(job, seed, config.min_conspicuity,
+        candidate = patient if attempt == 0 else _patient(job, seed, config.conspicuity_range,
                                                           attempt)
         rng = np.random.default_rng([seed, job.stream, first])
         spec = sample_image(candidate, config, rng, study_index=0)

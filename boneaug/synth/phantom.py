@@ -182,9 +182,9 @@ class LesionDraw:
 
 
 def draw_lesion(body_part: str, canal: float, rng: np.random.Generator, *,
-                min_conspicuity: float) -> LesionDraw:
+                conspicuity_range: tuple[float, float]) -> LesionDraw:
     """sample_lesion plus the random parts of sample_patient's region rules, from `rng`."""
-    lesion = sample_lesion(body_part, rng, min_conspicuity=min_conspicuity)
+    lesion = sample_lesion(body_part, rng, conspicuity_range=conspicuity_range)
     diaphyseal = _diaphyseal_size(replace(lesion, region="diaphyseal"), canal, rng)
     reach = lesion.conspicuity > 0.4 and bool(rng.random() < 0.8)
     return LesionDraw(replace(lesion, region="metaphyseal"), diaphyseal, reach)
@@ -250,7 +250,7 @@ def lesion_candidates(spec: ImageSpec, config: SynthConfig, target: Box, rng: np
     out = []
     for _ in range(tries):
         draw = draw_lesion(spec.body_part, spec.patient.body.canal, rng,
-                           min_conspicuity=config.min_conspicuity)
+                           conspicuity_range=config.conspicuity_range)
         lesion = place_lesion(draw, frame, target_xy)
         box = stored_lesion_box(spec, lesion, frame.scene)
         if box is not None:

@@ -218,13 +218,15 @@ def sample_body(body_part: str, rng: np.random.Generator, *, deformity: bool = F
 
 
 def sample_lesion(body_part: str, rng: np.random.Generator, *,
-                  conspicuity: float | None = None, min_conspicuity: float = 0.0) -> LesionSpec:
-    """A lesion whose conspicuity (0 subtle .. 1 obvious) drives its size, lysis and rim.
+                  conspicuity: float | None = None,
+                  conspicuity_range: tuple[float, float] = (0.0, 1.0)) -> LesionSpec:
+    """A lesion whose conspicuity (0 subtle .. 1 obvious; drawn uniformly in
+    `conspicuity_range` unless given) drives its size, lysis and rim.
 
     Subtle lesions are small, partly lytic, without a rim and usually metaphyseal, where they
     sit over dense trabecular bone; obvious ones are large, fully lytic, often rimmed or expansile.
     """
-    c = float(rng.uniform(min_conspicuity, 1.0)) if conspicuity is None else float(conspicuity)
+    c = float(rng.uniform(*conspicuity_range)) if conspicuity is None else float(conspicuity)
     kind = str(rng.choice(LESION_TYPES, p=[0.40, 0.25, 0.20, 0.15]))
     region = "metaphyseal" if rng.random() < 0.75 - 0.35 * c else "diaphyseal"
     width = float(np.clip(0.10 + 0.65 * (0.65 * c + 0.35 * rng.random()), 0.10, 0.75))
@@ -323,7 +325,7 @@ def sample_patient(
     confounders: tuple[str, ...] = (),
     fracture: bool = False,
     conspicuity: float | None = None,
-    min_conspicuity: float = 0.0,
+    conspicuity_range: tuple[float, float] = (0.0, 1.0),
 ) -> PatientSpec:
     """A synthetic person with one long bone of `body_part` and what it carries."""
     unknown = set(confounders) - set(CONFOUNDERS)
@@ -336,7 +338,7 @@ def sample_patient(
     les = None
     if lesion:
         les = sample_lesion(body_part, rng, conspicuity=conspicuity,
-                            min_conspicuity=min_conspicuity)
+                            conspicuity_range=conspicuity_range)
         les = _place_lesion(les, build_scene(body_part, body, 0.0).lesion_zones, rng)
         if les.region == "diaphyseal":
             les = _diaphyseal_size(les, body.canal, rng)
