@@ -31,6 +31,7 @@ def set_verbose(verbose: bool) -> None:
     if verbose:
         return
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # e.g. "Creating initial ... tables"
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", _ray_data_logging_config())
 
 
@@ -135,6 +136,9 @@ def _ray_data_logging_config() -> str:
 
     config = copy.deepcopy(DEFAULT_CONFIG)
     config["handlers"]["console"]["level"] = "WARNING"
+    # its one warning says that progress bars are off, which every split coordinator repeats
+    config["loggers"]["ray.data._internal.progress"] = {
+        "level": "DEBUG", "handlers": ["file"], "propagate": False}
     path = os.path.join(tempfile.gettempdir(), f"boneaug-ray-data-logging-{os.getuid()}.json")
     with open(f"{path}.tmp", "w") as handle:
         json.dump(config, handle)  # JSON is YAML, which is what Ray Data parses

@@ -110,3 +110,23 @@ def test_the_console_gets_the_result_tables_and_the_report_keeps_the_rest() -> N
         "# boneaug report", "| Type | AUC |\n|---|---|\n| Baseline | 0.80 |",
         "Paired AUC difference against the baseline:", "| Type | ΔAUC |\n|---|---|",
         "report done"])
+
+
+def test_quiet_workers_keep_ray_datas_progress_notice_and_mlflows_info_off_the_console(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each Ray Data split coordinator (a separate process) warned that progress bars are off,
+    and MLflow announced its table creation: the workers' logging config sends the first to
+    Ray Data's file only, and MLflow starts at WARNING."""
+    import json
+    import os
+
+    monkeypatch.setenv(progress.VERBOSE_VAR, "1")  # restored afterwards, with the rest
+    for var in ("RAY_DATA_LOGGING_CONFIG", "MLFLOW_LOGGING_LEVEL", "PYTHONWARNINGS"):
+        monkeypatch.delenv(var, raising=False)
+    progress.set_verbose(False)
+    assert os.environ["MLFLOW_LOGGING_LEVEL"] == "WARNING"
+    config = json.loads(Path(os.environ["RAY_DATA_LOGGING_CONFIG"]).read_text())
+    notice = config["loggers"]["ray.data._internal.progress"]
+    assert notice["handlers"] == ["file"] and notice["propagate"] is False
+    assert config["loggers"]["ray.data"]["handlers"] == ["file", "console"]  # the rest still shows

@@ -165,9 +165,9 @@ class AugmentSummary:
 
     def __str__(self) -> str:
         q = ", ".join(f"{k}={v:.3f}" for k, v in self.score_quantiles.items())
-        return (f"augment {self.candidates_uri}\n  {self.blended} blended from {self.sources} "
-                f"source patches with {self.translator}, scored by {self.scorer}\n  scores: {q}"
-                f"\n  {self.seconds:.1f} s")
+        return (f"augment {self.candidates_uri}: {self.blended} blended from {self.sources} "
+                f"source patches; {self.seconds:.1f} s\n  translator {self.translator}, "
+                f"scored by {self.scorer}: {q}")
 
 
 def _actors(gpus: float) -> Any:

@@ -168,15 +168,13 @@ class IngestSummary:
         self.images_per_s = self.listed / self.seconds if self.seconds > 0 else 0.0
 
     def __str__(self) -> str:
-        reasons = (", ".join(f"{k}={v}" for k, v in sorted(self.rejected_by_reason.items()))
-                   or "none")
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.rejected_by_reason.items()))
         splits = ", ".join(f"{k}={v}" for k, v in sorted(self.by_split_label.items()))
         return (
-            f"ingest {self.run_uri}\n"
-            f"  listed {self.listed} = written {self.written} + rejected {self.rejected}\n"
-            f"  rejected by reason: {reasons}\n"
-            f"  written by split:label: {splits} (with confounders: {self.confounded})\n"
-            f"  {self.seconds:.1f} s, {self.images_per_s:.1f} images/s"
+            f"ingest {self.run_uri}: listed {self.listed} = written {self.written} + rejected "
+            f"{self.rejected}{f' ({reasons})' if reasons else ''}; {self.seconds:.1f} s, "
+            f"{self.images_per_s:.1f} images/s\n"
+            f"  split:label {splits}; with confounders {self.confounded}"
         )
 
 

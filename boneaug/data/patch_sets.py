@@ -117,13 +117,12 @@ class PatchSummary:
 
     def __str__(self) -> str:
         return (
-            f"patches {self.run_uri}\n"
-            f"  train images {self.images}: {self.lesion_images} with lesions, "
-            f"{self.translation_negatives} negatives for translation, "
-            f"{self.source_images} sources\n"
-            f"  cut {self.candidates}, dropped (mean < threshold) {self.dropped_low_intensity}\n"
-            f"  written {self.written}\n"
-            f"  {self.seconds:.1f} s, {self.patches_per_s:.1f} patches/s"
+            f"patches {self.run_uri}: written {self.written}; {self.seconds:.1f} s, "
+            f"{self.patches_per_s:.1f} patches/s\n"
+            f"  from {self.images} train images ({self.lesion_images} with lesions, "
+            f"{self.translation_negatives} negatives for translation, {self.source_images} "
+            f"sources); cut {self.candidates}, dropped (mean < threshold) "
+            f"{self.dropped_low_intensity}"
         )
 
 

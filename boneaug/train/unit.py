@@ -890,10 +890,10 @@ def fit_unit(
                   "heldout_auc": report.heldout_auc,
                   "lesion": subset_patches(quality_sets.lesion, 256),
                   "normal": subset_patches(quality_sets.normal, 256)}
-        log.info("quality critic: train accuracy %.3f, held-out AUC %s, frac_source %.3f",
-                 report.train_accuracy,
-                 "n/a" if report.heldout_auc is None else f"{report.heldout_auc:.3f}",
-                 probe.frac_source)
+        log.debug("quality critic: train accuracy %.3f, held-out AUC %s, frac_source %.3f",
+                  report.train_accuracy,
+                  "n/a" if report.heldout_auc is None else f"{report.heldout_auc:.3f}",
+                  probe.frac_source)
 
     uri = tracking.tracking_uri(tracking_config)
     params = {
