@@ -265,22 +265,20 @@ def cut_patch(image: np.ndarray, box: Sequence[int], *, s: float, size: int,
     return crop, crop_resize(image, crop, size)
 
 
-@torch.no_grad()
-def run_translator(model: torch.nn.Module, patches: np.ndarray, device: str = "cpu") -> np.ndarray:
-    """(N, 1, S, S) float32 [0, 1] -> translated (N, 1, S, S) float32 [0, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)).to(device)
-    y = model(x)
-    if y.shape != x.shape:
-        raise BoneaugError(f"translator returned shape {tuple(y.shape)} for input {tuple(x.shape)}")
-    return y.clamp_(0.0, 1.0).float().cpu().numpy()
+def run_translator(model: torch.nn.Module, patches: np.ndarray) -> np.ndarray:
+    """(N, 1, S, S) float32 [0, 1] -> translated (N, 1, S, S) float32 [0, 1], in one batch on the
+    model's device: the augmentation's own `translate_patches`, so both translate alike."""
+    from boneaug.augment.translate import translate_patches
+
+    return translate_patches(model, patches, batch_size=max(1, len(patches)))
 
 
-@torch.no_grad()
-def run_scorer(model: torch.nn.Module, images: np.ndarray, device: str = "cpu") -> np.ndarray:
-    """(N, 1, H, W) float32 [0, 1] -> lesion probabilities (N,) float32."""
-    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device)
-    logits = model(x).reshape(x.shape[0], -1)[:, 0]  # (N,)
-    return torch.sigmoid(logits.float()).cpu().numpy()
+def run_scorer(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+    """(N, 1, H, W) float32 [0, 1] -> lesion probabilities (N,) float32, in one batch on the
+    model's device: the pseudo-labeller's own `score_images`, so both score alike."""
+    from boneaug.augment.pseudolabel import score_images
+
+    return score_images(model, images, batch_size=max(1, len(images)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -182,7 +182,7 @@ class _RegistryModels:
             model = loaded[body_part]
             stacked = np.concatenate([requests[i][1] for i in indices], axis=0)  # (B, 1, H, W)
             try:
-                values = await asyncio.to_thread(type(self).run, model.model, stacked, model.device)
+                values = await asyncio.to_thread(type(self).run, model.model, stacked)
             except Exception as exc:  # noqa: BLE001 - answer each request (503), keep the replica
                 log.exception("%s: %s %s failed on a batch of %d", self.kind, model.name,
                               model.version, len(indices))

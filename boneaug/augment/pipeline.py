@@ -142,7 +142,7 @@ class Score:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from boneaug.augment.pseudolabel import score_images
 
-        scores = score_images(self.model, _images(batch), device=self.device)
+        scores = score_images(self.model, _images(batch))
         return batch.append_column("score", pa.array(scores, pa.float32()))
 
 

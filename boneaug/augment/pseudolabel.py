@@ -12,16 +12,32 @@ import torch
 
 
 @torch.no_grad()
-def score_images(scorer: torch.nn.Module, images: np.ndarray, *, batch_size: int = 16,
-                 device: torch.device | str = "cpu") -> np.ndarray:
-    """(N, 1, H, W) float32 [0, 1] -> (N,) lesion probabilities, batched, no grad."""
+def score_images(scorer: torch.nn.Module, images: np.ndarray, *,
+                 batch_size: int = 16) -> np.ndarray:
+    """(N, 1, H, W) float32 [0, 1] -> (N,) float32 lesion probabilities, on the scorer's device.
+
+    The one place a DRN scores images: validation and test during training, pseudo-labels and
+    the service, so all of them agree (bf16 autocast on CUDA, fp32 elsewhere). Eval mode for
+    the call (a DDP wrapper is looked through); the scorer's mode is restored afterwards.
+    """
+    images = np.asarray(images)
     if images.ndim != 4 or images.shape[1] != 1:
         raise ValueError(f"expected images of shape (N, 1, H, W), got {images.shape}")
-    scorer = scorer.eval().to(device)
+    net: torch.nn.Module = getattr(scorer, "module", scorer)
+    device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
     out = []
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(device)
-        out.append(torch.sigmoid(scorer(batch).float().reshape(len(batch), -1)[:, 0]).cpu().numpy())
+    try:
+        for start in range(0, len(images), batch_size):
+            x = torch.as_tensor(np.ascontiguousarray(images[start:start + batch_size]),
+                                dtype=torch.float32).to(device, non_blocking=True)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16,
+                                enabled=device.type == "cuda"):
+                logits = net(x)
+            out.append(torch.sigmoid(logits.float().reshape(len(x), -1)[:, 0]).cpu().numpy())
+    finally:
+        net.train(was_training)
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 

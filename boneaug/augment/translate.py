@@ -64,6 +64,9 @@ def translate_patches(
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16,
                                 enabled=target.type == "cuda"):
                 y = model(x)
+            if y.shape != x.shape:
+                raise ModelError(f"translator returned shape {tuple(y.shape)} for input "
+                                 f"{tuple(x.shape)}: not a patch-to-patch translator")
             out[start : start + len(x)] = y.float().clamp_(0.0, 1.0).cpu().numpy()
     finally:
         model.train(was_training).to(home)

@@ -66,6 +66,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from boneaug import storage, tracking
+from boneaug.augment.pseudolabel import score_images
 from boneaug.config import DrnConfig, TrackingConfig
 from boneaug.data.arrays import decode_pixels
 from boneaug.data.datasets import FEED_CPUS
@@ -280,26 +281,7 @@ def train_step(
     return float(loss.detach())
 
 
-@torch.no_grad()
-def predict(model: nn.Module, images: np.ndarray, *, batch_size: int = 16) -> np.ndarray:
-    """Lesion probabilities (N,) float32 for images (N, 1, H, W) in [0, 1]; eval mode, no grad."""
-    images = np.asarray(images)
-    if images.ndim != 4:
-        raise ValueError(f"predict expects images (N, 1, H, W), got shape {images.shape}")
-    net: nn.Module = getattr(model, "module", model)  # unwrap DDP
-    was_training = net.training
-    net.eval()
-    device = next(net.parameters()).device
-    out = []
-    try:
-        for start in range(0, len(images), batch_size):
-            x = _to_device(images[start : start + batch_size], device)
-            with _autocast(device):
-                logits = net(x)  # (b, 1)
-            out.append(torch.sigmoid(logits[:, 0].float()).cpu().numpy())
-    finally:
-        net.train(was_training)
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+predict = score_images  # lesion probabilities (N,) of images (N, 1, H, W): one implementation
 
 
 @dataclass
