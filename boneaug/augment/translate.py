@@ -23,9 +23,9 @@ from torch import nn
 from boneaug import storage
 from boneaug.errors import ModelError, StorageError
 from boneaug.models.unit import UNIT, Translator, UnitArch
+from boneaug.train.distributed import CHECKPOINT_FILE
 
-CHECKPOINT_FILE = "state.pt"  # boneaug.train.unit writes these two
-FINAL_FILE = "final.pt"
+FINAL_FILE = "final.pt"  # boneaug.train.unit writes it beside its checkpoints (CHECKPOINT_FILE)
 
 
 @torch.no_grad()

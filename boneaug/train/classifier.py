@@ -74,7 +74,15 @@ from boneaug.errors import DataError, ModelError
 from boneaug.eval.metrics import roc_auc
 from boneaug.models.drn import DRN, build_drn
 from boneaug.progress import Progress, quiet_ray, train_logging
-from boneaug.train.distributed import gather, worker_resources, worker_threads
+from boneaug.train.distributed import (
+    CHECKPOINT_FILE,
+    cpu_state,
+    gather,
+    load_checkpoint,
+    seed_for,
+    worker_resources,
+    worker_threads,
+)
 
 if TYPE_CHECKING:
     import ray.data
@@ -84,7 +92,6 @@ log = logging.getLogger(__name__)
 FRACTURE_MODEL = "boneaug-drn-fracture"
 BEST_MODEL_FILE = "best_model.pt"
 PREDICTIONS_FILE = "predictions.parquet"
-CHECKPOINT_FILE = "state.pt"
 _ROW_COLUMNS = ("image_id", "height", "width", "pixels")
 
 
@@ -126,10 +133,6 @@ def owner_rank(image_id: str, world_size: int) -> int:
     """The rank that scores `image_id` during evaluation (stable across processes and runs)."""
     return zlib.crc32(image_id.encode()) % world_size
 
-
-def seed_for(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (seed, rank, epoch, ...)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
 @dataclass(frozen=True)
@@ -310,10 +313,6 @@ class TrainState:
         (The epoch limit is not recorded here, so a finished run can be resumed for longer.)"""
         return self.epochs_since_best >= config.early_stop_patience
 
-
-def cpu_state(model: nn.Module) -> dict[str, Tensor]:
-    net = getattr(model, "module", model)
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
 
 
 # ---- initialisation from the auxiliary model ------------------------------------------------
@@ -504,15 +503,6 @@ def _save_checkpoint(net: nn.Module, steps: TrainSteps, state: TrainState,
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _load_checkpoint() -> dict[str, Any] | None:
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as directory:
-        return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-
 
 def _prepare_model(loop: Mapping[str, Any], config: DrnConfig, device: torch.device,
                    world: int) -> nn.Module:
@@ -584,7 +574,7 @@ def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
     model = _prepare_model(loop, config, device, world)
     net: DRN = getattr(model, "module", model)
     steps = _make_steps(net, config, loop, device, batch_size, world)
-    state, best = _restore(_load_checkpoint(), net, steps, rank)
+    state, best = _restore(load_checkpoint(), net, steps, rank)
     judged: nn.Module = net if steps.ema is None else steps.ema.module  # what validation scores
     best = best if best is not None else cpu_state(judged)
 

@@ -1,8 +1,40 @@
-"""What the Ray Train loops of UNIT and the DRN share about torch.distributed."""
+"""What the Ray Train loops of UNIT and the DRN share: torch.distributed collectives, worker
+resources, seeds, CPU copies of weights and the checkpoint file."""
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+CHECKPOINT_FILE = "state.pt"  # in each Ray Train checkpoint directory
+
+
+def seed_for(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (seed, rank, epoch or iteration, purpose)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def cpu_state(module: nn.Module) -> dict[str, Tensor]:
+    """A CPU copy of the state dict of `module` (of the module inside a DDP wrapper)."""
+    net = getattr(module, "module", module)
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
+
+
+def load_checkpoint() -> dict[str, Any] | None:
+    """This Train run's latest checkpoint (`CHECKPOINT_FILE`, tensors only), or None."""
+    import ray.train
+    import torch
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
 def gather(obj: Any) -> list[Any]:

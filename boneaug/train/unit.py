@@ -64,7 +64,15 @@ from boneaug.data.datasets import FEED_CPUS
 from boneaug.errors import DataError, ModelError
 from boneaug.models.unit import UNIT, Discriminators, ForwardPlan, UnitArch, UnitOutputs
 from boneaug.progress import quiet_ray, train_logging
-from boneaug.train.distributed import gather, worker_resources, worker_threads
+from boneaug.train.distributed import (
+    CHECKPOINT_FILE,
+    cpu_state,
+    gather,
+    load_checkpoint,
+    seed_for,
+    worker_resources,
+    worker_threads,
+)
 
 if TYPE_CHECKING:
     import ray.data
@@ -74,7 +82,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "state.pt"
 FINAL_FILE = "final.pt"
 LR_GAMMA = 0.5  # StepLR factor of the reference
 
@@ -403,10 +410,6 @@ class PatchStream:
             epoch += 1
 
 
-def seed_for(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (seed, rank, iteration, purpose)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
-
 
 # ---- metrics, checkpoints, samples ---------------------------------------------------------------
 class LossMeter:
@@ -447,10 +450,6 @@ def checksum(*modules: nn.Module) -> int:
             digest.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return int(digest.hexdigest()[:12], 16)
 
-
-def cpu_state(module: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().to("cpu", copy=True).contiguous()
-            for k, v in unwrap(module).state_dict().items()}
 
 
 def training_state(unit: nn.Module, dis: nn.Module, optimizers: Optimizers | None,
@@ -513,15 +512,6 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 # ---- Ray Train: the per-worker loop --------------------------------------------------------------
-def _load_checkpoint() -> dict[str, Any] | None:
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as directory:
-        return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-
 
 def _report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
     """ray.train.report on every rank (a barrier in Train V2); rank 0 attaches the checkpoint."""
@@ -634,7 +624,7 @@ def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
 
     init = torch.Generator().manual_seed(config.seed)  # same on every rank; DDP broadcasts anyway
     unit, dis = UNIT(arch, generator=init), Discriminators(arch, generator=init)
-    saved = _load_checkpoint()
+    saved = load_checkpoint()
     start = 0
     if saved is not None:
         unit.load_state_dict(saved["unit"])
