@@ -135,19 +135,23 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 # report sections (caption paragraph + its table) that stay in report.md, off the console
 REPORT_ONLY = ("Test AUC by conspicuity band", "Side by side with the paper", "Paper note",
-               "Learning curve", "![")
+               "Learning curve", "Validation-chosen t", "![")
+REPORT_HEAD = ("# boneaug report", "Run: ")  # the job prints the report's path itself
 
 
 def console_summary(markdown: str) -> str:
-    """The report's result tables for the console: `REPORT_ONLY` sections are left out."""
+    """The report's result tables for the console, without blank lines between them:
+    `REPORT_ONLY` sections are left out."""
     kept, skipping = [], False
     for block in markdown.strip().split("\n\n"):
         if block.startswith(REPORT_ONLY):
             skipping = True
+        elif block.startswith(REPORT_HEAD):
+            continue
         elif not (skipping and block.startswith("|")):
             skipping = False
             kept.append(block)
-    return "\n\n".join(kept)
+    return "\n".join(kept)
 
 
 def augment_job(body_part: str, argv: list[str] | None = None) -> None:
