@@ -243,7 +243,9 @@ class AugmentConfig(_Section):
     t: dict[BodyPart, float] = Field(
         default_factory=lambda: {"humerus": 0.90, "tibia": 0.90, "femur": 0.95}
     )
-    max_source_images: int | None = Field(None, ge=1)
+    max_source_images: int | None = Field(
+        None, ge=1, description="source images the patch plan keeps (one source patch each), "
+                                "which bounds the candidates and each augmented DRN's training set")
     seed: int = Field(0, description="the blends' draws: which source image and box each "
                                      "candidate uses, the copy-paste pairing, the oracle's "
                                      "lesions (the data seed of every arm)")

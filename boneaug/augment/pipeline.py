@@ -192,7 +192,6 @@ def blend_candidates(
     image: ImageConfig,
     n: float,
     tracking: TrackingConfig | None = None,
-    max_sources: int | None = None,
 ) -> int:
     """Translate every source patch of `run_uri` with one arm and blend it into its source
     image; write the unscored candidates under ``<out_uri>/blended`` (any scorer can score them
@@ -212,8 +211,6 @@ def blend_candidates(
 
     fs, path = storage.pyarrow_filesystem(source_uri)
     ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
-    if max_sources is not None:
-        ds = ds.limit(max_sources)
     gpus = _gpus()
     ds = ds.map_batches(Translate, fn_constructor_kwargs={"spec": translator,
                                                           "tracking": tracking, "num_gpus": gpus},

@@ -33,7 +33,10 @@ materialised read: Ray Data's file listing always asks for a whole CPU)."""
 
 
 def image_table(run_uri: str, *, task: str = "lesion", classification: bool = True) -> pa.Table:
-    """The finished image shards of a run (confounder images dropped when `classification`)."""
+    """The finished image shards of a run (confounder images dropped when `classification`), in
+    image-id order: the shards come back in the order Ray Data's ingest tasks happened to finish,
+    and every seeded draw over these rows (negatives kept, positives subset, training order) must
+    be a function of the rows and the seed alone."""
     images_uri = storage.join(run_uri, "images")
     if storage.read_manifest(images_uri) is None:
         raise DataError(f"{images_uri} has no manifest: "
@@ -42,7 +45,7 @@ def image_table(run_uri: str, *, task: str = "lesion", classification: bool = Tr
     table = table.filter(pc.equal(table.column("task"), task))
     if classification:
         table = table.filter(pc.equal(pc.list_value_length(table.column("confounders")), 0))
-    return table.drop_columns(["confounders"])
+    return table.drop_columns(["confounders"]).sort_by("image_id")
 
 
 def classification_splits(
@@ -87,16 +90,19 @@ def classification_splits(
 
 
 def patch_dataset(uri: str) -> ray.data.Dataset:
-    """A finished patch set (``<run>/patches/<kind>``) as a Ray Dataset to feed Train workers:
-    read now, across the cluster, into the object store (see `FEED_CPUS`)."""
+    """A finished patch set (``<run>/patches/<kind>``) as a Ray Dataset to feed Train workers, in
+    patch-id order (Ray Data's parallel read returns the files' rows in the order its tasks
+    finish, which made a seeded UNIT run differ from the last), held in the object store before
+    training starts (see `FEED_CPUS`)."""
     import ray.data
 
-    fs, path = storage.pyarrow_filesystem(uri)
-    return ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"]).materialize()
+    table = storage.read_parquet(uri).sort_by("patch_id")
+    if table.num_rows == 0:
+        raise DataError(f"no patches under {uri}")
+    return ray.data.from_arrow(_blocks(table))
 
 
 def _cap_negatives(table: pa.Table, cap: int, seed: int) -> pa.Table:
-    table = table.sort_by("image_id")
     labels = table.column("label").to_numpy()
     negatives = np.flatnonzero(labels == 0)
     if len(negatives) <= cap:
@@ -110,7 +116,6 @@ def _subset_positives(table: pa.Table, fraction: float, seed: int) -> pa.Table:
     permutation, so the subsets of growing fractions are nested."""
     if not 0.0 < fraction <= 1.0:
         raise DataError(f"positive_fraction must be in (0, 1], got {fraction}")
-    table = table.sort_by("image_id")
     labels = table.column("label").to_numpy()
     positives = np.flatnonzero(labels == 1)
     order = np.random.default_rng([seed, 1]).permutation(positives)

@@ -80,6 +80,7 @@ from boneaug.train.distributed import (
     gather,
     load_checkpoint,
     seed_for,
+    seeded_data_config,
     worker_resources,
     worker_threads,
 )
@@ -822,7 +823,7 @@ def fit_classifier(
                 logging_config=train_logging(),
             ),
             datasets=datasets,
-            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+            dataset_config=seeded_data_config(["train"]),
         )
         trainer.fit()
     done = storage.read_manifest(run_uri)

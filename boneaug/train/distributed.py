@@ -37,6 +37,20 @@ def load_checkpoint() -> dict[str, Any] | None:
         return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
+def seeded_data_config(datasets_to_split: list[str] | None = None) -> Any:
+    """Ray Train's DataConfig for a seeded run: the blocks reach the split in the datasets' own
+    order (``preserve_order``) and are dealt to the workers by position, not by the node they
+    happen to live on (no shard locality), so the seed alone fixes what each worker reads and
+    in which order. Left to Ray's defaults, blocks arrive as their tasks finish: the same seed
+    then trained a different model on every run. `datasets_to_split`: None splits all."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(datasets_to_split=datasets_to_split or "all",
+                                execution_options=options, enable_shard_locality=False)
+
+
 def gather(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order (all_gather_object); ``[obj]`` outside a process group."""
     import torch.distributed as dist

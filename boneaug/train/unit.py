@@ -70,6 +70,7 @@ from boneaug.train.distributed import (
     gather,
     load_checkpoint,
     seed_for,
+    seeded_data_config,
     worker_resources,
     worker_threads,
 )
@@ -925,6 +926,7 @@ def fit_unit(
                 logging_config=train_logging(),
             ),
             datasets={"lesion": lesion, "normal": normal},
+            dataset_config=seeded_data_config(),
         )
         trainer.fit()
     done = storage.read_manifest(unit_uri)
