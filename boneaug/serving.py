@@ -51,11 +51,14 @@ UploadKind = Literal["png", "dicom"]
 
 
 class RequestError(BoneaugError):
-    """Client input that cannot be served; `reason` is a short machine-readable code."""
+    """A request that cannot be served. `reason` is a short machine-readable code and `status`
+    the HTTP answer: 422 for the client's input (the default), 503 when the service's models
+    cannot answer."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, *, status: int = 422) -> None:
         self.reason = reason
         self.message = message
+        self.status = status
         super().__init__(message)
 
 
@@ -365,11 +368,9 @@ def encode_result(image: Radiograph, result: LesionResult, fmt: Literal["dicom",
                   creator: str = "boneaug-serve") -> tuple[bytes, str]:
     """The blended image as (bytes, media type): a derived DICOM carrying the provenance (source
     UID, models and versions, n, score, box), or a 16-bit PNG."""
+    check_format(image, fmt)
     if fmt == "png":
         return encode_png(result.blended, bits=16), "image/png"
-    if image.source is None:
-        raise RequestError("dicom_needs_dicom_upload", "format=dicom derives a DICOM from the "
-                           "uploaded DICOM; for a PNG upload ask for format=png")
     from boneaug.io.dicom import encode_derived
 
     translator = models.get("translator", {})
@@ -378,6 +379,13 @@ def encode_result(image: Radiograph, result: LesionResult, fmt: Literal["dicom",
                           model_version=translator.get("version"),
                           provenance=provenance(result, n=n, models=models))
     return data, "application/dicom"
+
+
+def check_format(image: Radiograph, fmt: Literal["dicom", "png"]) -> None:
+    """A derived DICOM needs a DICOM upload to derive from."""
+    if fmt == "dicom" and image.source is None:
+        raise RequestError("dicom_needs_dicom_upload", "format=dicom derives a DICOM from the "
+                           "uploaded DICOM; for a PNG upload ask for format=png")
 
 
 def provenance(result: LesionResult, *, n: float,

@@ -38,7 +38,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -251,12 +251,6 @@ class Scorer(_RegistryModels):
 # the HTTP ingress
 
 
-class HttpError(Exception):
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.reason, self.message = status, reason, message
-
-
 def error_response(status: int, reason: str, message: str,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(ErrorResponse(reason=reason, message=message).model_dump(),
@@ -419,22 +413,16 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
     return error_response(422, "invalid_request", problems[:2000] or "invalid request")
 
 
+@api.exception_handler(serving.RequestError)
+async def _unservable(request: Request, exc: serving.RequestError) -> JSONResponse:
+    return error_response(exc.status, exc.reason, exc.message)
+
+
 @api.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     return error_response(500, "internal_error",
                           f"{type(exc).__name__}: the service failed; see the replica log")
-
-
-async def _guard(work: Awaitable[Any]) -> Any:
-    """Run a route's work; client faults -> 422, service faults -> their status, never a
-    traceback."""
-    try:
-        return await work
-    except serving.RequestError as exc:
-        return error_response(422, exc.reason, exc.message)
-    except HttpError as exc:
-        return error_response(exc.status, exc.reason, exc.message)
 
 
 def _b64(data: bytes) -> str:
@@ -500,44 +488,34 @@ class Api:
     # -- authenticated ------------------------------------------------------------------------
 
     @api.get("/v1/models", response_model=ModelsResponse, responses=ERRORS, tags=["models"])
-    async def models(self, _auth: Auth) -> Response:
-        async def work() -> ModelsResponse:
-            try:
-                translator, scorer = await asyncio.wait_for(asyncio.gather(
-                    self._translator.models.remote(), self._scorer.models.remote()),
-                    self._service.model_timeout_s)
-            except Exception as exc:  # noqa: BLE001 - a model deployment is down:
-                # the service's fault
-                raise HttpError(503, "model_unavailable", f"a model deployment is unavailable: "
-                                f"{type(exc).__name__}") from exc
-            return ModelsResponse(
-                translator={bp: ModelVersion(**m) for bp, m in translator.items()},
-                scorer={bp: ModelVersion(**m) for bp, m in scorer.items()},
-                body_parts=sorted(set(translator) & set(scorer)),
-            )
-
-        return await _guard(work())
+    async def models(self, _auth: Auth) -> ModelsResponse:
+        try:
+            translator, scorer = await asyncio.wait_for(asyncio.gather(
+                self._translator.models.remote(), self._scorer.models.remote()),
+                self._service.model_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - a model deployment is down: the service's fault
+            raise _unavailable(exc) from exc
+        return ModelsResponse(
+            translator={bp: ModelVersion(**m) for bp, m in translator.items()},
+            scorer={bp: ModelVersion(**m) for bp, m in scorer.items()},
+            body_parts=sorted(set(translator) & set(scorer)),
+        )
 
     @api.post("/v1/preview", response_model=PreviewResponse, responses=ERRORS, tags=["images"])
-    async def preview(self, _auth: Auth, file: UploadField) -> Response:
-        async def work() -> PreviewResponse:
-            image = await self._decode(file)
-            png = await asyncio.to_thread(serving.encode_png, image.pixels, bits=8)
-            return PreviewResponse(rows=image.shape[0], columns=image.shape[1], kind=image.kind,
-                                   png=_b64(png))
-
-        return await _guard(work())
+    async def preview(self, _auth: Auth, file: UploadField) -> PreviewResponse:
+        image = await self._decode(file)
+        png = await asyncio.to_thread(serving.encode_png, image.pixels, bits=8)
+        return PreviewResponse(rows=image.shape[0], columns=image.shape[1], kind=image.kind,
+                               png=_b64(png))
 
     @api.post("/v1/score", response_model=ScoreResponse, responses=ERRORS, tags=["lesions"])
-    async def score(self, _auth: Auth, file: UploadField, body_part: BodyPartField) -> Response:
-        async def work() -> ScoreResponse:
-            image = await self._decode(file)
-            fitted = await asyncio.to_thread(serving.fit_pad, image.pixels, self._score_hw)
-            out = await self._call(self._scorer.score.remote(body_part, fitted[None, None]))
-            return ScoreResponse(body_part=body_part, probability=float(out.values.reshape(-1)[0]),
-                                 model=out.name, version=out.version)
-
-        return await _guard(work())
+    async def score(self, _auth: Auth, file: UploadField,
+                    body_part: BodyPartField) -> ScoreResponse:
+        image = await self._decode(file)
+        fitted = await asyncio.to_thread(serving.fit_pad, image.pixels, self._score_hw)
+        out = await self._call(self._scorer.score.remote(body_part, fitted[None, None]))
+        return ScoreResponse(body_part=body_part, probability=float(out.values.reshape(-1)[0]),
+                             model=out.name, version=out.version)
 
     @api.post("/v1/lesions", response_model=LesionResponse, responses=ERRORS, tags=["lesions"])
     async def lesions(
@@ -558,56 +536,16 @@ class Api:
             ge=0, le=2**32 - 1, description="crop placement and auto box")] = 0,
         preview: Annotated[bool, Form(
             description="also return an 8-bit PNG of the result")] = False,
-    ) -> Response:
-        async def work() -> LesionResponse:
-            requested = serving.parse_box(box)
-            image = await self._decode(file)
-            fmt = output_format or image.kind
-            if fmt == "dicom" and image.source is None:  # fail before the models run
-                raise serving.RequestError("dicom_needs_dicom_upload",
-                                           "format=dicom derives a DICOM from the uploaded DICOM; "
-                                           "for a PNG upload ask for format=png")
-            cfg = self._config
-            s = cfg.patches.body_parts[body_part].s
-            blend_n = float(n if n is not None else cfg.augment.blend_n)
-            rng = np.random.default_rng(seed)
-            chosen, crop, patch = await asyncio.to_thread(
-                serving.place_and_cut, image.pixels, requested, size=cfg.patches.size, s=s,
-                min_mean_intensity=cfg.patches.min_mean_intensity, rng=rng)
-            translated_out = await self._call(
-                self._translator.translate.remote(body_part, patch[None, None]))
-            # writable copy of the object-store view
-            translated = np.array(translated_out.values[0, 0])
-            blended, fitted = await asyncio.to_thread(serving.blend_and_fit, image.pixels,
-                                                      translated, crop, n=blend_n,
-                                                      score_hw=self._score_hw)
-            score_out = await self._call(self._scorer.score.remote(body_part, fitted[None, None]))
-            probability = float(score_out.values.reshape(-1)[0])
-            models = LesionModels(translator=ModelVersion(name=translated_out.name,
-                                                          version=translated_out.version),
-                                  scorer=ModelVersion(name=score_out.name,
-                                                      version=score_out.version))
-            # the t the training chain chose for this scorer, else the profile's
-            threshold = float(score_out.tags.get(tracking.PSEUDO_LABEL_T_TAG,
-                                                 cfg.augment.t[body_part]))
-            result = serving.LesionResult(chosen, crop, patch, translated, blended, probability)
-            encoded, media_type = await asyncio.to_thread(serving.encode_result, image, result, fmt,
-                                                          n=blend_n, models=models.model_dump())
-            patch_png, source_png = await asyncio.to_thread(
-                lambda: (serving.encode_png(translated), serving.encode_png(patch)))
-            preview_png = ((await asyncio.to_thread(serving.encode_png, blended)) if preview
-                           else None)
-            return LesionResponse(
-                body_part=body_part, image=_b64(encoded), image_format=fmt, media_type=media_type,
-                patch_png=_b64(patch_png), source_patch_png=_b64(source_png),
-                preview_png=_b64(preview_png) if preview_png else None,
-                rows=image.shape[0], columns=image.shape[1], box=list(chosen), crop=list(crop),
-                n=blend_n,
-                score=probability, threshold=threshold, passes_threshold=probability >= threshold,
-                models=models,
-            )
-
-        return await _guard(work())
+    ) -> LesionResponse:
+        requested = serving.parse_box(box)
+        image = await self._decode(file)
+        fmt = output_format or image.kind
+        serving.check_format(image, fmt)  # before the models run
+        blend_n = float(n if n is not None else self._config.augment.blend_n)
+        result, answers = await self._synthesise(image.pixels, requested, body_part, n=blend_n,
+                                                 seed=seed)
+        return await asyncio.to_thread(self._lesion_response, image, result, fmt, body_part,
+                                       answers, n=blend_n, preview=preview)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -619,6 +557,49 @@ class Api:
         data = await file.read()
         return await asyncio.to_thread(serving.decode_radiograph, data, self._limits)
 
+    async def _synthesise(self, image: np.ndarray, box: serving.Box | None, body_part: str, *,
+                          n: float, seed: int) -> tuple[serving.LesionResult,
+                                                        tuple[ModelOutput, ModelOutput]]:
+        """`serving.synthesise`'s steps, with the two model calls going to the deployments."""
+        cfg = self._config
+        chosen, crop, patch = await asyncio.to_thread(
+            serving.place_and_cut, image, box, size=cfg.patches.size,
+            s=cfg.patches.body_parts[body_part].s,
+            min_mean_intensity=cfg.patches.min_mean_intensity, rng=np.random.default_rng(seed))
+        translator = await self._call(self._translator.translate.remote(body_part,
+                                                                        patch[None, None]))
+        translated = np.array(translator.values[0, 0])  # a writable copy of the object store's
+        blended, fitted = await asyncio.to_thread(serving.blend_and_fit, image, translated, crop,
+                                                  n=n, score_hw=self._score_hw)
+        scorer = await self._call(self._scorer.score.remote(body_part, fitted[None, None]))
+        probability = float(scorer.values.reshape(-1)[0])
+        return (serving.LesionResult(chosen, crop, patch, translated, blended, probability),
+                (translator, scorer))
+
+    def _lesion_response(self, image: serving.Radiograph, result: serving.LesionResult,
+                         fmt: Literal["dicom", "png"], body_part: str,
+                         answers: tuple[ModelOutput, ModelOutput], *, n: float,
+                         preview: bool) -> LesionResponse:
+        """The answer to /v1/lesions: the blended image encoded, the patches, the score against
+        the t the training chain chose for this scorer (its registered tag, else the profile's)."""
+        translator, scorer = answers
+        models = LesionModels(
+            translator=ModelVersion(name=translator.name, version=translator.version),
+            scorer=ModelVersion(name=scorer.name, version=scorer.version))
+        threshold = float(scorer.tags.get(tracking.PSEUDO_LABEL_T_TAG,
+                                          self._config.augment.t[body_part]))
+        encoded, media_type = serving.encode_result(image, result, fmt, n=n,
+                                                    models=models.model_dump())
+        return LesionResponse(
+            body_part=body_part, image=_b64(encoded), image_format=fmt, media_type=media_type,
+            patch_png=_b64(serving.encode_png(result.translated)),
+            source_patch_png=_b64(serving.encode_png(result.patch)),
+            preview_png=_b64(serving.encode_png(result.blended)) if preview else None,
+            rows=image.shape[0], columns=image.shape[1], box=list(result.box),
+            crop=list(result.crop), n=n, score=result.probability, threshold=threshold,
+            passes_threshold=result.probability >= threshold, models=models,
+        )
+
     async def _call(self, response: Any) -> ModelOutput:
         """Await a model deployment's answer; map its failures to 422/503."""
         timeout = self._service.model_timeout_s
@@ -626,17 +607,21 @@ class Api:
             out = await asyncio.wait_for(response, timeout)
         except TimeoutError as exc:
             response.cancel()
-            raise HttpError(503, "model_timeout",
-                            f"a model call took over {timeout} s; retry later") from exc
+            raise serving.RequestError("model_timeout", f"a model call took over {timeout} s; "
+                                       "retry later", status=503) from exc
         except Exception as exc:  # noqa: BLE001 - replica died or unreachable: the service's fault
             log.error("model call failed: %s", exc)
-            raise HttpError(503, "model_unavailable",
-                            f"a model deployment is unavailable: {type(exc).__name__}") from exc
+            raise _unavailable(exc) from exc
         if out.error == "not_served":
-            raise HttpError(422, "body_part_not_served", out.message)
+            raise serving.RequestError("body_part_not_served", out.message)
         if out.error is not None:
-            raise HttpError(503, out.error, out.message)
+            raise serving.RequestError(out.error, out.message, status=503)
         return out
+
+
+def _unavailable(exc: Exception) -> serving.RequestError:
+    return serving.RequestError("model_unavailable", "a model deployment is unavailable: "
+                                f"{type(exc).__name__}", status=503)
 
 
 # ---------------------------------------------------------------------------------------------
