@@ -43,9 +43,14 @@ def seeded_data_config(datasets_to_split: list[str] | None = None) -> Any:
     happen to live on (no shard locality), so the seed alone fixes what each worker reads and
     in which order. Left to Ray's defaults, blocks arrive as their tasks finish: the same seed
     then trained a different model on every run. `datasets_to_split`: None splits all."""
+    import copy
+
+    import ray.data
     import ray.train
 
-    options = ray.train.DataConfig.default_ingest_options()
+    # the context's options, as Ray Train's default takes them (its `default_ingest_options`
+    # prints a deprecation warning of Ray's own on every call)
+    options = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
     options.preserve_order = True
     return ray.train.DataConfig(datasets_to_split=datasets_to_split or "all",
                                 execution_options=options, enable_shard_locality=False)
