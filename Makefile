@@ -9,7 +9,7 @@ WORK    ?= work
 PROFILE ?= local
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
 
-.PHONY: demo test bench install clean reproduce
+.PHONY: demo test test-fast bench install clean reproduce
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,12 @@ test: $(STAMP)
 	  "'apt-get install chromium', then make test again"; exit 1; }
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# the edit loop: everything but the tests marked slow (end-to-end jobs, trainings, sweeps, the
+# service, the browser); make test stays the whole suite and what CI runs
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
