@@ -451,9 +451,14 @@ def run_body_part(
 
     Translators are trained and candidates blended once; every training seed in `seeds`
     (default: the config's) repeats the classifier trainings: the baseline, the learning curve
-    (`learning_curve`: multiples of the real training positives, e.g. 0.25, 0.5, 2, 4) and one
-    DRN per variant and t, pseudo-labelled by that seed's baseline (`scorers`: other body
-    parts' baselines per seed, for TL_PL). The first seed publishes: aliases, DICOMs, figures.
+    (`learning_curve`: multiples of the real training positives, e.g. 0.25, 0.5, 2, 4) and the
+    augmented DRNs, pseudo-labelled by that seed's baseline (`scorers`: other body parts'
+    baselines per seed, for TL_PL). The first seed searches the t grid (one DRN per variant and
+    t) and publishes: aliases, DICOMs, figures. Later seeds train each variant at the t the first
+    seed chose on validation, and the learning curve's points above 1x (2-4x a baseline's cost
+    each) are the first seed's only: seeds measure the training's variance at the chosen
+    setting, and three seeds of the whole grid would take the reproduction past 2.5 h on 2
+    cores.
     """
     from boneaug.eval.report import ModelMeta, import_predictions, render_report_from_predictions
 
@@ -483,7 +488,7 @@ def run_body_part(
             type="Baseline", t=None, augmented_samples=0, model_name=f"boneaug-drn-{body_part}",
             model_version=baseline["version"], body_part=body_part, baseline=True, seed=seed,
             positives=positives), baseline["predictions"])
-        for multiple in learning_curve:
+        for multiple in (m for m in learning_curve if primary or m <= 1):
             lc = learning_curve_stage(config, run, body_part, fracture, seed, multiple)
             import_predictions(run, f"lc-{multiple:g}-s{seed}", ModelMeta(
                 type="Learning curve", augmented_samples=0, body_part=body_part, seed=seed,
@@ -491,7 +496,8 @@ def run_body_part(
         for variant in variants:
             scored = score_stage(config, run, variant.key, blended[variant.key],
                                  _scorer(variant, seed, baseline, scorers or {}), seed)
-            arm = _train_arm(config, run, body_part, fracture, variant, scored, seed, thresholds,
+            grid = thresholds if primary else (result.chosen[variant.key],)
+            arm = _train_arm(config, run, body_part, fracture, variant, scored, seed, grid,
                              primary)
             if primary:
                 _publish_arm(config, data_uri, run, body_part, arm, baseline, result)

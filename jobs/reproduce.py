@@ -14,8 +14,10 @@ Table 3: tibia baseline / augmented / TL_G / TL_G + TL_PL; femur baseline / TL_G
 beside copy-paste and oracle. t is chosen on validation AUC for every arm; the test set is only
 used for the tables.
 
-Translators are trained once per body part; each training seed of --seeds repeats every
-classifier training, and the tables give the mean +- sd over seeds beside each row.
+Translators are trained once per body part; each training seed of --seeds repeats the
+classifier trainings (the first seed searches the t grid and trains the learning curve's points
+above 1x; later seeds train each arm at the t it chose), and the tables give the mean +- sd over
+seeds beside each row.
 """
 
 import time
