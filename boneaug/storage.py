@@ -118,6 +118,26 @@ def read_bytes(uri: str, *, endpoint_url: str | None = None) -> bytes:
         raise StorageError(f"cannot read {uri}: {exc}") from exc
 
 
+def read_many(uris: list[str], *, endpoint_url: str | None = None) -> list[bytes | StorageError]:
+    """The bytes of each of `uris` (one filesystem), fetched concurrently where the filesystem
+    can (s3fs: one request per object, in flight together); an object that cannot be read gives
+    its StorageError in its place instead of failing the others."""
+    if not uris:
+        return []
+    fs, _ = filesystem(uris[0], endpoint_url=endpoint_url)
+    paths = [filesystem(u, endpoint_url=endpoint_url)[1] for u in uris]
+    got = fs.cat(paths, on_error="return")
+
+    def one(uri: str, data: Any) -> bytes | StorageError:
+        if isinstance(data, FileNotFoundError):
+            return StorageError(f"{uri} does not exist")
+        if isinstance(data, BaseException):
+            return StorageError(f"cannot read {uri}: {type(data).__name__}: {data}")
+        return bytes(data)
+
+    return [one(uri, got[p]) for uri, p in zip(uris, paths, strict=True)]
+
+
 def list_files(
     uri: str, *, suffix: str | None = None, endpoint_url: str | None = None
 ) -> list[str]:

@@ -12,6 +12,7 @@ stored pixels, s, the lesion box (or the matched box carried over), the matched 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import defaultdict
@@ -31,6 +32,7 @@ from boneaug.errors import DataError
 log = logging.getLogger(__name__)
 
 KINDS = ("lesion", "normal", "source")
+GROUPS_PER_TASK = 16  # source images read and cut per Ray Data task
 META_COLUMNS = ["image_id", "key", "split", "label", "confounders", "stored_boxes", "stored_rows",
                 "stored_columns", "scale", "pad_x", "pad_y", "descriptor"]
 PATCH_SCHEMA = pa.schema([
@@ -85,12 +87,27 @@ class CutBatch:
         return pa.Table.from_pylist(rows, schema=PATCH_SCHEMA)
 
 
-def _keep_ids(ids: list[str]):  # noqa: ANN202 - a Ray Data batch filter
-    wanted = pa.array(ids, pa.string())
+class WriteKept:
+    """Ray Data callable: a block of cut patches -> its kept rows of each set written as one file
+    under ``<patches_uri>/<kind>`` (named by the block's first patch, so a retried task rewrites
+    it), and how many rows each file got. One pass writes all three sets."""
 
-    def keep(table: pa.Table) -> pa.Table:
-        return table.filter(pc.is_in(table.column("patch_id"), value_set=wanted))
-    return keep
+    def __init__(self, patches_uri: str, keep: dict[str, list[str]]) -> None:
+        self.patches_uri = patches_uri
+        self.keep = {kind: pa.array(sorted(ids), pa.string()) for kind, ids in keep.items()}
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        if table.num_rows == 0:
+            return pa.table({"kind": list(self.keep), "rows": [0] * len(self.keep)})
+        name = hashlib.sha1(str(table.column("patch_id")[0]).encode()).hexdigest()[:20]
+        written = []
+        for kind, wanted in self.keep.items():
+            rows = table.filter(pc.is_in(table.column("patch_id"), value_set=wanted))
+            if rows.num_rows:
+                storage.write_parquet(storage.join(self.patches_uri, kind, f"{name}.parquet"),
+                                      rows.drop_columns(["mean"]))
+            written.append(rows.num_rows)
+        return pa.table({"kind": list(self.keep), "rows": written})
 
 
 def _task_row(task: CropTask) -> dict[str, Any]:
@@ -155,9 +172,9 @@ def make_patch_sets(
         by_key[task.key].append(_task_row(task))
     groups = [{"key": k, "tasks": v} for k, v in sorted(by_key.items())]
     cut = ray.data.from_items(
-        groups, override_num_blocks=max(1, min(len(groups) // 4, 200))
+        groups, override_num_blocks=max(1, min(-(-len(groups) // GROUPS_PER_TASK), 200))
     ).map_batches(
-        CutBatch(data_uri, body_part, size), batch_size=4, batch_format="numpy"
+        CutBatch(data_uri, body_part, size), batch_size=GROUPS_PER_TASK, batch_format="numpy"
     ).materialize()
 
     meta = cut.select_columns(["patch_id", "kind", "mean"]).to_pandas()
@@ -167,12 +184,12 @@ def make_patch_sets(
     lesion_ids, normal_ids = balance(ids["lesion"]["patch_id"].tolist(), clean["normal"], rng)
     keep = {"lesion": set(lesion_ids), "normal": set(normal_ids), "source": set(clean["source"])}
 
-    out_fs, _ = storage.pyarrow_filesystem(patches_uri)
-    for kind in KINDS:
-        subset = cut.map_batches(_keep_ids(sorted(keep[kind])),
-                                 batch_format="pyarrow").drop_columns(["mean"])
-        subset.write_parquet(storage.filesystem(storage.join(patches_uri, kind))[1],
-                             filesystem=out_fs)
+    writes = cut.map_batches(WriteKept(patches_uri, {k: sorted(v) for k, v in keep.items()}),
+                             batch_size=None, batch_format="pyarrow").to_pandas()
+    got = writes.groupby("kind")["rows"].sum().to_dict()
+    if any(got.get(kind, 0) != len(keep[kind]) for kind in KINDS):
+        raise DataError(f"patch sets under {patches_uri}: wrote {got}, expected "
+                        f"{ {k: len(v) for k, v in keep.items()} }")
 
     summary = PatchSummary(
         run_uri=run_uri, images=len(images),
