@@ -9,7 +9,7 @@ WORK    ?= work
 PROFILE ?= local
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
 
-.PHONY: demo test test-fast bench install clean reproduce
+.PHONY: demo test test-fast bench install clean reproduce device-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,6 +41,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# what benchmarks/device_check.sh needs beside torch on a GPU image (Python 3.12), to carry there
+device-wheels: $(STAMP)
+	$(BIN)/pip download --quiet --dest .device_wheels --only-binary=:all: --python-version 3.12 \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+	  "pydantic==$$($(BIN)/python -c 'import pydantic; print(pydantic.VERSION)')"
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
