@@ -549,8 +549,10 @@ def critic_stage(config: BoneaugConfig, data: str, run: str, body_part: str,
         raise DataError(f"the phantom critic needs the synthetic cohort the config's synth section "
                         f"generates; {data} holds another {body_part} cohort")
     patches_stage(config, data, run, body_part)
+    from boneaug.eval.phantom_critic import MAX_BLUR
+
     inputs = [config.synth, config.patches, config.eval.critic_pairs, config.eval.critic_steps,
-              translators]
+              MAX_BLUR, translators]
     return stage(run, "critic", inputs,
                  lambda: _train_critic(config, run, body_part, translators or {}))
 
@@ -571,7 +573,8 @@ def _train_critic(config: BoneaugConfig, run: str, body_part: str,
     pairs = pc.paired_patches(config.synth, body_part, n=config.eval.critic_pairs,
                               size=config.patches.size, s=settings.s, workers=2)
     critic, heldout = pc.train_phantom_critic(
-        pairs, CriticConfig(steps=config.eval.critic_steps, holdout=0.0, seed=config.eval.seed))
+        pairs, CriticConfig(steps=config.eval.critic_steps, holdout=0.0, seed=config.eval.seed,
+                            max_blur=pc.MAX_BLUR))
     sets = {k: load_patch_array(storage.join(run, "patches", k)) for k in ("lesion", "normal")}
     validation = pc.validate(
         critic, heldout_pair_auc=heldout, lesion=sets["lesion"], normal=sets["normal"],
