@@ -209,3 +209,33 @@ def test_invalid_architecture_names_the_bad_fields() -> None:
         UnitArch(n_res=1, n_shared=2)
     with pytest.raises(ValueError, match="disc_scales"):
         UnitArch(disc_scales=0)
+
+
+def test_a_standardised_discriminator_ignores_gain_and_offset_and_passes_gradients() -> None:
+    """disc_standardize: D scores the patch's pattern, not its exposure, and G still gets a
+    gradient through the standardisation."""
+    from boneaug.models.unit import MsImageDis
+
+    arch = UnitArch(width=8, disc_width=8, disc_layers=2, disc_scales=2, disc_standardize=True)
+    d = MsImageDis(arch)
+    x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    for a, b in zip(d(x), d(1.7 * x - 0.4), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+    sum(o.sum() for o in d(x)).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    plain = MsImageDis(UnitArch(width=8, disc_width=8, disc_layers=2, disc_scales=2))
+    plain.load_state_dict(d.state_dict())
+    assert not torch.allclose(plain(x)[0], plain(1.7 * x - 0.4)[0], atol=1e-3)
+
+
+def test_disc_lr_sets_the_discriminators_learning_rate_only() -> None:
+    from boneaug.models.unit import Discriminators
+    from boneaug.train.unit import make_optimizers
+
+    config = load_config("smoke").unit.model_copy(update={"disc_lr": 1e-3})
+    arch = UnitArch.from_config(config)
+    optimizers = make_optimizers(UNIT(arch), Discriminators(arch), config)
+    assert optimizers.d.param_groups[0]["lr"] == 1e-3
+    assert optimizers.g.param_groups[0]["lr"] == config.lr
+    same = make_optimizers(UNIT(arch), Discriminators(arch), load_config("smoke").unit)
+    assert same.d.param_groups[0]["lr"] == config.lr  # None: as published, D at G's lr

@@ -63,6 +63,7 @@ class UnitArch:
     disc_width: int = 64
     disc_layers: int = 4
     disc_scales: int = 3
+    disc_standardize: bool = False  # D sees each image standardised (zero mean, unit sd)
 
     def __post_init__(self) -> None:
         checks = {
@@ -414,6 +415,7 @@ class MsImageDis(nn.Module):
         super().__init__()
         self.nets = nn.ModuleList(self._scale(arch) for _ in range(arch.disc_scales))
         self.down = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
+        self.standardize = arch.disc_standardize
 
     @staticmethod
     def _scale(arch: UnitArch) -> nn.Sequential:
@@ -426,6 +428,8 @@ class MsImageDis(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        if self.standardize:  # differentiable: G's gradient flows through it
+            x = (x - x.mean((1, 2, 3), keepdim=True)) / (x.std((1, 2, 3), keepdim=True) + 1e-3)
         outs = []
         for i, net in enumerate(self.nets):
             if i:

@@ -271,20 +271,21 @@ class Optimizers:
 
 
 def make_optimizers(unit: nn.Module, dis: nn.Module, config: UnitConfig) -> Optimizers:
-    """Adam(lr, betas, weight_decay) and StepLR(lr_step, 0.5) per network, as the reference.
+    """Adam(lr, betas, weight_decay) and StepLR(lr_step, 0.5) per network, as the reference
+    (D at `disc_lr` where set).
 
     Adam is torch's fused implementation (same update, L2 weight decay as the reference; one
     kernel over all parameters: 7x faster than the per-parameter loop on this CPU for the paper
     networks, where it was ~15 % of a batch-1 iteration). Build after moving the networks to
     their device.
     """
-    def adam(module: nn.Module) -> torch.optim.Adam:
+    def adam(module: nn.Module, lr: float) -> torch.optim.Adam:
         params = list(unwrap(module).parameters())
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-        return torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, config.beta2),
+        return torch.optim.Adam(params, lr=lr, betas=(config.beta1, config.beta2),
                                 weight_decay=config.weight_decay, fused=fused or None)
 
-    g, d = adam(unit), adam(dis)
+    g, d = adam(unit, config.lr), adam(dis, config.disc_lr or config.lr)
     return Optimizers(g, d, torch.optim.lr_scheduler.StepLR(g, config.lr_step, LR_GAMMA),
                       torch.optim.lr_scheduler.StepLR(d, config.lr_step, LR_GAMMA))
 
