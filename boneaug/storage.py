@@ -13,6 +13,7 @@ name. Run outputs are published with a manifest written last (see `publish_manif
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import uuid
@@ -116,6 +117,12 @@ def read_bytes(uri: str, *, endpoint_url: str | None = None) -> bytes:
         raise StorageError(f"{uri} does not exist") from exc
     except Exception as exc:  # noqa: BLE001
         raise StorageError(f"cannot read {uri}: {exc}") from exc
+
+
+def shard_name(first_key: str) -> str:
+    """The file name of a shard that one task writes, from the first key it holds: a retried task
+    rewrites its own file instead of adding a second one."""
+    return hashlib.sha1(first_key.encode()).hexdigest()[:20] + ".parquet"
 
 
 def read_many(uris: list[str], *, endpoint_url: str | None = None) -> list[bytes | StorageError]:

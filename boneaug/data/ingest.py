@@ -20,7 +20,6 @@ stage's manifest is written last.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections import Counter
@@ -168,8 +167,8 @@ class WriteShard:
         table = self.decode(batch)
         good = table.filter(table.column("ok")).drop_columns(["ok", "reason", "message"])
         if good.num_rows:
-            name = hashlib.sha1(str(batch["uri"][0]).encode()).hexdigest()[:20]
-            storage.write_parquet(storage.join(self.images_uri, f"{name}.parquet"), good)
+            name = storage.shard_name(str(batch["uri"][0]))
+            storage.write_parquet(storage.join(self.images_uri, name), good)
         return table.select(RECORD_COLUMNS)
 
 

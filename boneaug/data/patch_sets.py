@@ -12,7 +12,6 @@ stored pixels, s, the lesion box (or the matched box carried over), the matched 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections import defaultdict
@@ -94,17 +93,17 @@ class WriteKept:
 
     def __init__(self, patches_uri: str, keep: dict[str, list[str]]) -> None:
         self.patches_uri = patches_uri
-        self.keep = {kind: pa.array(sorted(ids), pa.string()) for kind, ids in keep.items()}
+        self.keep = {kind: pa.array(ids, pa.string()) for kind, ids in keep.items()}
 
     def __call__(self, table: pa.Table) -> pa.Table:
         if table.num_rows == 0:
             return pa.table({"kind": list(self.keep), "rows": [0] * len(self.keep)})
-        name = hashlib.sha1(str(table.column("patch_id")[0]).encode()).hexdigest()[:20]
+        name = storage.shard_name(str(table.column("patch_id")[0]))
         written = []
         for kind, wanted in self.keep.items():
             rows = table.filter(pc.is_in(table.column("patch_id"), value_set=wanted))
             if rows.num_rows:
-                storage.write_parquet(storage.join(self.patches_uri, kind, f"{name}.parquet"),
+                storage.write_parquet(storage.join(self.patches_uri, kind, name),
                                       rows.drop_columns(["mean"]))
             written.append(rows.num_rows)
         return pa.table({"kind": list(self.keep), "rows": written})
