@@ -125,6 +125,23 @@ def test_token_is_required_to_start() -> None:
     assert require_token({"BONEAUG_API_TOKEN": " " + "k" * 20 + "\n"}) == "k" * 20
 
 
+def test_request_errors_answer_with_their_status_reason_and_message() -> None:
+    """One error type for every route: a client's bad input is a 422, a model deployment that
+    cannot answer a 503, both as the documented ErrorResponse body and never a traceback."""
+    import asyncio
+    import json
+
+    from serve.app import _unavailable, _unservable
+
+    for exc, status in ((serving.RequestError("bad_box", "box 'x' must be ..."), 422),
+                        (_unavailable(TimeoutError()), 503),
+                        (serving.RequestError("model_timeout", "took over 30 s", status=503), 503)):
+        response = asyncio.run(_unservable(None, exc))  # type: ignore[arg-type]
+        assert response.status_code == status
+        assert json.loads(response.body) == {"reason": exc.reason, "message": exc.message}
+    assert _unavailable(TimeoutError()).message.endswith("TimeoutError")
+
+
 def test_config_yaml_in_sync_with_code(tmp_path: Path) -> None:
     """`serve build serve.app:app` now == the applications of serve/config.yaml (name aside)."""
     from click.testing import CliRunner
