@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 
@@ -42,18 +42,32 @@ def moto_server() -> Iterator[str]:
         proc.wait(timeout=10)
 
 
-def gemm_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """fp32 n x n matmul GFLOP/s on this machine now (best of `repeats`)."""
+def best_seconds(fn: Callable[[], object], repeats: int, device: str = "cpu") -> float:
+    """Best of `repeats` timed calls of `fn`, synchronising a CUDA device around each (the caller
+    has already run `fn` once as a warm-up)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        a @ b
+        fn()
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    return best
+
+
+def gemm_peak_gflops(n: int = 2048, repeats: int = 5, device: str = "cpu",
+                     dtype: str = "float32") -> float:
+    """n x n matmul GFLOP/s on this machine now (best of `repeats`): fp32 on the CPU is the
+    roofline anchor here; bf16 on a GPU is the MFU anchor of device_check."""
+    import torch
+
+    a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
+    a @ b  # warm-up
+    return 2 * n**3 / best_seconds(lambda: a @ b, repeats, device) / 1e9
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from _common import best_seconds, gemm_peak_gflops
 from torch.utils.flop_counter import FlopCounterMode
 
 from boneaug.config import load_config
@@ -44,38 +44,6 @@ CASES = (
     Case("paper", "train", 2, 2),
     Case("paper", "finetune", 2, 2),
 )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def gemm_peak(device: torch.device, n: int = 2048, repeats: int = 20) -> float:
-    """Best-of-`repeats` fp32 n x n matmul, GFLOP/s."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
-
-
-def _best_time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Best of `repeats` timed calls (the caller has already run `fn` once as a warm-up)."""
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def run_case(case: Case, device: torch.device, *, nchw: bool = False) -> dict[str, object]:
@@ -109,7 +77,7 @@ def run_case(case: Case, device: torch.device, *, nchw: bool = False) -> dict[st
     with counter:  # also the warm-up (allocator, oneDNN / cuDNN kernel selection)
         step()
     flops = counter.get_total_flops()
-    seconds = _best_time(step, case.repeats, device)
+    seconds = best_seconds(step, case.repeats, str(device))
     return {
         "profile": case.profile, "input": f"{height}x{width}", "width": drn.width_mult,
         "mode": case.mode, "batch": case.batch, "img_s": case.batch / seconds,
@@ -127,7 +95,7 @@ def main() -> None:
     device = torch.device(args.device)
     arch = load_config("local").drn.arch
     t_start = time.perf_counter()
-    peak_before = gemm_peak(device)
+    peak_before = gemm_peak_gflops(repeats=20, device=str(device))
     load = os.getloadavg()[0]
     print(f"DRN ({arch}) on {device}, {args.threads} threads, torch {torch.__version__}, "
           f"load average {load:.1f} on {os.cpu_count()} CPUs")
@@ -136,7 +104,7 @@ def main() -> None:
     rows = [run_case(c, device) for c in CASES if c.profile in args.profiles]
     nchw = {(c.profile, c.mode): run_case(c, device, nchw=True)["img_s"]
             for c in CASES if c.profile == "local" and c.profile in args.profiles}
-    peak_after = gemm_peak(device)
+    peak_after = gemm_peak_gflops(repeats=20, device=str(device))
     # the anchor is the better of the two measurements: a contended one only understates it
     peak = max(peak_before, peak_after)
     print(f"GEMM peak (fp32 2048x2048 matmul, best of 20, before/after the cases): "

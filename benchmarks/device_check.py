@@ -9,7 +9,7 @@ Measures, on the GPU, in bf16 autocast (the trainers' own policy there):
   can be fetched: carry the project's wheels and install them with --no-index first).
 
 Writes `device_check.md` (a markdown table) and `device_check.json` under --out. --dry-run runs
-the same code on the CPU at toy sizes (smoke profile, 32 px, 64x32 images, a few iterations):
+the same code on the CPU at toy sizes (smoke profile, 32 px, 128x64 images, a few iterations):
 what a machine without a GPU, and the tests, can check.
 
     benchmarks/device_check.sh [--dry-run]          # OUT=<folder>, default ./device_check_out
@@ -25,38 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import best_seconds, gemm_peak_gflops
+from bench_drn import Case, run_case
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def best_seconds(step: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """The best of `repeats` timed calls, after one warm-up call."""
-    step()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def flops_of(step: Callable[[], object]) -> float:
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:  # also the warm-up call
         step()
     return float(counter.get_total_flops())
-
-
-def gemm_peak_tflops(device: torch.device, n: int, dtype: torch.dtype) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = best_seconds(lambda: a @ b, device, repeats=10)
-    return 2 * n**3 / seconds / 1e12
 
 
 def unit_rate(profile: str, size: int, device: torch.device, repeats: int) -> dict[str, float]:
@@ -78,29 +55,15 @@ def unit_rate(profile: str, size: int, device: torch.device, repeats: int) -> di
                         optimizers=optimizers)
 
     flops = flops_of(step)
-    seconds = best_seconds(step, device, repeats)
+    seconds = best_seconds(step, repeats, str(device))
     return {"per_s": 1 / seconds, "tflops": flops / seconds / 1e12, "batch": config.batch_size}
 
 
-def drn_rate(profile: str, batch: int, device: torch.device, repeats: int,
-             image: tuple[int, int] | None = None) -> dict[str, float]:
-    """DRN training images/s and TFLOP/s (every stage trainable: the fracture pre-training)."""
-    from boneaug.config import load_config
-    from boneaug.train.classifier import build_model, make_loss, make_optimizer, train_step
-
-    config = load_config(profile)  # type: ignore[arg-type]
-    height, width = image or (config.image.height, config.image.width)
-    model = build_model(config.drn, generator=torch.Generator().manual_seed(0)).to(device)
-    optimizer, loss_fn = make_optimizer(model, config.drn), make_loss(3.0, device)
-    x = torch.rand(batch, 1, height, width, generator=torch.Generator().manual_seed(1)).to(device)
-    y = (torch.arange(batch, device=device) % 2).float()
-
-    def step() -> object:
-        return train_step(model, x, y, optimizer=optimizer, loss_fn=loss_fn)
-
-    flops = flops_of(step)
-    seconds = best_seconds(step, device, repeats)
-    return {"per_s": batch / seconds, "tflops": flops / seconds / 1e12, "batch": batch}
+def drn_rate(profile: str, batch: int, device: torch.device, repeats: int) -> dict[str, float]:
+    """DRN training images/s and TFLOP/s (every stage trainable: the fracture pre-training), as
+    bench_drn measures them."""
+    row = run_case(Case(profile, "train", batch, repeats), device)
+    return {"per_s": float(row["img_s"]), "tflops": float(row["gflop_s"]) / 1e3, "batch": batch}
 
 
 def ray_unit_smoke(out: Path, device: torch.device, seconds_budget: float) -> dict[str, Any]:
@@ -165,10 +128,10 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (dry run)"
-    peak = gemm_peak_tflops(device, 256 if dry else 8192, torch.float32 if dry else torch.bfloat16)
+    peak = gemm_peak_gflops(256 if dry else 8192, 10, str(device),
+                            "float32" if dry else "bfloat16") / 1e3
     unit = unit_rate("smoke" if dry else "paper", 32 if dry else 256, device, 2 if dry else 10)
-    drn = drn_rate("smoke" if dry else "paper", 2 if dry else 16, device, 2 if dry else 10,
-                   image=(64, 32) if dry else None)
+    drn = drn_rate("smoke" if dry else "paper", 2 if dry else 16, device, 2 if dry else 10)
     smoke = ray_unit_smoke(args.out, device, 15.0 if dry else args.smoke_seconds)
 
     report = {"device": name, "torch": torch.__version__, "dry_run": dry,
