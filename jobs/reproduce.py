@@ -1,6 +1,6 @@
 """The paper's experiments (SPEC 8) and the chain's own instruments (SPEC 9), one report.
 
-    python jobs/reproduce.py [--profile local] [--seeds 0,1,2] [--out URI]
+    python jobs/reproduce.py [--profile local] [--seeds 0,1,2] [--body-parts humerus] [--out URI]
     ray job submit --working-dir . -- python jobs/reproduce.py --profile local --data /abs/path
         --synthetic --seeds 0,1,2
 
@@ -42,12 +42,31 @@ EXPERIMENTS = (("humerus", (OWN, COPY_PASTE, ORACLE)),
                ("femur", (TL_G, TL_G_PL, COPY_PASTE, ORACLE)))
 
 
+def parse_body_parts(text: str | None) -> tuple[str, ...]:
+    """"humerus,tibia" -> the experiments of those body parts, in EXPERIMENTS' order."""
+    known = [part for part, _ in EXPERIMENTS]
+    if not text:
+        return tuple(known)
+    asked = [p.strip() for p in text.split(",")]
+    unknown = sorted(set(asked) - set(known))
+    if unknown:
+        raise SystemExit(f"--body-parts: unknown {', '.join(unknown)}; choose from "
+                         f"{', '.join(known)}")
+    if "humerus" not in asked:
+        raise SystemExit("--body-parts: tibia's and femur's TL_G and TL_G + TL_PL arms use the "
+                         "humerus translator and baseline, so humerus must be among them")
+    return tuple(part for part in known if part in asked)
+
+
 def main() -> None:
     parser = job_parser(__doc__, body_part=False)
     parser.add_argument("--seeds", default=None,
                         help="comma-separated training seeds, e.g. 0,1,2 (default: the config's)")
     parser.add_argument("--thresholds", default=None, help=THRESHOLDS_HELP)
+    parser.add_argument("--body-parts", default=None,
+                        help="comma-separated, e.g. humerus for Table 2 alone (default: all)")
     args = parser.parse_args()
+    parts = parse_body_parts(args.body_parts)
     config, data, _ = setup(args)
     thresholds = parse_thresholds(args.thresholds)
     seeds = parse_seeds(args.seeds) or (config.drn.seed,)
@@ -55,10 +74,11 @@ def main() -> None:
     start = time.perf_counter()
     tracking.configure(config.tracking)
     init_ray()
-    ensure_cohort(config, data, [part for part, _ in EXPERIMENTS],
-                  synthesize=args.data is None or args.synthetic)
+    ensure_cohort(config, data, list(parts), synthesize=args.data is None or args.synthetic)
     sections, scorers = [], {}
     for part, variants in EXPERIMENTS:
+        if part not in parts:
+            continue
         if not generated_with(data, part, config.synth, seed=config.synth.seed):
             variants = tuple(v for v in variants if v is not ORACLE)  # a real cohort: no phantom
         result = run_body_part(config, part,  # type: ignore[arg-type]

@@ -237,6 +237,25 @@ def test_conspicuity_respects_the_configured_minimum(config, cohort) -> None:
     assert min(seen) >= MIN_CONSPICUITY and max(seen) - min(seen) > 0.2
 
 
+def test_lesions_are_redrawn_toward_the_cohort_visibility_window(config, cohort) -> None:
+    """A window no draw reaches keeps the draw nearest to it: above every draw, the most visible
+    of VISIBILITY_TRIES; just above zero, the least visible."""
+    from boneaug.synth.cohort import lesion_visibility
+
+    _, rows = cohort
+    image_id, _, target = _targets(config, _healthy(rows), (0.15,))[0]
+
+    def shown(window: tuple[float, float]) -> float:
+        cfg = config.model_copy(update={"min_visibility": window[0], "max_visibility": window[1]})
+        out = render_with_lesion(cfg, image_id, seed=SEED, target=target,
+                                 rng=np.random.default_rng(3), tries=1)
+        return lesion_visibility(out.with_lesion, out.without, cfg.visibility_pool)
+
+    one_draw = shown((0.0, 1.0))  # no window: the first draw, as before
+    faint, strong = shown((1e-6, 2e-6)), shown((0.98, 1.0))
+    assert faint < strong and faint <= one_draw <= strong
+
+
 # ------------------------------------------------------------------------------------ errors
 
 def test_ids_outside_the_plan_are_refused(config) -> None:

@@ -346,10 +346,12 @@ def test_conspicuity_range_bounds_the_drawn_lesions_and_keeps_the_rest_of_the_dr
     assert [les.lesion_type for les in middle] == [les.lesion_type for les in obvious_only]
 
 
-def test_an_empty_conspicuity_range_is_refused() -> None:
+def test_an_empty_conspicuity_range_or_visibility_window_is_refused() -> None:
+    local = load_config("local").synth.model_dump()
     with pytest.raises(ValueError, match="must be below max_conspicuity"):
-        SynthConfig.model_validate(
-            load_config("local").synth.model_dump() | {"max_conspicuity": 0.3})
+        SynthConfig.model_validate(local | {"max_conspicuity": 0.3})
+    with pytest.raises(ValueError, match="must be below max_visibility"):
+        SynthConfig.model_validate(local | {"min_visibility": 0.1, "max_visibility": 0.05})
 
 
 def test_a_cohort_with_fractures_of_a_body_part_still_lacks_that_body_parts_lesion_cohort(
@@ -372,7 +374,7 @@ def test_a_cohort_with_fractures_of_a_body_part_still_lacks_that_body_parts_lesi
     assert storage.list_files(storage.join(root, "dicom", "tibia"))
 
 
-def test_visibility_is_measured_for_every_lesion_and_the_minimum_redraws_invisible_ones(
+def test_visibility_is_measured_for_every_lesion_and_the_window_redraws_what_lies_outside(
         synth: SynthConfig, cohort, tmp_path: Path) -> None:
     from boneaug.synth.cohort import lesion_visibility
 
@@ -396,3 +398,13 @@ def test_visibility_is_measured_for_every_lesion_and_the_minimum_redraws_invisib
     assert shown.size and (shown >= floor).mean() >= 0.9
     loose = [r["visibility"] for r in lesions if r["label"] == 1 and r["body_part"] == "humerus"]
     assert np.mean(shown) > np.mean(loose)
+    # a window also redraws the lesions that show too much
+    low, high = (float(q) for q in np.quantile(seen, [0.25, 0.6]))
+    window = synth.model_copy(update={"min_visibility": low, "max_visibility": high,
+                                      "images_per_patient": 1})
+    generate_cohort(window, ["humerus"], str(tmp_path / "window"), seed=0, workers=1,
+                    progress=False)
+    inside = np.array([r["visibility"] for r in storage.read_parquet(
+        str(tmp_path / "window" / "annotations.parquet")).to_pylist() if r["label"] == 1])
+    assert inside.size and ((inside >= low) & (inside <= high)).mean() >= 0.9
+    assert np.mean(inside > high) < np.mean(np.array(loose) > high)

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from boneaug.workflow import stage
 
 
@@ -32,3 +34,20 @@ def test_a_failed_stage_records_nothing(tmp_path: Path) -> None:
         pass
     assert not (tmp_path / "run" / "stages" / "step.json").exists()
     assert stage(run, "step", 1, lambda: {"ok": 1}) == {"ok": 1}
+
+
+def test_reproduce_runs_the_body_parts_asked_and_says_why_tibia_needs_humerus() -> None:
+    import importlib.util
+
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / "reproduce.py"
+    spec = importlib.util.spec_from_file_location("reproduce_job", path)
+    assert spec is not None and spec.loader is not None
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.parse_body_parts(None) == ("humerus", "tibia", "femur")
+    assert job.parse_body_parts("femur, humerus") == ("humerus", "femur")
+    with pytest.raises(SystemExit, match="humerus must be among them"):
+        job.parse_body_parts("tibia")
+    with pytest.raises(SystemExit, match="unknown radius; choose from humerus, tibia, femur"):
+        job.parse_body_parts("humerus,radius")

@@ -62,7 +62,7 @@ ANNOTATIONS = "annotations.parquet"
 RECORD = "synth.json"  # what generated each body part: the phantom re-renders from it
 SPLITS = ("train", "val", "test")
 PATIENT_STREAM = 7
-VISIBILITY_TRIES = 12  # lesion redraws per patient under SynthConfig.min_visibility
+VISIBILITY_TRIES = 12  # lesion redraws per patient under SynthConfig's visibility window
 EXTRA_STREAM = 11
 PART_TAG = {"humerus": "HUM", "tibia": "TIB", "femur": "FEM", "fracture": "FRX"}
 FRACTURE_VAL_SHARE = 0.15
@@ -246,22 +246,24 @@ def _visibility(spec: ImageSpec, rng: np.random.Generator, pool: int) -> tuple[A
 
 def patient_of(job: ImageJob, config: SynthConfig, seed: int) -> PatientSpec:
     """The patient of `job`. A lesion patient is redrawn (up to VISIBILITY_TRIES times) until
-    the lesion is visible on the patient's first image (`SynthConfig.min_visibility`); the most
-    visible draw is kept when none is."""
+    the lesion's visibility on the patient's first image lies in the window
+    [`SynthConfig.min_visibility`, `max_visibility`]; the draw nearest to it is kept when none
+    does."""
     patient = _patient(job, seed, config.conspicuity_range)
-    if patient.lesion is None or config.min_visibility <= 0:
+    if patient.lesion is None or not config.checks_visibility:
         return patient
     first = job.image_index - job.study_index  # a patient's images are planned in a row
-    best: tuple[float, PatientSpec] = (-1.0, patient)
+    best: tuple[float, PatientSpec] = (float("inf"), patient)
     for attempt in range(VISIBILITY_TRIES):
         candidate = patient if attempt == 0 else _patient(job, seed, config.conspicuity_range,
                                                           attempt)
         rng = np.random.default_rng([seed, job.stream, first])
         spec = sample_image(candidate, config, rng, study_index=0)
         _, seen = _visibility(spec, rng, config.visibility_pool)
-        if seen >= config.min_visibility:
+        miss = config.visibility_miss(seen)
+        if miss == 0:
             return candidate
-        best = max(best, (seen, candidate), key=lambda b: b[0])
+        best = min(best, (miss, candidate), key=lambda b: b[0])
     return best[1]
 
 

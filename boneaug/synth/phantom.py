@@ -325,18 +325,19 @@ def render_with_lesion(config: SynthConfig, image_id: str, *, seed: int, target:
     _check_healthy(spec, image_id)
     healthy = render_image(spec, copy.deepcopy(noise))
     best: tuple[float, RenderedImage, LesionSpec, Box] | None = None
-    # like the cohort's own lesions: redrawn until visible (SynthConfig.min_visibility)
-    for _ in range(VISIBILITY_TRIES if config.min_visibility > 0 else 1):
+    # like the cohort's own lesions: redrawn until their visibility is in SynthConfig's window
+    for _ in range(VISIBILITY_TRIES if config.checks_visibility else 1):
         lesion, predicted = choose_lesion(spec, config, target, rng, within=within, tries=tries)
         lesion_spec = replace(spec, patient=replace(spec.patient, lesion=lesion))
         with_lesion = render_image(lesion_spec, copy.deepcopy(noise))
         if not with_lesion.boxes or tuple(with_lesion.boxes[0]) != predicted:
             raise RuntimeError(f"render_image's lesion box {with_lesion.boxes} differs from the "
                                f"predicted {predicted}: stored_lesion_box is out of date")
-        seen = lesion_visibility(with_lesion.pixels, healthy.pixels, config.visibility_pool)
-        if best is None or seen > best[0]:
-            best = (seen, with_lesion, lesion, predicted)
-        if seen >= config.min_visibility:
+        miss = config.visibility_miss(
+            lesion_visibility(with_lesion.pixels, healthy.pixels, config.visibility_pool))
+        if best is None or miss < best[0]:
+            best = (miss, with_lesion, lesion, predicted)
+        if miss == 0:
             break
     assert best is not None
     _, with_lesion, lesion, predicted = best
