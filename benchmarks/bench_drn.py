@@ -25,6 +25,7 @@ from _common import best_seconds, gemm_peak_gflops
 from torch.utils.flop_counter import FlopCounterMode
 
 from boneaug.config import load_config
+from boneaug.models.precision import autocast
 from boneaug.train.classifier import build_model, make_loss, make_optimizer, train_step
 
 
@@ -63,8 +64,7 @@ def run_case(case: Case, device: torch.device, *, nchw: bool = False) -> dict[st
         model.eval()
 
         def step() -> object:
-            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16,
-                                                 enabled=device.type == "cuda"):
+            with torch.no_grad(), autocast(device):
                 return model(x)
     else:
         optimizer = make_optimizer(model, drn)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from boneaug.models.precision import autocast
+
 
 @torch.no_grad()
 def score_images(scorer: torch.nn.Module, images: np.ndarray, *,
@@ -32,8 +34,7 @@ def score_images(scorer: torch.nn.Module, images: np.ndarray, *,
         for start in range(0, len(images), batch_size):
             x = torch.as_tensor(np.ascontiguousarray(images[start:start + batch_size]),
                                 dtype=torch.float32).to(device, non_blocking=True)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16,
-                                enabled=device.type == "cuda"):
+            with autocast(device):
                 logits = net(x)
             out.append(torch.sigmoid(logits.float().reshape(len(x), -1)[:, 0]).cpu().numpy())
     finally:

@@ -22,6 +22,7 @@ from torch import nn
 
 from boneaug import storage
 from boneaug.errors import ModelError, StorageError
+from boneaug.models.precision import autocast
 from boneaug.models.unit import UNIT, Translator, UnitArch
 from boneaug.train.distributed import CHECKPOINT_FILE
 
@@ -61,8 +62,7 @@ def translate_patches(
             x = x.clamp_(0.0, 1.0)
             if target.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16,
-                                enabled=target.type == "cuda"):
+            with autocast(target):
                 y = model(x)
             if y.shape != x.shape:
                 raise ModelError(f"translator returned shape {tuple(y.shape)} for input "

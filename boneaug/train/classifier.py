@@ -73,6 +73,7 @@ from boneaug.data.datasets import FEED_CPUS
 from boneaug.errors import DataError, ModelError
 from boneaug.eval.metrics import roc_auc
 from boneaug.models.drn import DRN, build_drn
+from boneaug.models.precision import autocast
 from boneaug.progress import Progress, quiet_ray, train_logging
 from boneaug.train.distributed import (
     CHECKPOINT_FILE,
@@ -257,11 +258,6 @@ def make_loss(pos_weight: float, device: torch.device | str = "cpu") -> nn.BCEWi
     return nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight], device=device))
 
 
-def _autocast(device: torch.device) -> Any:
-    """bf16 autocast on CUDA; a no-op elsewhere (CPU bf16 convs are slower than fp32 here)."""
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def _to_device(images: np.ndarray | Tensor, device: torch.device) -> Tensor:
     return torch.as_tensor(images, dtype=torch.float32).to(device, non_blocking=True)
 
@@ -277,7 +273,7 @@ def train_step(
     """One optimiser step on a batch already on the model's device; returns the batch loss."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    with _autocast(images.device):
+    with autocast(images.device):
         logits = model(images)  # (B, 1)
     loss = loss_fn(logits[:, 0].float(), labels)
     loss.backward()

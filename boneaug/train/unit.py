@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from boneaug.data.datasets import FEED_CPUS
 from boneaug.errors import DataError, ModelError
+from boneaug.models.precision import autocast
 from boneaug.models.unit import UNIT, Discriminators, ForwardPlan, UnitArch, UnitOutputs
 from boneaug.progress import quiet_ray, train_logging
 from boneaug.train.distributed import (
@@ -163,11 +164,6 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for p in params:
             p.requires_grad_(True)
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA; a no-op elsewhere (CPU bf16 convolutions are slower here)."""
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def generate(
