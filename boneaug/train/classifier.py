@@ -857,7 +857,8 @@ def pretrain_fracture(
     """
     from ray.data.expressions import col
 
-    split = {s: images.filter(expr=(col("task") == "fracture") & (col("split") == s))
+    split = {s: images.filter(expr=(col("task") == "fracture") & (col("split") == s),
+                              num_cpus=FEED_CPUS)  # runs inside the feed: see FEED_CPUS
              for s in ("train", "val", "test")}
     return fit_classifier(
         pretraining_config(config), split["train"], split["val"],
