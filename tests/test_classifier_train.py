@@ -121,6 +121,26 @@ def test_a_few_steps_on_synthetic_bones_lower_the_loss(one_thread: None) -> None
     assert scores.shape == (16,) and model.training  # predict restores the mode
 
 
+def test_max_grad_norm_clips_the_step_gradients(one_thread: None) -> None:
+    rng = np.random.default_rng(0)
+    labels = np.array([1, 0, 0, 0], dtype=np.float32)
+    x = torch.from_numpy(np.stack([bone_image(rng, bool(y)) for y in labels])[:, None])
+    y = torch.from_numpy(labels)
+    config = DrnConfig(arch="drn_d_22", width_mult=0.125, epochs=1, pretrain_epochs=1)
+
+    def grad_norm(clip: float | None) -> float:
+        model = build_model(config, generator=torch.Generator().manual_seed(0))
+        train_step(model, x, y, optimizer=make_optimizer(model, config),
+                   loss_fn=make_loss(pos_weight=3.0), max_grad_norm=clip)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+    free = grad_norm(None)
+    assert free > 0.02
+    assert grad_norm(0.01) == pytest.approx(0.01, rel=1e-3)
+    assert grad_norm(10 * free) == pytest.approx(free, rel=1e-5)  # a loose cap changes nothing
+
+
 def test_predict_is_batch_size_invariant_and_in_unit_interval(one_thread: None) -> None:
     torch.manual_seed(0)
     model = build_model(DrnConfig(width_mult=0.125, epochs=1, pretrain_epochs=1)).eval()

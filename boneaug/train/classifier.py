@@ -269,14 +269,18 @@ def train_step(
     *,
     optimizer: torch.optim.Optimizer,
     loss_fn: nn.Module,
+    max_grad_norm: float | None = None,
 ) -> float:
-    """One optimiser step on a batch already on the model's device; returns the batch loss."""
+    """One optimiser step on a batch already on the model's device, the gradients' global norm
+    clipped to `max_grad_norm` when given; returns the batch loss."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     with autocast(images.device):
         logits = model(images)  # (B, 1)
     loss = loss_fn(logits[:, 0].float(), labels)
     loss.backward()
+    if max_grad_norm is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
     return float(loss.detach())
 
@@ -460,8 +464,8 @@ def _train_epoch(
         images, labels, _ = batch_to_arrays(batch, label_column=label_column, image_size=image_size)
         x = steps.augment(_to_device(images, device), generator)
         y = torch.as_tensor(labels, device=device)
-        total += train_step(model, x, y, optimizer=steps.optimizer,
-                            loss_fn=steps.loss_fn) * len(labels)
+        total += train_step(model, x, y, optimizer=steps.optimizer, loss_fn=steps.loss_fn,
+                            max_grad_norm=steps.max_grad_norm) * len(labels)
         count += len(labels)
         steps.schedule.after_batch()
         if steps.ema is not None:
@@ -480,6 +484,7 @@ class TrainSteps:
     loss_fn: nn.Module
     augment: AffineAugment
     ema: AveragedModel | None
+    max_grad_norm: float | None = None
 
 
 def _save_checkpoint(net: nn.Module, steps: TrainSteps, state: TrainState,
@@ -531,6 +536,7 @@ def _make_steps(net: nn.Module, config: DrnConfig, loop: Mapping[str, Any],
         augment=AffineAugment(degrees=config.aug_degrees, scale=config.aug_scale,
                               translate=config.aug_translate, hflip=config.aug_hflip),
         ema=make_ema(net, config),
+        max_grad_norm=config.max_grad_norm,
     )
 
 
