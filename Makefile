@@ -9,7 +9,7 @@ WORK    ?= work
 PROFILE ?= local
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
 
-.PHONY: demo test test-fast bench install clean reproduce device-wheels
+.PHONY: demo test test-fast bench load-serve install clean reproduce device-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -50,6 +50,11 @@ device-wheels: $(STAMP)
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# a 60 s locust load on the service with a model switch in the middle (the `load` extra)
+load-serve: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[load]"
+	$(BIN)/python benchmarks/load_serve.py
 
 clean:
 	rm -rf $(WORK) mlflow.db mlruns .pytest_cache

@@ -48,13 +48,13 @@ def radiograph_dicom(config) -> bytes:  # noqa: ANN001
     return data
 
 
-def build_models(config):  # noqa: ANN001, ANN201
+def build_models(config, seed: int = 0):  # noqa: ANN001, ANN201
     import torch
 
     from boneaug.models.unit import UNIT, UnitArch
     from boneaug.train.classifier import build_model
 
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     translator = UNIT(UnitArch.from_config(config.unit), generator=gen).translator("h2l").eval()
     scorer = build_model(config.drn, generator=gen).eval()
     return translator, scorer
