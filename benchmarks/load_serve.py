@@ -20,7 +20,6 @@ failed or the new models never answered.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import secrets
@@ -31,9 +30,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `serve` is a top-level package of the repository, not installed
@@ -48,29 +44,7 @@ from bench_serve import (  # noqa: E402
     register,
 )
 
-
-def deploy_config(tracking_uri: str, token: str, revision: int) -> dict[str, Any]:
-    """serve/config.yaml's application for one body part, one replica per deployment."""
-    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
-    app = copy.deepcopy(config["applications"][0])
-    app["runtime_env"] = {"env_vars": {"BONEAUG_API_TOKEN": token, "PYTHONPATH": str(REPO)}}
-    for deployment in app["deployments"]:
-        deployment["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
-        user = deployment["user_config"]
-        if deployment["name"] in ("Translator", "Scorer"):
-            kind = "unit" if deployment["name"] == "Translator" else "drn"
-            user["models"] = {BODY_PART: {"name": f"boneaug-{kind}-{BODY_PART}",
-                                          "alias": "champion"}}
-            user.update(tracking_uri=tracking_uri, revision=revision)
-    return {"applications": [app]}
-
-
-def deploy(config: dict[str, Any]) -> None:
-    """What `serve deploy` does through the dashboard: hand the config to the controller."""
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
-
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+from serve.deploy import deploy, one_part_config  # noqa: E402
 
 
 def wait_healthy(base: str, timeout_s: float = 120) -> None:
@@ -128,7 +102,9 @@ def main() -> None:
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
-        deploy(deploy_config(tracking_uri, token, revision=0))
+        replica_env = {"PYTHONPATH": str(REPO)}  # the replicas import serve.app
+        deploy(one_part_config(BODY_PART, token=token, tracking_uri=tracking_uri,
+                               env_vars=replica_env))
         wait_healthy(base)
         summary_file, versions_file = workdir / "summary.json", workdir / "versions.jsonl"
         env = os.environ | {"BONEAUG_LOAD_UPLOAD": str(workdir / "radiograph.dcm"),
@@ -147,7 +123,8 @@ def main() -> None:
             time.sleep(args.switch_at)
             t0 = time.monotonic()
             register(config, *build_models(config, seed=1))  # version 2, alias moves
-            deploy(deploy_config(tracking_uri, token, revision=1))
+            deploy(one_part_config(BODY_PART, token=token, tracking_uri=tracking_uri,
+                                   revision=1, env_vars=replica_env))
             switch["deployed_s"] = time.monotonic() - t0
 
         switcher = threading.Thread(target=switch_models)

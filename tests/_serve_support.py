@@ -9,7 +9,6 @@ with a changed `user_config` is the lightweight in-place update that production 
 
 from __future__ import annotations
 
-import copy
 import io
 import secrets
 import socket
@@ -22,10 +21,10 @@ from typing import Any
 import numpy as np
 import requests
 import torch
-import yaml
+
+from serve.deploy import CONFIG_YAML, deploy, one_part_config  # noqa: F401 (re-exported)
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_YAML = REPO / "serve" / "config.yaml"
 BODY_PART = "tibia"
 
 
@@ -224,31 +223,15 @@ class Service:
 
     def apply(self, config: dict[str, Any]) -> None:
         """What `serve deploy` does through the dashboard: hand the config to the controller."""
-        from ray.serve.context import _get_global_client
-        from ray.serve.schema import ServeDeploySchema
-
-        _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+        deploy(config)
         self.config = config
 
 
 def deploy_config(registry: Registry, token: str, *,
                   max_upload_bytes: int = 2 * 2**20) -> dict[str, Any]:
     """serve/config.yaml's applications, pointed at the test registry and sized for 2 cores."""
-    config = yaml.safe_load(CONFIG_YAML.read_text())
-    config = {"applications": copy.deepcopy(config["applications"])}
-    app = config["applications"][0]
-    app["runtime_env"] = {"env_vars": {"BONEAUG_API_TOKEN": token}}
-    for deployment in app["deployments"]:
-        deployment["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
-        user = deployment["user_config"]
-        if deployment["name"] in ("Translator", "Scorer"):
-            kind = "unit" if deployment["name"] == "Translator" else "drn"
-            user["models"] = {BODY_PART: {"name": f"boneaug-{kind}-{BODY_PART}",
-                                          "alias": "champion"}}
-            user["tracking_uri"] = registry.uri
-        else:
-            user.update(profile="smoke", max_upload_bytes=max_upload_bytes)
-    return config
+    return one_part_config(BODY_PART, token=token, tracking_uri=registry.uri,
+                           api={"profile": "smoke", "max_upload_bytes": max_upload_bytes})
 
 
 def start_service(registry: Registry, **kwargs: Any) -> Iterator[Service]:

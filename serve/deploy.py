@@ -1,0 +1,42 @@
+"""serve/config.yaml as code: narrow it to one body part and hand it to the Serve controller,
+as `serve deploy serve/config.yaml` does. Used by the service tests and the load benchmark."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_YAML = Path(__file__).with_name("config.yaml")
+
+
+def one_part_config(body_part: str, *, token: str, tracking_uri: str, revision: int = 0,
+                    api: dict[str, Any] | None = None,
+                    env_vars: dict[str, str] | None = None) -> dict[str, Any]:
+    """config.yaml's application serving `body_part` from the registry at `tracking_uri` (alias
+    champion), one replica per deployment, the bearer `token` in its environment; `revision`
+    for the model deployments, `api` merged into the Api deployment's user_config."""
+    app = copy.deepcopy(yaml.safe_load(CONFIG_YAML.read_text())["applications"][0])
+    app["runtime_env"] = {"env_vars": {"BONEAUG_API_TOKEN": token, **(env_vars or {})}}
+    for deployment in app["deployments"]:
+        deployment["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
+        user = deployment["user_config"]
+        if deployment["name"] in ("Translator", "Scorer"):
+            kind = "unit" if deployment["name"] == "Translator" else "drn"
+            user["models"] = {body_part: {"name": f"boneaug-{kind}-{body_part}",
+                                          "alias": "champion"}}
+            user.update(tracking_uri=tracking_uri, revision=revision)
+        else:
+            user.update(api or {})
+    return {"applications": [app]}
+
+
+def deploy(config: dict[str, Any]) -> None:
+    """What `serve deploy` does through the dashboard: hand the config to the controller and wait
+    until the application runs."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
