@@ -76,6 +76,7 @@ def ray_unit_smoke(out: Path, device: torch.device, seconds_budget: float) -> di
 
         from boneaug.config import TrackingConfig, load_config
         from boneaug.data.arrays import encode_pixels
+        from boneaug.train.distributed import Publish, Workers
         from boneaug.train.unit import fit_unit
     except ImportError as exc:
         return {"status": f"not run: {exc.name} is not installed here (carry the project's "
@@ -98,12 +99,11 @@ def ray_unit_smoke(out: Path, device: torch.device, seconds_budget: float) -> di
              log_to_driver=False)
     try:
         t0 = time.perf_counter()
-        result = fit_unit(config, ray.data.from_items(rows), ray.data.from_items(rows),
-                          run_uri=str(out / "unit-smoke"), num_workers=1,
-                          use_gpu=device.type == "cuda", experiment="device_check",
-                          registered_name=None, alias=None, overwrite=True,
-                          tracking_config=TrackingConfig(
-                              tracking_uri=f"sqlite:///{out / 'mlflow.db'}"))
+        result = fit_unit(
+            config, ray.data.from_items(rows), ray.data.from_items(rows),
+            publish=Publish(str(out / "unit-smoke"), "device_check", overwrite=True,
+                            tracking=TrackingConfig(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")),
+            workers=Workers(num_workers=1, use_gpu=device.type == "cuda"))
         seconds = time.perf_counter() - t0
     finally:
         ray.shutdown()

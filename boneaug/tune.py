@@ -58,13 +58,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from boneaug import storage, tracking
 from boneaug.config import BoneaugConfig, ComputeConfig, TrackingConfig, UnitConfig, dump_config
 from boneaug.errors import ConfigError, DataError, SweepIncomplete
+from boneaug.train.distributed import Publish, Workers
 
 if TYPE_CHECKING:
     from boneaug.eval.quality import CriticConfig
@@ -263,7 +264,6 @@ class TrialContext:
     tracking_uri: str
     inputs: dict[str, Any]  # candidates / init_from (threshold), patches (patches, unit)
     critic: dict[str, Any] | None = None  # CriticConfig fields for fit_unit's quality probe
-    test_hooks: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -404,7 +404,6 @@ def run_sweep(
     run_uri: str,
     inputs: Mapping[str, Any],
     critic: CriticConfig | None = None,
-    test_hooks: Mapping[str, Any] | None = None,
 ) -> SweepResult:
     """Run (or resume) one sweep on the connected Ray cluster; write best.yaml; return the table.
 
@@ -437,7 +436,7 @@ def run_sweep(
         data_uri=data_uri, run_uri=run_uri, sweep_uri=sweep_uri, sweep_name=name,
         experiment=experiment,
         parent_run_id=parent_id, tracking_uri=uri, inputs=dict(inputs),
-        critic=critic_fields, test_hooks=dict(test_hooks or {}),
+        critic=critic_fields,
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
                                     trial_resources(cluster))
@@ -633,7 +632,6 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     config = apply_params(base, context.kind, context.body_part, params)
     trial_uri = storage.join(context.sweep_uri, "trials", trial_id)
     run_id = _trial_run(client, context, trial_id, params, trial_uri)
-    _maybe_fail(context.test_hooks, params)
     common = {"mlflow_run_id": run_id}
     if context.kind == "threshold":
         metrics = _threshold_trial(config, context, params, trial_uri, run_id)
@@ -679,20 +677,6 @@ def _check_nested(client: Any, context: TrialContext, run_id: str, trainer_run_i
         client.set_tag(trainer_run_id, "mlflow.parentRunId", context.parent_run_id)
 
 
-def _maybe_fail(hooks: Mapping[str, Any], params: Mapping[str, Any]) -> None:
-    """Test hook ``fail_once``: {"marker": local path, "when": {param: value}}: the first trial
-    matching `when` (empty: any) raises once, before it trains; the marker records that it did."""
-    hook = hooks.get("fail_once")
-    if not hook or any(params.get(k) != v for k, v in hook.get("when", {}).items()):
-        return
-    try:
-        with open(hook["marker"], "x") as handle:  # exclusive create: exactly one trial fails
-            handle.write(json.dumps(params, default=str))
-    except FileExistsError:
-        return
-    raise RuntimeError(f"injected failure of the trial with {dict(params)} (test hook)")
-
-
 def _threshold_trial(config: BoneaugConfig, context: TrialContext, params: Mapping[str, Any],
                      trial_uri: str, run_id: str) -> dict[str, Any]:
     """Select the candidates at t, train the augmented DRN, score it (val AUC chooses; test
@@ -701,25 +685,20 @@ def _threshold_trial(config: BoneaugConfig, context: TrialContext, params: Mappi
 
     from boneaug.augment.pipeline import select_augmented
     from boneaug.data.datasets import classification_splits
-    from boneaug.train.classifier import fit_classifier
+    from boneaug.train.classifier import ClassifierData, fit_classifier
 
     t = float(params["t"])
     selected = select_augmented(context.inputs["candidates"], t)
     splits = classification_splits(context.run_uri, augmented=selected,
                                    max_train_negatives=config.drn.max_train_negatives,
                                    seed=config.drn.seed)
-    compute = config.compute
     with _as_mlflow_run(run_id):
         result = fit_classifier(
-            config.drn, splits["train"], splits["val"], test=splits["test"],
-            run_uri=storage.join(trial_uri, "drn"), num_workers=max(1, compute.num_workers),
-            use_gpu=compute.use_gpu, experiment=context.experiment, registered_name=None,
+            config.drn, ClassifierData(splits["train"], splits["val"], splits["test"]),
+            publish=_trial_publish(context, storage.join(trial_uri, "drn"), trial_uri),
+            workers=Workers.from_config(config, at_least=1),
             init_from=context.inputs.get("init_from"),
             image_size=(config.image.height, config.image.width),
-            tracking_config=TrackingConfig(tracking_uri=context.tracking_uri),
-            run_name=f"{context.sweep_name}-{Path(trial_uri).name}",
-            cpus_per_worker=compute.cpus_per_worker,
-            max_failures=compute.max_failures, torch_threads=compute.torch_threads,
         )
     metrics = {"augmented_samples": int(selected.num_rows), "val_auc": float(result.best_val_auc),
                "test_auc": auc_on_test(result.predictions_uri)}
@@ -728,6 +707,13 @@ def _threshold_trial(config: BoneaugConfig, context: TrialContext, params: Mappi
     client.log_batch(run_id, metrics=_metrics({f"tune/{k}": v for k, v in metrics.items()}))
     client.set_tag(run_id, "model_uri", result.model_uri)
     return {**metrics, "model_uri": result.model_uri}
+
+
+def _trial_publish(context: TrialContext, run_uri: str, trial_uri: str) -> Publish:
+    """Where a trial's trainer writes: the trial's folder, the sweep's experiment, no registry."""
+    return Publish(run_uri, context.experiment,
+                   run_name=f"{context.sweep_name}-{Path(trial_uri).name}",
+                   tracking=TrackingConfig(tracking_uri=context.tracking_uri))
 
 
 def auc_on_test(predictions_uri: str) -> float:
@@ -773,20 +759,15 @@ def _unit_trial(config: BoneaugConfig, context: TrialContext, trial_uri: str, ru
                           normal=load_patch_array(storage.join(base_patches, "normal")),
                           source=load_patch_array(storage.join(patches_uri, "source")))
     data = _patch_datasets(patches_uri)
-    compute = config.compute
     critic = CriticConfig(**context.critic) if context.critic else None  # None: fit_unit's default
 
     def fit() -> Any:
         with _as_mlflow_run(run_id):
             return fit_unit(
-                config.unit, data["lesion"], data["normal"], run_uri=trial_uri,
-                num_workers=max(1, compute.num_workers),
-                use_gpu=compute.use_gpu, experiment=context.experiment, registered_name=None,
-                quality_sets=quality, critic_config=critic, alias=None,
-                run_name=f"{context.sweep_name}-{Path(trial_uri).name}",
-                tracking_config=TrackingConfig(tracking_uri=context.tracking_uri),
-                cpus_per_worker=compute.cpus_per_worker, max_failures=compute.max_failures,
-                torch_threads=compute.torch_threads,
+                config.unit, data["lesion"], data["normal"],
+                publish=_trial_publish(context, trial_uri, trial_uri),
+                workers=Workers.from_config(config, at_least=1),
+                quality_sets=quality, critic_config=critic,
             )
 
     watcher = QualityWatcher(client, run_id, final_iteration=config.unit.iterations)

@@ -127,14 +127,6 @@ def ensure_cohort(config: BoneaugConfig, data_uri: str, body_parts: list[str], *
                     fractures=needs_fractures)
 
 
-def _ray_train(config: BoneaugConfig) -> dict[str, Any]:
-    """The Ray Train arguments every trainer here takes, from the config."""
-    compute = config.compute
-    return {"num_workers": compute.num_workers, "use_gpu": compute.use_gpu,
-            "tracking_config": config.tracking, "cpus_per_worker": compute.cpus_per_worker,
-            "max_failures": compute.max_failures}
-
-
 def ingest_stage(config: BoneaugConfig, data: str, run: str, prefix_part: str) -> dict[str, Any]:
     from boneaug.data.ingest import ingest
 
@@ -151,6 +143,7 @@ def fracture_model(config: BoneaugConfig, data: str, out: str) -> str:
     """The auxiliary fracture-detection DRN (paper 4.2), shared by every body part of a profile."""
     from boneaug.data.datasets import image_table
     from boneaug.train.classifier import FRACTURE_MODEL, pretrain_fracture, pretraining_config
+    from boneaug.train.distributed import Publish, Workers
 
     run = storage.join(out, "runs", f"fracture-{config.profile}")
     ingest_stage(config, data, run, "fracture")
@@ -160,10 +153,12 @@ def fracture_model(config: BoneaugConfig, data: str, out: str) -> str:
 
         table = image_table(run, task="fracture", classification=False)
         result = pretrain_fracture(
-            config.drn, ray.data.from_arrow(table), run_uri=storage.join(run, "drn"),
-            experiment="boneaug/fracture/pretrain",
+            config.drn, ray.data.from_arrow(table),
+            publish=Publish(storage.join(run, "drn"), "boneaug/fracture/pretrain",
+                            registered_name=FRACTURE_MODEL, tracking=config.tracking,
+                            overwrite=True),
+            workers=Workers.from_config(config),
             image_size=(config.image.height, config.image.width),
-            overwrite=True, **_ray_train(config), torch_threads=config.compute.torch_threads,
         )
         return {"model": f"models:/{FRACTURE_MODEL}/{result.model_version}",
                 "val_auc": result.best_val_auc}
@@ -180,7 +175,8 @@ def train_drn(config: BoneaugConfig, run: str, name: str, *, augmented: Any, ini
     rows (a share of the positives, plus extra ones for the learning curve) and `augmented`;
     register it as `registered_name` (None: logged to MLflow only)."""
     from boneaug.data.datasets import classification_splits
-    from boneaug.train.classifier import fit_classifier
+    from boneaug.train.classifier import ClassifierData, fit_classifier
+    from boneaug.train.distributed import Publish, Workers
 
     drn = config.drn if seed is None else config.drn.model_copy(update={"seed": seed})
     splits = classification_splits(run, augmented=augmented,
@@ -188,11 +184,11 @@ def train_drn(config: BoneaugConfig, run: str, name: str, *, augmented: Any, ini
                                    seed=drn.data_seed, positive_fraction=positive_fraction,
                                    extra_positives=extra_positives)
     result = fit_classifier(
-        drn, splits["train"], splits["val"], test=splits["test"],
-        run_uri=storage.join(run, name), experiment=experiment, registered_name=registered_name,
-        init_from=init_from, image_size=(config.image.height, config.image.width), overwrite=True,
-        run_name=f"{registered_name or 'drn'}-{name}", **_ray_train(config),
-        torch_threads=config.compute.torch_threads,
+        drn, ClassifierData(splits["train"], splits["val"], splits["test"]),
+        publish=Publish(storage.join(run, name), experiment, registered_name=registered_name,
+                        tracking=config.tracking, overwrite=True),
+        workers=Workers.from_config(config), init_from=init_from,
+        image_size=(config.image.height, config.image.width),
     )
     return {"model": result.model_uri, "version": result.model_version,
             "val_auc": result.best_val_auc, "predictions": result.predictions_uri}
@@ -206,6 +202,7 @@ def unit_model(config: BoneaugConfig, data: str, run: str, body_part: str) -> st
         from boneaug.data.datasets import patch_dataset
         from boneaug.data.patch_sets import load_patch_array
         from boneaug.eval.quality import QualitySets
+        from boneaug.train.distributed import Publish, Workers
         from boneaug.train.unit import fit_unit
 
         sets = {k: storage.join(run, "patches", k) for k in ("lesion", "normal", "source")}
@@ -214,11 +211,11 @@ def unit_model(config: BoneaugConfig, data: str, run: str, body_part: str) -> st
                               normal=load_patch_array(sets["normal"]),
                               source=load_patch_array(sets["source"]))
         result = fit_unit(
-            config.unit, read["lesion"], read["normal"], run_uri=run, quality_sets=quality,
-            experiment=f"boneaug/{body_part}/train_unit",
-            registered_name=f"boneaug-unit-{body_part}",
-            overwrite=True, torch_threads=config.compute.torch_threads,
-            **(_ray_train(config) | {"num_workers": max(1, config.compute.num_workers)}),
+            config.unit, read["lesion"], read["normal"],
+            publish=Publish(run, f"boneaug/{body_part}/train_unit",
+                            registered_name=f"boneaug-unit-{body_part}", alias="challenger",
+                            tracking=config.tracking, overwrite=True),
+            workers=Workers.from_config(config, at_least=1), quality_sets=quality,
         )
         trust = ("" if result.critic_heldout_auc is None
                  else f" (critic held-out AUC {result.critic_heldout_auc:.2f})")

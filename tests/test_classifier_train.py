@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from boneaug.train.classifier import (
     predict,
     train_step,
 )
+from boneaug.train.distributed import Publish, Workers
 
 H, W = 64, 32
 
@@ -243,12 +245,18 @@ def test_fracture_pretraining_then_two_worker_finetuning_registers_and_reloads(
     import ray
 
     from boneaug import storage, tracking
-    from boneaug.train.classifier import fit_classifier, load_best_model, pretrain_fracture
+    from boneaug.train.classifier import (
+        FRACTURE_MODEL,
+        ClassifierData,
+        fit_classifier,
+        load_best_model,
+        pretrain_fracture,
+    )
 
     db = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", db.tracking_uri)  # restored after the test
     config = load_config("smoke").drn.model_copy(update={"epochs": 2, "batch_size": 8})
-    common = dict(use_gpu=False, image_size=(H, W), tracking_config=db, cpus_per_worker=0.5)
+    two = Workers(num_workers=2, cpus_per_worker=0.5)
 
     fracture = ray.data.from_items(
         shard_rows(16, split="train", task="fracture", seed=10, pos_every=2)
@@ -256,8 +264,10 @@ def test_fracture_pretraining_then_two_worker_finetuning_registers_and_reloads(
         + shard_rows(4, split="test", task="fracture", seed=12, pos_every=2)
         + shard_rows(4, split="train", task="lesion", seed=13)  # not fracture rows: ignored
     )
-    pre = pretrain_fracture(config, fracture, run_uri=str(tmp_path / "fracture"), num_workers=0,
-                            experiment="boneaug/fracture/pretrain", **common)
+    pre = pretrain_fracture(
+        config, fracture, workers=Workers(num_workers=0), image_size=(H, W),
+        publish=Publish(str(tmp_path / "fracture"), "boneaug/fracture/pretrain",
+                        registered_name=FRACTURE_MODEL, tracking=db))
     assert pre.model_version == "1" and pre.model_uri == "models:/boneaug-drn-fracture/1"
     assert pre.epochs_run == config.pretrain_epochs == 1
 
@@ -265,11 +275,12 @@ def test_fracture_pretraining_then_two_worker_finetuning_registers_and_reloads(
     val_rows = shard_rows(9, split="val", task="lesion", seed=2)
     test_rows = shard_rows(6, split="test", task="lesion", seed=3)
     run_uri = str(tmp_path / "humerus")
+    publish = Publish(run_uri, "boneaug/humerus/train_classifier",
+                      registered_name="boneaug-drn-humerus", alias="challenger", tracking=db)
+    data = ClassifierData(ray.data.from_items(train_rows), ray.data.from_items(val_rows))
     result = fit_classifier(
-        config, ray.data.from_items(train_rows), ray.data.from_items(val_rows),
-        test=ray.data.from_items(test_rows), run_uri=run_uri, num_workers=2,
-        experiment="boneaug/humerus/train_classifier", registered_name="boneaug-drn-humerus",
-        init_from=pre.model_uri, alias="challenger", **common,
+        config, replace(data, test=ray.data.from_items(test_rows)), publish=publish,
+        workers=two, init_from=pre.model_uri, image_size=(H, W),
     )
     assert result.model_version == "1" and result.epochs_run == 2
     assert 0 <= result.best_val_auc <= 1 and 0 <= result.best_epoch < result.epochs_run
@@ -311,21 +322,14 @@ def test_fracture_pretraining_then_two_worker_finetuning_registers_and_reloads(
     assert storage.list_files(storage.join(run_uri, "ray"), suffix="state.pt")
 
     # a finished run URI is not trained twice
-    again = fit_classifier(
-        config, ray.data.from_items(train_rows), ray.data.from_items(val_rows), test=None,
-        run_uri=run_uri, num_workers=2, use_gpu=False, experiment="x",
-        registered_name="boneaug-drn-humerus",
-        init_from=None, image_size=(H, W), tracking_config=db,
-    )
+    again = fit_classifier(config, data, publish=replace(publish, experiment="x"),
+                           workers=two, image_size=(H, W))
     assert again == result
 
     # resume: without the manifest, the same run URI continues from its last Ray checkpoint
     storage.remove(storage.join(run_uri, storage.MANIFEST))
-    longer = fit_classifier(
-        config, ray.data.from_items(train_rows), ray.data.from_items(val_rows), test=None,
-        run_uri=run_uri, num_workers=2, epochs=3, experiment="boneaug/humerus/train_classifier",
-        registered_name="boneaug-drn-humerus", init_from=pre.model_uri, **common,
-    )
+    longer = fit_classifier(config, data, publish=replace(publish, alias=None), workers=two,
+                            init_from=pre.model_uri, image_size=(H, W), epochs=3)
     assert longer.epochs_run == 3 and longer.model_version == "2"
     assert longer.best_val_auc >= result.best_val_auc
     history = client.get_metric_history(longer.mlflow_run_id, "val_auc")
@@ -341,17 +345,18 @@ def test_local_mode_run_writes_its_outputs_to_s3(
     import ray
 
     from boneaug import storage, tracking
-    from boneaug.train.classifier import fit_classifier, load_best_model
+    from boneaug.train.classifier import ClassifierData, fit_classifier, load_best_model
 
     db = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", db.tracking_uri)
     config = load_config("smoke").drn.model_copy(update={"epochs": 1})
     run_uri = f"{s3_bucket}/runs/r1/classifier-humerus"
     result = fit_classifier(
-        config, ray.data.from_items(shard_rows(9, split="train", task="lesion", seed=4)),
-        ray.data.from_items(shard_rows(6, split="val", task="lesion", seed=5)), test=None,
-        run_uri=run_uri, num_workers=0, use_gpu=False, experiment="boneaug/humerus/smoke",
-        registered_name=None, init_from=None, image_size=(H, W), tracking_config=db,
+        config, ClassifierData(
+            ray.data.from_items(shard_rows(9, split="train", task="lesion", seed=4)),
+            ray.data.from_items(shard_rows(6, split="val", task="lesion", seed=5))),
+        publish=Publish(run_uri, "boneaug/humerus/smoke", tracking=db),
+        workers=Workers(num_workers=0), image_size=(H, W),
     )
     assert result.model_version is None and result.model_uri.startswith("runs:/")
     assert result.predictions_uri == f"{run_uri}/predictions.parquet"
@@ -374,7 +379,7 @@ def test_full_finetuning_with_ema_publishes_the_averaged_weights_it_validated(
     import ray
 
     from boneaug import storage, tracking
-    from boneaug.train.classifier import fit_classifier, load_best_model
+    from boneaug.train.classifier import ClassifierData, fit_classifier, load_best_model
 
     db = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", db.tracking_uri)
@@ -386,10 +391,12 @@ def test_full_finetuning_with_ema_publishes_the_averaged_weights_it_validated(
         "warmup_epochs": 1.0, "ema_decay": 0.9})
     val_rows = shard_rows(9, split="val", task="lesion", seed=2)
     result = fit_classifier(
-        config, ray.data.from_items(shard_rows(18, split="train", task="lesion", seed=1)),
-        ray.data.from_items(val_rows), test=None, run_uri=str(tmp_path / "run"), num_workers=0,
-        use_gpu=False, experiment="boneaug/humerus/ema", registered_name="boneaug-drn-ema",
-        init_from=str(tmp_path), image_size=(H, W), tracking_config=db,
+        config, ClassifierData(
+            ray.data.from_items(shard_rows(18, split="train", task="lesion", seed=1)),
+            ray.data.from_items(val_rows)),
+        publish=Publish(str(tmp_path / "run"), "boneaug/humerus/ema",
+                        registered_name="boneaug-drn-ema", tracking=db),
+        workers=Workers(num_workers=0), init_from=str(tmp_path), image_size=(H, W),
     )
     best = load_best_model(result, config)
     registered = tracking.load_torch_model(result.model_uri, tracking=db)

@@ -11,10 +11,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import faults
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+import ray.tune
 
 from boneaug import storage
 from boneaug.augment.pipeline import select_augmented
@@ -282,20 +284,24 @@ def sweep_env(prepared: Prepared, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.slow
 def test_threshold_sweep_resumes_after_an_interruption_and_writes_a_loadable_best_config(
-    prepared: Prepared, tmp_path: Path, sweep_env: None
+    prepared: Prepared, tmp_path: Path, sweep_env: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     candidates = _stand_in_candidates(prepared.run, str(tmp_path / "augmented"))
     grid = (0.3, 0.8)
     settings = SweepSettings(kind="threshold", body_part=BODY_PART, space=threshold_space(grid),
                              verbose=0)
     inputs = {"candidates": candidates, "init_from": None}
-    hooks = {"fail_once": {"marker": str(tmp_path / "failed-once"), "when": {"t": 0.8}}}
+    faults.by_value()  # the t = 0.8 trial fails once, where run_sweep hands its trainable to Tune
+    with_parameters = ray.tune.with_parameters
+    monkeypatch.setattr(ray.tune, "with_parameters", lambda trainable, **kw: with_parameters(
+        faults.trial_fails_once(trainable, when={"t": 0.8}, marker=str(tmp_path / "failed-once")),
+        **kw))
 
     start = time.perf_counter()
     # the t = 0.8 trial fails: interrupted
     with pytest.raises(SweepIncomplete, match="1 of 2 trials"):
         run_sweep(prepared.config, settings, data_uri=prepared.data, run_uri=prepared.run,
-                  inputs=inputs, test_hooks=hooks)
+                  inputs=inputs)
     first = time.perf_counter() - start
     sweep_dirs = list((Path(prepared.run) / "tune").glob("threshold-*"))
     assert len(sweep_dirs) == 1
@@ -307,7 +313,7 @@ def test_threshold_sweep_resumes_after_an_interruption_and_writes_a_loadable_bes
 
     start = time.perf_counter()
     result = run_sweep(prepared.config, settings, data_uri=prepared.data, run_uri=prepared.run,
-                       inputs=inputs, test_hooks=hooks)  # the same call again: Tuner.restore
+                       inputs=inputs)  # the same call again: Tuner.restore
     print(f"threshold sweep: {first:.0f} s to the failure, "
           f"{time.perf_counter() - start:.0f} s to resume")
     assert result.resumed and result.sweep_uri == str(sweep_dirs[0])

@@ -30,6 +30,7 @@ from boneaug.eval.quality import (
     youden_threshold,
 )
 from boneaug.models.unit import UNIT, Discriminators, UnitArch
+from boneaug.train.distributed import Publish, Workers
 from boneaug.train.unit import (
     GRID_LABEL_WIDTH,
     LossWeights,
@@ -391,10 +392,12 @@ def test_two_worker_run_on_s3_resumes_after_a_failure_and_registers_the_translat
     every rank's copy; a crash in the same poll round as another rank's slow poll answer (a busy
     machine) drops that round, and the retry starts from the checkpoint before (observed here
     under load with an instant crash)."""
+    import faults
     import mlflow
     import ray
     from ray.train import Result
 
+    import boneaug.train.unit as unit_train
     from boneaug import storage, tracking
     from boneaug.train.unit import fit_unit, registered_unit_name
 
@@ -411,14 +414,17 @@ def test_two_worker_run_on_s3_resumes_after_a_failure_and_registers_the_translat
                        source=patches(12, S, lesion=False, seed=22))
     run_uri = f"{s3_bucket}/runs/tibia-smoke"
     name = registered_unit_name("tibia")
-    kwargs = dict(run_uri=run_uri, num_workers=2, use_gpu=False, experiment=experiment,
-                  registered_name=name, quality_sets=sets, critic_config=CriticConfig(steps=40),
-                  tracking_config=db, cpus_per_worker=0.5)
-    result = fit_unit(
-        config, ray.data.from_items(patch_rows(lesion_arr, "lesion")),
-        ray.data.from_items(patch_rows(normal_arr, "normal")), max_failures=1,
-        _test_hooks={"_fail_at": {"iteration": 3, "rank": 1, "delay_s": 5.0}}, **kwargs,
-    )
+    kwargs = dict(publish=Publish(run_uri, experiment, registered_name=name, alias="challenger",
+                                  tracking=db),
+                  workers=Workers(num_workers=2, cpus_per_worker=0.5, max_failures=1),
+                  quality_sets=sets, critic_config=CriticConfig(steps=40))
+    faults.by_value()
+    run = unit_train.run_ray_train
+    monkeypatch.setattr(unit_train, "run_ray_train", lambda loop_fn, *args, **kw: run(
+        faults.unit_fails_once(loop_fn, iteration=3, rank=1, delay_s=5.0,
+                               marker=str(tmp_path / "failed-once")), *args, **kw))
+    result = fit_unit(config, ray.data.from_items(patch_rows(lesion_arr, "lesion")),
+                      ray.data.from_items(patch_rows(normal_arr, "normal")), **kwargs)
     assert result.iterations == config.iterations == 4
     assert result.model_version == "1" and result.model_uri == f"models:/{name}/1"
     assert 0 <= result.frac_source <= 1 and 0 <= result.frac_translated <= 1
@@ -469,14 +475,15 @@ def test_fit_unit_refuses_local_mode_and_mismatched_patches(ray_s3: None, tmp_pa
     from boneaug.train.unit import fit_unit
 
     good = ray.data.from_items(patch_rows(patches(4, S, lesion=True, seed=0), "lesion"))
-    common = dict(run_uri=str(tmp_path / "run"), use_gpu=False, experiment="x",
-                  registered_name=None)
+    publish = Publish(str(tmp_path / "run"), "x")
     with pytest.raises(ValueError, match="local mode"):
-        fit_unit(SMOKE, good, good, num_workers=0, **common)
+        fit_unit(SMOKE, good, good, publish=publish, workers=Workers(num_workers=0))
     small = ray.data.from_items(patch_rows(patches(4, 16, lesion=False, seed=0), "normal"))
+    one, two = Workers(num_workers=1), Workers(num_workers=2)
     with pytest.raises(DataError, match="normal patches 16"):
-        fit_unit(SMOKE, good, small, num_workers=1, **common)
+        fit_unit(SMOKE, good, small, publish=publish, workers=one)
     with pytest.raises(DataError, match="cannot give 2 workers"):
-        fit_unit(SMOKE.model_copy(update={"batch_size": 8}), good, good, num_workers=2, **common)
+        fit_unit(SMOKE.model_copy(update={"batch_size": 8}), good, good, publish=publish,
+                 workers=two)
     with pytest.raises(DataError, match="lack columns"):
-        fit_unit(SMOKE, ray.data.from_items([{"x": 1}]), good, num_workers=1, **common)
+        fit_unit(SMOKE, ray.data.from_items([{"x": 1}]), good, publish=publish, workers=one)

@@ -74,16 +74,17 @@ from boneaug.errors import DataError, ModelError
 from boneaug.eval.metrics import roc_auc
 from boneaug.models.drn import DRN, build_drn
 from boneaug.models.precision import autocast
-from boneaug.progress import Progress, quiet_ray, train_logging
+from boneaug.progress import Progress, quiet_ray
 from boneaug.train.distributed import (
     CHECKPOINT_FILE,
+    Publish,
+    Workers,
     cpu_state,
+    finished_run,
     gather,
     load_checkpoint,
+    run_ray_train,
     seed_for,
-    seeded_data_config,
-    worker_resources,
-    worker_threads,
 )
 
 if TYPE_CHECKING:
@@ -718,119 +719,79 @@ def _select(ds: ray.data.Dataset, label_column: str) -> ray.data.Dataset:
     return ds.select_columns([*_ROW_COLUMNS, label_column], num_cpus=FEED_CPUS)
 
 
+@dataclass(frozen=True)
+class ClassifierData:
+    """What a DRN trains on: Ray Datasets of image-shard rows (the test split is scored and
+    published with the model when given), labelled by `label_column`."""
+
+    train: ray.data.Dataset
+    val: ray.data.Dataset
+    test: ray.data.Dataset | None = None
+    label_column: str = "label"
+
+    def selected(self) -> dict[str, ray.data.Dataset]:
+        splits = {"train": self.train, "val": self.val, "test": self.test}
+        return {k: _select(ds, self.label_column) for k, ds in splits.items() if ds is not None}
+
+
 def fit_classifier(
     config: DrnConfig,
-    train: ray.data.Dataset,
-    val: ray.data.Dataset,
+    data: ClassifierData,
     *,
-    test: ray.data.Dataset | None,
-    run_uri: str,
-    num_workers: int,
-    use_gpu: bool,
-    experiment: str,
-    registered_name: str | None,
-    init_from: str | None,
+    publish: Publish,
+    workers: Workers,
     image_size: tuple[int, int],
-    label_column: str = "label",
+    init_from: str | None = None,
     epochs: int | None = None,
-    alias: str | None = None,
-    run_name: str | None = None,
-    tracking_config: TrackingConfig | None = None,
-    cpus_per_worker: float = 1.0,
-    max_failures: int = 2,
-    overwrite: bool = False,
-    torch_threads: int | None = None,
 ) -> ClassifierResult:
-    """Train a DRN with Ray Train (DDP over `num_workers`) and publish it under `run_uri`.
+    """Train a DRN with Ray Train (DDP over ``workers.num_workers``) and publish it under
+    ``publish.run_uri``.
 
     `init_from` (a model URI, best_model.pt, checkpoint or run URI) starts from pre-trained
     weights and fine-tunes the last ``config.finetune_blocks`` stages and the head. A run URI
-    that already holds a manifest is returned as is unless `overwrite`; one that holds Ray
-    checkpoints of an unfinished run resumes from the latest of them.
+    that already holds a manifest is returned as is unless ``publish.overwrite``; one that holds
+    Ray checkpoints of an unfinished run resumes from the latest of them.
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    if overwrite:
-        storage.remove(run_uri)
-    elif (done := storage.read_manifest(run_uri)) is not None:
-        log.info("%s already finished; returning its result (overwrite=True retrains)", run_uri)
+    if (done := finished_run(publish.run_uri, publish.overwrite)) is not None:
         return ClassifierResult.from_manifest(done)
     if len(image_size) != 2 or min(image_size) < 8:
         raise ValueError(f"image_size must be (height, width) >= 8 px, got {image_size}")
-
-    datasets = {"train": _select(train, label_column), "val": _select(val, label_column)}
-    if test is not None:
-        datasets["test"] = _select(test, label_column)
-    counts = {name: _class_counts(ds, label_column, name) for name, ds in datasets.items()}
+    datasets = data.selected()
+    counts = {name: _class_counts(ds, data.label_column, name) for name, ds in datasets.items()}
     for name in ("train", "val"):
         n, pos = counts[name]
         if pos == 0 or pos == n:
             raise DataError(
-                f"{name} set has {pos} positives among {n} rows ({label_column!r}): training "
-                "and validation AUC need both classes"
+                f"{name} set has {pos} positives among {n} rows ({data.label_column!r}): "
+                "training and validation AUC need both classes"
             )
     n_train, pos_train = counts["train"]
-    pos_weight = (n_train - pos_train) / pos_train
-    init_state = (load_init_state(init_from, tracking_config=tracking_config)
-                  if init_from else None)
-
+    uri = tracking.tracking_uri(publish.tracking)
+    loop = {
+        "config": config.model_dump(), "epochs": epochs or config.epochs,
+        "image_size": list(image_size), "label_column": data.label_column,
+        "pos_weight": (n_train - pos_train) / pos_train, "train_rows": n_train,
+        "init_state": (load_init_state(init_from, tracking_config=publish.tracking)
+                       if init_from else None),
+        "has_test": data.test is not None, "run_uri": publish.run_uri,
+        "s3_endpoint": storage.s3_endpoint() if storage.is_s3(publish.run_uri) else None,
+        "tracking_uri": uri, "run_name": publish.name("drn", publish.run_uri),
+        "registered_name": publish.registered_name, "alias": publish.alias,
+    }
     params = {
         "drn": config.model_dump(),
         "data": {f"{name}_{k}": v for name, (n, pos) in counts.items()
                  for k, v in (("n", n), ("pos", pos))},
-        "epochs": epochs or config.epochs,
-        "pos_weight": round(pos_weight, 4),
-        "label_column": label_column,
-        "image_size": list(image_size),
-        "init_from": init_from or "",
-        "num_workers": num_workers,
-        "use_gpu": use_gpu,
-        "run_uri": run_uri,
+        "epochs": loop["epochs"], "pos_weight": round(loop["pos_weight"], 4),
+        "label_column": data.label_column, "image_size": list(image_size),
+        "init_from": init_from or "", "num_workers": workers.num_workers,
+        "use_gpu": workers.use_gpu, "run_uri": publish.run_uri,
     }
-    uri = tracking.tracking_uri(tracking_config)
-    fs, path = storage.pyarrow_filesystem(run_uri)
-    name = run_name or f"{registered_name or 'drn'}-{Path(path).name}"
-    with tracking.start_run(experiment, name, params,
+    with tracking.start_run(publish.experiment, loop["run_name"], params,
                             tracking=TrackingConfig(tracking_uri=uri)) as run:
-        loop = {
-            "config": config.model_dump(),
-            "epochs": epochs or config.epochs,
-            "image_size": list(image_size),
-            "label_column": label_column,
-            "pos_weight": pos_weight,
-            "train_rows": n_train,
-            "init_state": init_state,
-            "has_test": test is not None,
-            "run_uri": run_uri,
-            "s3_endpoint": storage.s3_endpoint() if storage.is_s3(run_uri) else None,
-            "tracking_uri": uri,
-            "mlflow_run_id": run.info.run_id,
-            "run_name": name,
-            "registered_name": registered_name,
-            "alias": alias,
-        }
-        resources = worker_resources(num_workers, cpus_per_worker, use_gpu)
-        loop["torch_threads"] = worker_threads(resources, torch_threads)
-        trainer = TorchTrainer(
-            _train_worker,
-            train_loop_config=loop,
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
-            ),
-            run_config=ray.train.RunConfig(
-                name="ray", storage_path=path, storage_filesystem=fs,
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                failure_config=ray.train.FailureConfig(max_failures=max_failures),
-                logging_config=train_logging(),
-            ),
-            datasets=datasets,
-            dataset_config=seeded_data_config(["train"]),
-        )
-        trainer.fit()
-    done = storage.read_manifest(run_uri)
-    if done is None:
-        raise ModelError(f"training finished but published no manifest under {run_uri}")
+        done = run_ray_train(_train_worker, loop | {"mlflow_run_id": run.info.run_id},
+                             workers=workers, storage_uri=storage.join(publish.run_uri, "ray"),
+                             datasets=datasets, split=["train"])
     return ClassifierResult.from_manifest(done)
 
 
@@ -847,13 +808,9 @@ def pretrain_fracture(
     config: DrnConfig,
     images: ray.data.Dataset,
     *,
-    run_uri: str,
-    num_workers: int,
-    use_gpu: bool,
-    experiment: str,
+    publish: Publish,
+    workers: Workers,
     image_size: tuple[int, int],
-    registered_name: str = FRACTURE_MODEL,
-    **kwargs: Any,
 ) -> ClassifierResult:
     """Auxiliary pre-training (paper 4.2): the same DRN on the fracture corpus.
 
@@ -867,16 +824,15 @@ def pretrain_fracture(
                               num_cpus=FEED_CPUS)  # runs inside the feed: see FEED_CPUS
              for s in ("train", "val", "test")}
     return fit_classifier(
-        pretraining_config(config), split["train"], split["val"],
-        test=split["test"], run_uri=run_uri,
-        num_workers=num_workers, use_gpu=use_gpu, experiment=experiment,
-        registered_name=registered_name, init_from=None, image_size=image_size,
-        label_column="fracture", epochs=config.pretrain_epochs, **kwargs,
+        pretraining_config(config),
+        ClassifierData(split["train"], split["val"], split["test"], label_column="fracture"),
+        publish=publish, workers=workers, image_size=image_size, epochs=config.pretrain_epochs,
     )
 
 
 __all__ = [
     "AffineAugment",
+    "ClassifierData",
     "ClassifierResult",
     "FRACTURE_MODEL",
     "TrainState",

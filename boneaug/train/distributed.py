@@ -1,15 +1,127 @@
-"""What the Ray Train loops of UNIT and the DRN share: torch.distributed collectives, worker
-resources, seeds, CPU copies of weights and the checkpoint file."""
+"""What the UNIT and DRN trainers share: where a training publishes (`Publish`), how it runs on
+the cluster (`Workers`), the Ray Train run itself (`run_ray_train`) and the finished-run check
+around it; inside the loops, torch.distributed collectives, seeds, CPU copies of weights and the
+checkpoint file."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
+    from boneaug.config import BoneaugConfig, TrackingConfig
+
 CHECKPOINT_FILE = "state.pt"  # in each Ray Train checkpoint directory
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Where one training's outputs go: its storage folder, its MLflow run, its registry entry.
+
+    `run_uri` holds the Ray checkpoints, the final weights and the manifest; a finished run there
+    is returned as is unless `overwrite`. `registered_name` None logs the model to MLflow only.
+    `run_name` defaults to the registered name (or the trainer's kind) and the folder's name.
+    """
+
+    run_uri: str
+    experiment: str
+    registered_name: str | None = None
+    alias: str | None = None
+    run_name: str | None = None
+    tracking: TrackingConfig | None = None
+    overwrite: bool = False
+
+    def name(self, kind: str, folder: str) -> str:
+        """The MLflow run name: `run_name`, else ``<registered name or kind>-<folder's name>``."""
+        return self.run_name or f"{self.registered_name or kind}-{Path(folder.rstrip('/')).name}"
+
+
+@dataclass(frozen=True)
+class Workers:
+    """How a training runs on the cluster: Ray Train's workers, their CPUs and threads, the
+    retries from the last checkpoint, and their Ray runtime env (env vars, a
+    ``worker_process_setup_hook``; merged over the job's)."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    torch_threads: int | None = None
+    max_failures: int = 2
+    runtime_env: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: BoneaugConfig, *, at_least: int = 0) -> Workers:
+        """The config's compute section (`at_least`: the fewest workers the trainer takes)."""
+        c = config.compute
+        return cls(num_workers=max(at_least, c.num_workers), use_gpu=c.use_gpu,
+                   cpus_per_worker=c.cpus_per_worker, torch_threads=c.torch_threads,
+                   max_failures=c.max_failures)
+
+
+def finished_run(uri: str, overwrite: bool) -> dict[str, Any] | None:
+    """The manifest of a training already finished under `uri` (None: train). `overwrite`
+    removes whatever is there first."""
+    from boneaug import storage
+
+    if overwrite:
+        storage.remove(uri)
+        return None
+    done = storage.read_manifest(uri)
+    if done is not None:
+        log.info("%s already finished; returning its result (overwrite=True retrains)", uri)
+    return done
+
+
+def run_ray_train(
+    loop_fn: Callable[[dict[str, Any]], Any],
+    loop: dict[str, Any],
+    *,
+    workers: Workers,
+    storage_uri: str,
+    datasets: Mapping[str, Any],
+    split: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run `loop_fn(loop)` on Ray Train's workers (DDP), Ray checkpoints under `storage_uri`
+    (the last 2 kept; a run there resumes from them), then return the manifest the loop
+    published in ``dirname(storage_uri)``. `split`: the datasets sharded over the workers
+    (None: all)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from boneaug import storage
+    from boneaug.errors import ModelError
+    from boneaug.progress import train_logging
+
+    resources = worker_resources(workers.num_workers, workers.cpus_per_worker, workers.use_gpu)
+    loop = loop | {"torch_threads": worker_threads(resources, workers.torch_threads)}
+    parent, name = storage_uri.rstrip("/").rsplit("/", 1)
+    fs, path = storage.pyarrow_filesystem(parent)
+    TorchTrainer(
+        loop_fn,
+        train_loop_config=loop,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers.num_workers,
+                                               use_gpu=workers.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=path, storage_filesystem=fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=workers.max_failures),
+            logging_config=train_logging(),
+            worker_runtime_env=dict(workers.runtime_env),
+        ),
+        datasets=dict(datasets),
+        dataset_config=seeded_data_config(split),
+    ).fit()
+    done = storage.read_manifest(parent)
+    if done is None:
+        raise ModelError(f"training finished but published no manifest under {parent}")
+    return done
 
 
 def seed_for(*parts: int) -> int:

@@ -61,25 +61,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from boneaug.data.datasets import FEED_CPUS
-from boneaug.errors import DataError, ModelError
+from boneaug.errors import DataError
 from boneaug.models.precision import autocast
 from boneaug.models.unit import UNIT, Discriminators, ForwardPlan, UnitArch, UnitOutputs
-from boneaug.progress import quiet_ray, train_logging
+from boneaug.progress import quiet_ray
 from boneaug.train.distributed import (
     CHECKPOINT_FILE,
+    Publish,
+    Workers,
     cpu_state,
+    finished_run,
     gather,
     load_checkpoint,
+    run_ray_train,
     seed_for,
-    seeded_data_config,
-    worker_resources,
-    worker_threads,
 )
 
 if TYPE_CHECKING:
     import ray.data
 
-    from boneaug.config import TrackingConfig, UnitConfig
+    from boneaug.config import UnitConfig
     from boneaug.eval.quality import CriticConfig, QualitySets
 
 log = logging.getLogger(__name__)
@@ -591,18 +592,6 @@ class _Rank0:
         return metrics
 
 
-def _maybe_fail(loop: Mapping[str, Any], iteration: int, rank: int, resumed: bool) -> None:
-    """Test hook: on the first attempt only, rank `_fail_at["rank"]` raises at iteration
-    `_fail_at["iteration"]`, after sleeping `_fail_at["delay_s"]` (a crash some time after the
-    last checkpoint; see the test for why an instant one can lose it)."""
-    import time
-
-    hook = loop.get("_fail_at")
-    if hook and not resumed and iteration == hook["iteration"] and rank == hook.get("rank", 0):
-        time.sleep(float(hook.get("delay_s", 0.0)))
-        raise RuntimeError(f"injected failure at iteration {iteration} on rank {rank} (test hook)")
-
-
 def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train loop: DDP UNIT training from the last checkpoint to `config.iterations`, then
     (rank 0) the final weights, the registered translator and the manifest."""
@@ -657,7 +646,6 @@ def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
 
     for it in range(start + 1, end + 1):
         x_h, x_l = next(streams["normal"]), next(streams["lesion"])
-        _maybe_fail(loop, it, rank, resumed=start > 0)
         if side is not None:
             side.keep_samples(x_h, x_l)
         meter.add(train_iteration(unit_w, dis_w, x_h, x_l, weights=weights, optimizers=optimizers,
@@ -785,69 +773,40 @@ def _check_patches(ds: ray.data.Dataset, name: str) -> tuple[ray.data.Dataset, i
     return ds, n, int(first["height"])
 
 
-def fit_unit(
-    config: UnitConfig,
-    lesion: ray.data.Dataset,
-    normal: ray.data.Dataset,
-    *,
-    run_uri: str,
-    num_workers: int,
-    use_gpu: bool,
-    experiment: str,
-    registered_name: str | None,
-    quality_sets: QualitySets | None = None,
-    critic_config: CriticConfig | None = None,
-    alias: str | None = "challenger",
-    run_name: str | None = None,
-    tracking_config: TrackingConfig | None = None,
-    cpus_per_worker: float = 1.0,
-    torch_threads: int | None = None,
-    max_failures: int = 2,
-    overwrite: bool = False,
-    _test_hooks: Mapping[str, Any] | None = None,
-) -> UnitResult:
-    """Train UNIT with Ray Train (DDP over `num_workers` >= 1) on lesion / normal patch sets.
+def _quality_critic(config: UnitConfig, sets: QualitySets,
+                    critic_config: CriticConfig | None) -> dict[str, Any]:
+    """The patch critic of the quality signal, trained here (driver) on the translation sets, as
+    the loop's rank 0 rebuilds it."""
+    from boneaug.eval.quality import CriticConfig as _CriticConfig
+    from boneaug.eval.quality import QualityProbe, subset_patches
 
-    `lesion` and `normal` are Ray Datasets of patch-set rows (``height``, ``width``, ``pixels``;
-    CONTRACTS.md), e.g. ``ray.data.read_parquet(<run>/patches/lesion)``; every worker gets an
-    equal shard of each. ``config.batch_size`` is the global batch: each worker takes
-    ``batch_size // num_workers`` (at least 1) per domain per iteration, with `torch_threads`
-    intra-op threads (default: the CPUs it holds).
+    critic_config = critic_config or _CriticConfig(steps=config.critic_steps, seed=config.seed)
+    probe, report = QualityProbe.train(sets, critic_config)
+    log.debug("quality critic: train accuracy %.3f, held-out AUC %s, frac_source %.3f",
+              report.train_accuracy,
+              "n/a" if report.heldout_auc is None else f"{report.heldout_auc:.3f}",
+              probe.frac_source)
+    return {"state": probe.critic.state_dict(), "width": critic_config.width,
+            "size": critic_config.size, "threshold": report.threshold,
+            "source": probe.source, "accuracy": report.train_accuracy,
+            "heldout_auc": report.heldout_auc,
+            "lesion": subset_patches(sets.lesion, 256), "normal": subset_patches(sets.normal, 256)}
 
-    Outputs under ``<run_uri>/unit``: Ray checkpoints (``train/checkpoint_*/state.pt``: networks,
-    optimisers, schedulers, iteration) every ``checkpoint_every`` iterations, ``final.pt`` and
-    ``_MANIFEST.json``. A run that stopped (crash, pre-emption) resumes from its last checkpoint
-    when called again with the same `run_uri`; worker failures are retried `max_failures` times
-    from the last checkpoint within one call. A finished run is returned as is unless `overwrite`.
 
-    MLflow (driver creates the run, rank 0 writes): all config as params, every loss every
-    ``log_every`` iterations, a sample grid PNG and the quality signal every ``sample_every``,
-    the h -> l `Translator` logged as ``translator`` and registered as `registered_name` with
-    `alias`. With `quality_sets`, a patch critic is trained here first (`boneaug.eval.quality`,
-    `critic_config`). A resumed call opens a new MLflow run that logs from the resumed iteration on.
-
-    Ray Train's local mode (``num_workers=0``) is refused: it keeps checkpoints in memory only,
-    so neither resumption nor failure retries would work.
-    """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from boneaug import storage, tracking
-    from boneaug.config import TrackingConfig as _Tracking
-
+def _check_run(config: UnitConfig, num_workers: int) -> None:
+    """Refuse what cannot train before any work starts: local mode, invalid loss weights."""
     if num_workers < 1:
         raise ValueError(
             f"num_workers={num_workers}: UNIT training needs Ray Train workers (>= 1); local mode "
             "(0) keeps checkpoints in memory only, so it could neither resume nor retry"
         )
-    LossWeights.from_config(config)  # validates the lambdas before any work starts
-    unit_uri = storage.join(run_uri, "unit")
-    if overwrite:
-        storage.remove(unit_uri)
-    elif (done := storage.read_manifest(unit_uri)) is not None:
-        log.info("%s already finished; returning its result (overwrite=True retrains)", unit_uri)
-        return UnitResult.from_manifest(done)
+    LossWeights.from_config(config)
 
+
+def _check_sets(config: UnitConfig, lesion: ray.data.Dataset, normal: ray.data.Dataset,
+                num_workers: int) -> tuple[dict[str, ray.data.Dataset], dict[str, int]]:
+    """The two patch sets, checked: one patch size the architecture takes, and enough patches
+    for every worker's share of a batch."""
     lesion, n_lesion, size = _check_patches(lesion, "lesion")
     normal, n_normal, size_n = _check_patches(normal, "normal")
     if size_n != size:
@@ -863,72 +822,67 @@ def fit_unit(
             f"{n_lesion} lesion / {n_normal} normal patches cannot give {num_workers} workers "
             f"{per_worker} patches each per batch: lower num_workers or batch_size"
         )
+    return ({"lesion": lesion, "normal": normal},
+            {"lesion_n": n_lesion, "normal_n": n_normal, "patch_size": size})
 
-    critic = None
-    if quality_sets is not None:
-        from boneaug.eval.quality import CriticConfig as _CriticConfig
-        from boneaug.eval.quality import QualityProbe, subset_patches
 
-        critic_config = critic_config or _CriticConfig(steps=config.critic_steps,
-                                                        seed=config.seed)
-        probe, report = QualityProbe.train(quality_sets, critic_config)
-        critic = {"state": probe.critic.state_dict(), "width": critic_config.width,
-                  "size": critic_config.size, "threshold": report.threshold,
-                  "source": probe.source, "accuracy": report.train_accuracy,
-                  "heldout_auc": report.heldout_auc,
-                  "lesion": subset_patches(quality_sets.lesion, 256),
-                  "normal": subset_patches(quality_sets.normal, 256)}
-        log.debug("quality critic: train accuracy %.3f, held-out AUC %s, frac_source %.3f",
-                  report.train_accuracy,
-                  "n/a" if report.heldout_auc is None else f"{report.heldout_auc:.3f}",
-                  probe.frac_source)
+def fit_unit(
+    config: UnitConfig,
+    lesion: ray.data.Dataset,
+    normal: ray.data.Dataset,
+    *,
+    publish: Publish,
+    workers: Workers,
+    quality_sets: QualitySets | None = None,
+    critic_config: CriticConfig | None = None,
+) -> UnitResult:
+    """Train UNIT with Ray Train (DDP over ``workers.num_workers`` >= 1; local mode is refused:
+    it keeps checkpoints in memory only) on lesion / normal patch sets: Ray Datasets of patch-set
+    rows (CONTRACTS.md), an equal shard of each per worker. ``config.batch_size`` is the global
+    batch: each worker takes ``batch_size // num_workers`` (at least 1) per domain.
 
-    uri = tracking.tracking_uri(tracking_config)
+    Under ``<publish.run_uri>/unit``: Ray checkpoints (``train/checkpoint_*/state.pt``) every
+    ``checkpoint_every`` iterations, ``final.pt`` and ``_MANIFEST.json``. A stopped run resumes
+    from its last checkpoint when called again; worker failures are retried
+    ``workers.max_failures`` times within one call; a finished run is returned as is unless
+    ``publish.overwrite``.
+
+    MLflow (rank 0 writes): the config as params, the losses every ``log_every`` iterations, a
+    sample grid and the quality signal (a patch critic trained here first on `quality_sets`)
+    every ``sample_every``, and the h -> l `Translator`, registered as
+    ``publish.registered_name`` with ``publish.alias``.
+    """
+    from boneaug import storage, tracking
+    from boneaug.config import TrackingConfig as _Tracking
+
+    _check_run(config, workers.num_workers)
+    unit_uri = storage.join(publish.run_uri, "unit")
+    if (done := finished_run(unit_uri, publish.overwrite)) is not None:
+        return UnitResult.from_manifest(done)
+    datasets, data = _check_sets(config, lesion, normal, workers.num_workers)
+    critic = None if quality_sets is None else _quality_critic(config, quality_sets,
+                                                                critic_config)
+    uri = tracking.tracking_uri(publish.tracking)
     params = {
-        "unit": config.model_dump(),
-        "data": {"lesion_n": n_lesion, "normal_n": n_normal, "patch_size": size},
-        "num_workers": num_workers, "per_worker_batch": per_worker, "use_gpu": use_gpu,
-        "run_uri": run_uri,
+        "unit": config.model_dump(), "data": data, "num_workers": workers.num_workers,
+        "per_worker_batch": max(1, config.batch_size // workers.num_workers),
+        "use_gpu": workers.use_gpu, "run_uri": publish.run_uri,
         "critic": ({k: critic[k]
                     for k in ("width", "size", "threshold", "accuracy", "heldout_auc")}
                    | {"source_n": len(critic["source"])}) if critic else "none",
     }
-    fs, path = storage.pyarrow_filesystem(unit_uri)
-    name = run_name or f"{registered_name or 'unit'}-{Path(run_uri.rstrip('/')).name}"
-    with tracking.start_run(experiment, name, params, tracking=_Tracking(tracking_uri=uri)) as run:
+    name = publish.name("unit", publish.run_uri)
+    with tracking.start_run(publish.experiment, name, params,
+                            tracking=_Tracking(tracking_uri=uri)) as run:
         loop = {
-            "config": config.model_dump(),
-            "patch_size": size,
-            "critic": critic,
-            "run_uri": run_uri,
-            "unit_uri": unit_uri,
-            "s3_endpoint": storage.s3_endpoint() if storage.is_s3(run_uri) else None,
-            "tracking_uri": uri,
-            "mlflow_run_id": run.info.run_id,
-            "registered_name": registered_name,
-            "alias": alias,
-            **dict(_test_hooks or {}),
+            "config": config.model_dump(), "patch_size": data["patch_size"], "critic": critic,
+            "run_uri": publish.run_uri, "unit_uri": unit_uri,
+            "s3_endpoint": storage.s3_endpoint() if storage.is_s3(publish.run_uri) else None,
+            "tracking_uri": uri, "mlflow_run_id": run.info.run_id,
+            "registered_name": publish.registered_name, "alias": publish.alias,
         }
-        resources = worker_resources(num_workers, cpus_per_worker, use_gpu)
-        loop["torch_threads"] = worker_threads(resources, torch_threads)
-        trainer = TorchTrainer(
-            _train_worker,
-            train_loop_config=loop,
-            scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                                   resources_per_worker=resources),
-            run_config=ray.train.RunConfig(
-                name="train", storage_path=path, storage_filesystem=fs,
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                failure_config=ray.train.FailureConfig(max_failures=max_failures),
-                logging_config=train_logging(),
-            ),
-            datasets={"lesion": lesion, "normal": normal},
-            dataset_config=seeded_data_config(),
-        )
-        trainer.fit()
-    done = storage.read_manifest(unit_uri)
-    if done is None:
-        raise ModelError(f"UNIT training finished but published no manifest under {unit_uri}")
+        done = run_ray_train(_train_worker, loop, workers=workers,
+                             storage_uri=storage.join(unit_uri, "train"), datasets=datasets)
     return UnitResult.from_manifest(done)
 
 
