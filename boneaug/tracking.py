@@ -109,13 +109,16 @@ def start_run(
     tracking: TrackingConfig | None = None,
     nested: bool = False,
     tags: Mapping[str, str] | None = None,
+    run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run in `experiment` with `params` flattened and logged."""
+    """An MLflow run in `experiment` with `params` flattened and logged: a new one named
+    `run_name`, or the existing run `run_id` (e.g. a Tune trial's), continued."""
     import mlflow
 
     configure(tracking)
     mlflow.set_experiment(experiment_id=ensure_experiment(experiment))
-    with mlflow.start_run(run_name=run_name, nested=nested, tags=dict(tags or {})) as run:
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested,
+                          tags=dict(tags or {})) as run:
         if params:
             flat = flatten(params)
             items = list(flat.items())

@@ -4,10 +4,11 @@
         [--s 1,2] [--n-range 4:10] [--samples 3] [--grace 250]
 
 Each trial re-makes the lesion / normal / source patch sets with its s and n under its own
-prefix and trains UNIT on them; the objective is the translator quality signal (gain penalised by
-fd_ratio > 1; see boneaug/tune.py), measured by a critic trained on the run's base patch sets in
-every trial. ASHA stops weak trials at the quality reports (every unit.sample_every iterations).
-Writes <run>/tune/patches-<id>/best.yaml. Re-running the same command resumes an interrupted sweep.
+prefix and trains UNIT on them; the objective is the translator quality signal (gain penalised
+by fd_ratio > 1; see boneaug/tune/__init__.py), measured by a critic trained on the run's base
+patch sets in every trial. ASHA stops weak trials at the quality reports (every
+unit.sample_every iterations). Writes <run>/tune/patches-<id>/best.yaml. Re-running the same
+command resumes an interrupted sweep.
 """
 
 from boneaug import tracking

@@ -7,7 +7,7 @@ ASHA.
 Each weight is drawn log-uniformly in [default / factor, default * factor] (defaults 10, 0.1, 100,
 0.1, 100, lr 1e-4); OptunaSearch (TPE) when optuna is installed, seeded random search otherwise.
 Every trial trains UNIT on the run's patch sets (made first when missing); the objective is the
-translator quality signal (see boneaug/tune.py), ASHA stops weak trials. Writes
+translator quality signal (see boneaug/tune/__init__.py), ASHA stops weak trials. Writes
 <run>/tune/unit-<id>/best.yaml. Re-running the same command resumes an interrupted sweep.
 """
 

@@ -788,7 +788,8 @@ def fit_classifier(
         "use_gpu": workers.use_gpu, "run_uri": publish.run_uri,
     }
     with tracking.start_run(publish.experiment, loop["run_name"], params,
-                            tracking=TrackingConfig(tracking_uri=uri)) as run:
+                            tracking=TrackingConfig(tracking_uri=uri),
+                            run_id=publish.mlflow_run_id) as run:
         done = run_ray_train(_train_worker, loop | {"mlflow_run_id": run.info.run_id},
                              workers=workers, storage_uri=storage.join(publish.run_uri, "ray"),
                              datasets=datasets, split=["train"])

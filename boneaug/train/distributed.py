@@ -26,7 +26,8 @@ class Publish:
 
     `run_uri` holds the Ray checkpoints, the final weights and the manifest; a finished run there
     is returned as is unless `overwrite`. `registered_name` None logs the model to MLflow only.
-    `run_name` defaults to the registered name (or the trainer's kind) and the folder's name.
+    `run_name` defaults to the registered name (or the trainer's kind) and the folder's name;
+    `mlflow_run_id` continues an existing run (a Tune trial's) instead of starting one.
     """
 
     run_uri: str
@@ -36,6 +37,7 @@ class Publish:
     run_name: str | None = None
     tracking: TrackingConfig | None = None
     overwrite: bool = False
+    mlflow_run_id: str | None = None
 
     def name(self, kind: str, folder: str) -> str:
         """The MLflow run name: `run_name`, else ``<registered name or kind>-<folder's name>``."""

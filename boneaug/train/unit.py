@@ -873,7 +873,8 @@ def fit_unit(
     }
     name = publish.name("unit", publish.run_uri)
     with tracking.start_run(publish.experiment, name, params,
-                            tracking=_Tracking(tracking_uri=uri)) as run:
+                            tracking=_Tracking(tracking_uri=uri),
+                            run_id=publish.mlflow_run_id) as run:
         loop = {
             "config": config.model_dump(), "patch_size": data["patch_size"], "critic": critic,
             "run_uri": publish.run_uri, "unit_uri": unit_uri,
