@@ -22,13 +22,14 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from boneaug import storage, tracking
 from boneaug.augment.arms import Arm, TranslatorSpec
 from boneaug.config import BodyPart, BoneaugConfig
 from boneaug.errors import DataError
+from boneaug.train.distributed import Publish, Workers
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,6 @@ def fracture_model(config: BoneaugConfig, data: str, out: str) -> str:
     """The auxiliary fracture-detection DRN (paper 4.2), shared by every body part of a profile."""
     from boneaug.data.datasets import image_table
     from boneaug.train.classifier import FRACTURE_MODEL, pretrain_fracture, pretraining_config
-    from boneaug.train.distributed import Publish, Workers
 
     run = storage.join(out, "runs", f"fracture-{config.profile}")
     ingest_stage(config, data, run, "fracture")
@@ -168,25 +168,32 @@ def fracture_model(config: BoneaugConfig, data: str, out: str) -> str:
                  go)["model"]
 
 
-def train_drn(config: BoneaugConfig, run: str, name: str, *, augmented: Any, init_from: str,
-              registered_name: str | None, experiment: str, seed: int | None = None,
-              positive_fraction: float = 1.0, extra_positives: int = 0) -> dict[str, Any]:
+def drn_publish(run: str, name: str, experiment: str,
+                registered_name: str | None = None) -> Publish:
+    """Where a DRN of this run goes: ``<run>/<name>``, `experiment`, `registered_name` (None:
+    logged to MLflow only)."""
+    return Publish(storage.join(run, name), experiment, registered_name=registered_name)
+
+
+def train_drn(config: BoneaugConfig, run: str, publish: Publish, *, augmented: Any,
+              init_from: str, seed: int | None = None, positives: float = 1.0) -> dict[str, Any]:
     """Fine-tune one DRN at training seed `seed` (default: the config's) on the real training
-    rows (a share of the positives, plus extra ones for the learning curve) and `augmented`;
-    register it as `registered_name` (None: logged to MLflow only)."""
+    rows and `augmented`, and publish it; `positives` < 1 keeps that share of the real training
+    positives, > 1 adds extra ones from the cohort's "extra" split (the learning curve). The
+    stages decide reuse: the trainer always trains (``overwrite``), logging to the config's
+    MLflow."""
     from boneaug.data.datasets import classification_splits
     from boneaug.train.classifier import ClassifierData, fit_classifier
-    from boneaug.train.distributed import Publish, Workers
 
     drn = config.drn if seed is None else config.drn.model_copy(update={"seed": seed})
+    extra = round((positives - 1.0) * train_positives(run)) if positives > 1 else 0
     splits = classification_splits(run, augmented=augmented,
                                    max_train_negatives=drn.max_train_negatives,
-                                   seed=drn.data_seed, positive_fraction=positive_fraction,
-                                   extra_positives=extra_positives)
+                                   seed=drn.data_seed, positive_fraction=min(positives, 1.0),
+                                   extra_positives=extra)
     result = fit_classifier(
         drn, ClassifierData(splits["train"], splits["val"], splits["test"]),
-        publish=Publish(storage.join(run, name), experiment, registered_name=registered_name,
-                        tracking=config.tracking, overwrite=True),
+        publish=replace(publish, tracking=config.tracking, overwrite=True),
         workers=Workers.from_config(config), init_from=init_from,
         image_size=(config.image.height, config.image.width),
     )
@@ -202,7 +209,6 @@ def unit_model(config: BoneaugConfig, data: str, run: str, body_part: str) -> st
         from boneaug.data.datasets import patch_dataset
         from boneaug.data.patch_sets import load_patch_array
         from boneaug.eval.quality import QualitySets
-        from boneaug.train.distributed import Publish, Workers
         from boneaug.train.unit import fit_unit
 
         sets = {k: storage.join(run, "patches", k) for k in ("lesion", "normal", "source")}
@@ -250,9 +256,9 @@ def baseline_stage(config: BoneaugConfig, run: str, body_part: str, fracture: st
     fine-tuned from the fracture model; registered as boneaug-drn-<body_part>."""
     seed = config.drn.seed if seed is None else seed
     return stage(run, f"baseline-s{seed}", [config.drn, config.image, fracture, seed],
-                 lambda: train_drn(config, run, f"drn-baseline-s{seed}", augmented=None,
-                                   init_from=fracture, registered_name=f"boneaug-drn-{body_part}",
-                                   experiment=f"boneaug/{body_part}/train_classifier", seed=seed))
+                 lambda: train_drn(config, run, drn_publish(
+                     run, f"drn-baseline-s{seed}", f"boneaug/{body_part}/train_classifier",
+                     f"boneaug-drn-{body_part}"), augmented=None, init_from=fracture, seed=seed))
 
 
 def translator_spec(config: BoneaugConfig, data: str, run: str, body_part: str,
@@ -328,11 +334,9 @@ def learning_curve_stage(config: BoneaugConfig, run: str, body_part: str, fractu
     extra = round((multiple - 1.0) * positives) if multiple > 1 else 0
     name = f"lc-{multiple:g}-s{seed}"
     result = stage(run, name, [config.drn, config.image, fracture, seed, multiple],
-                   lambda: train_drn(config, run, f"drn-{name}", augmented=None,
-                                     init_from=fracture, registered_name=None,
-                                     experiment=f"boneaug/{body_part}/learning_curve", seed=seed,
-                                     positive_fraction=min(multiple, 1.0),
-                                     extra_positives=extra))
+                   lambda: train_drn(config, run, drn_publish(
+                       run, f"drn-{name}", f"boneaug/{body_part}/learning_curve"),
+                       augmented=None, init_from=fracture, seed=seed, positives=multiple))
     return result | {"positives": max(1, round(min(multiple, 1.0) * positives)) + extra}
 
 
@@ -388,9 +392,9 @@ def _train_arm(config: BoneaugConfig, run: str, body_part: str, fracture: str, v
         trained[t] = stage(
             run, name, [config.drn, config.image, candidates, t, fracture, seed],
             lambda selected=selected, name=name: {
-                **train_drn(config, run, name, augmented=selected, init_from=fracture,
-                            registered_name=registered, experiment=f"boneaug/{body_part}/augment",
-                            seed=seed),
+                **train_drn(config, run, drn_publish(run, name, f"boneaug/{body_part}/augment",
+                                                     registered), augmented=selected,
+                            init_from=fracture, seed=seed),
                 "samples": selected.num_rows})
         import_predictions(run, f"{variant.key}-t{t:.2f}-s{seed}", ModelMeta(
             type=variant.type, t=t, augmented_samples=trained[t]["samples"],

@@ -17,6 +17,7 @@ from boneaug.eval.report import ModelMeta, import_predictions, render_report_fro
 from boneaug.runtime import body_part_job, job_parser
 from boneaug.workflow import (
     baseline_stage,
+    drn_publish,
     fracture_model,
     stage,
     train_drn,
@@ -46,9 +47,9 @@ def main() -> None:
         result = baseline_stage(config, run, part, fracture)
     else:
         result = stage(run, name, [config.drn, config.image, fracture, args.augmented, t],
-                       lambda: train_drn(config, run, name, augmented=selected, init_from=fracture,
-                                          registered_name=registered,
-                                          experiment=f"boneaug/{part}/train_classifier"))
+                       lambda: train_drn(config, run, drn_publish(
+                           run, name, f"boneaug/{part}/train_classifier", registered),
+                           augmented=selected, init_from=fracture))
     report_run = storage.join(run, "classifier", name)
     import_predictions(report_run, key, ModelMeta(**meta, model_name=registered,
                                                   model_version=result["version"],
