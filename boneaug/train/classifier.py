@@ -78,6 +78,7 @@ from boneaug.progress import Progress, quiet_ray
 from boneaug.train.distributed import (
     CHECKPOINT_FILE,
     Publish,
+    WorkerLoop,
     Workers,
     cpu_state,
     finished_run,
@@ -507,15 +508,30 @@ def _save_checkpoint(net: nn.Module, steps: TrainSteps, state: TrainState,
 
 
 
-def _prepare_model(loop: Mapping[str, Any], config: DrnConfig, device: torch.device,
+@dataclass(frozen=True, kw_only=True)
+class DrnLoop(WorkerLoop):
+    """What the DRN's Train workers get."""
+
+    config: DrnConfig
+    epochs: int
+    image_size: tuple[int, int]
+    label_column: str
+    pos_weight: float  # negatives / positives of the training set
+    train_rows: int
+    init_state: dict[str, Tensor] | None  # pre-trained weights (fine-tuning), or None
+    has_test: bool
+    run_name: str
+
+
+def _prepare_model(loop: DrnLoop, config: DrnConfig, device: torch.device,
                    world: int) -> nn.Module:
     """The DRN of this rank: initialised (from the fracture model when given), partly frozen,
     on its device, wrapped for DDP by Ray Train."""
     import ray.train.torch
 
     model = build_model(config, generator=torch.Generator().manual_seed(config.seed))
-    if loop["init_state"] is not None:
-        apply_init(model, loop["init_state"])
+    if loop.init_state is not None:
+        apply_init(model, loop.init_state)
         model.freeze(config.finetune_blocks)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL object collectives use the current device
@@ -525,15 +541,15 @@ def _prepare_model(loop: Mapping[str, Any], config: DrnConfig, device: torch.dev
     return ray.train.torch.prepare_model(model)
 
 
-def _make_steps(net: nn.Module, config: DrnConfig, loop: Mapping[str, Any],
+def _make_steps(net: nn.Module, config: DrnConfig, loop: DrnLoop,
                 device: torch.device, batch_size: int, world: int) -> TrainSteps:
     optimizer = make_optimizer(net, config)
-    rows = loop["train_rows"] // world
+    rows = loop.train_rows // world
     return TrainSteps(
         optimizer=optimizer,
         schedule=make_scheduler(optimizer, config, steps_per_epoch=math.ceil(rows / batch_size),
-                                epochs=loop["epochs"]),
-        loss_fn=make_loss(loop["pos_weight"], device),
+                                epochs=loop.epochs),
+        loss_fn=make_loss(loop.pos_weight, device),
         augment=AffineAugment(degrees=config.aug_degrees, scale=config.aug_scale,
                               translate=config.aug_translate, hflip=config.aug_hflip),
         ema=make_ema(net, config),
@@ -557,7 +573,7 @@ def _restore(saved: Mapping[str, Any] | None, net: nn.Module, steps: TrainSteps,
     return state, saved["best_model"]
 
 
-def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
+def _train_worker(train_loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train loop: DDP training with per-epoch validation, checkpoints and early stopping,
     then (all ranks) scoring of val/test with the best weights and (rank 0) publishing.
     Validation, checkpoint choice and the published weights are the EMA's when it is on."""
@@ -565,14 +581,14 @@ def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train.torch
 
     quiet_ray()  # this worker's Ray Data plans go to its log files, as the driver's do
-    config = DrnConfig(**loop["config"])
+    loop: DrnLoop = train_loop_config["loop"]
+    config = loop.config
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    image_size: tuple[int, int] = tuple(loop["image_size"])  # type: ignore[assignment]
-    label_column: str = loop["label_column"]
+    image_size, label_column = loop.image_size, loop.label_column
     batch_size = max(1, config.batch_size // world)
-    torch.set_num_threads(int(loop["torch_threads"]))
+    torch.set_num_threads(loop.torch_threads)
     torch.manual_seed(seed_for(config.seed, rank))
 
     model = _prepare_model(loop, config, device, world)
@@ -588,11 +604,11 @@ def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
     split_kw = dict(label_column=label_column, image_size=image_size, batch_size=batch_size,
                     rank=rank, world_size=world)
     epoch = state.epoch + 1
-    progress = (Progress(loop["epochs"], f"[drn] {loop['run_name']}", log, initial=epoch,
+    progress = (Progress(loop.epochs, f"[drn] {loop.run_name}", log, initial=epoch,
                          unit="epoch") if rank == 0 else None)
-    while not state.stopped and epoch < loop["epochs"]:
+    while not state.stopped and epoch < loop.epochs:
         batches = epoch_batches(train_shard, batch_size=batch_size,
-                                shuffle_rows=loop["train_rows"] // world + 1,
+                                shuffle_rows=loop.train_rows // world + 1,
                                 seed=seed_for(config.seed, rank, epoch, 2) % 2**31)
         train_loss = _train_epoch(
             model, batches, steps=steps, device=device, label_column=label_column,
@@ -617,33 +633,33 @@ def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
 
     judged.load_state_dict(best)
     rows = {"val": _score_split(judged, val_shard, **split_kw)}
-    if loop["has_test"]:
+    if loop.has_test:
         rows["test"] = _score_split(judged, ray.train.get_dataset_shard("test"), **split_kw)
     if rank != 0:
         return None
     return _publish(loop, config, best, rows, state)
 
 
-def _log_epoch(client: Any, loop: Mapping[str, Any], metrics: Mapping[str, float],
+def _log_epoch(client: Any, loop: DrnLoop, metrics: Mapping[str, float],
                state: TrainState, progress: Progress) -> None:
     for key in ("train_loss", "val_auc", "lr"):
-        client.log_metric(loop["mlflow_run_id"], key, float(metrics[key]),
+        client.log_metric(loop.mlflow_run_id, key, float(metrics[key]),
                           step=int(metrics["epoch"]))
     # a bar on a terminal; else a logged line (Ray Train's patched print would double it)
-    progress.step(f"[drn] epoch {int(metrics['epoch']) + 1}/{loop['epochs']}: train loss "
+    progress.step(f"[drn] epoch {int(metrics['epoch']) + 1}/{loop.epochs}: train loss "
                   f"{metrics['train_loss']:.4f}, val AUC {metrics['val_auc']:.3f} (best "
                   f"{state.best_auc:.3f}, epoch {state.best_epoch + 1})",
                   loss=metrics["train_loss"], auc=metrics["val_auc"])
 
 
-def _mlflow_client(loop: Mapping[str, Any]) -> Any:
+def _mlflow_client(loop: DrnLoop) -> Any:
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=loop["tracking_uri"], registry_uri=loop["tracking_uri"])
+    return MlflowClient(tracking_uri=loop.tracking_uri, registry_uri=loop.tracking_uri)
 
 
 def _publish(
-    loop: Mapping[str, Any],
+    loop: DrnLoop,
     config: DrnConfig,
     best: dict[str, Tensor],
     rows: Mapping[str, tuple[list[str], np.ndarray, np.ndarray]],
@@ -653,7 +669,7 @@ def _publish(
     import mlflow
     import pyarrow as pa
 
-    run_uri, endpoint = loop["run_uri"], loop["s3_endpoint"]
+    run_uri, endpoint = loop.run_uri, loop.s3_endpoint
     buffer = io.BytesIO()
     torch.save(best, buffer)
     best_uri = storage.join(run_uri, BEST_MODEL_FILE)
@@ -670,28 +686,28 @@ def _publish(
 
     model = build_model(config)
     model.load_state_dict(best)
-    height, width = loop["image_size"]
-    tracking.configure(TrackingConfig(tracking_uri=loop["tracking_uri"]))
+    height, width = loop.image_size
+    tracking.configure(TrackingConfig(tracking_uri=loop.tracking_uri))
     active = mlflow.active_run()  # Train's local mode runs this in the driver, inside the run
-    in_run = active is not None and active.info.run_id == loop["mlflow_run_id"]
-    with contextlib.nullcontext() if in_run else mlflow.start_run(run_id=loop["mlflow_run_id"]):
+    in_run = active is not None and active.info.run_id == loop.mlflow_run_id
+    with contextlib.nullcontext() if in_run else mlflow.start_run(run_id=loop.mlflow_run_id):
         version = tracking.log_torch_model(
             model.eval(), name="model", input_example=np.zeros((1, 1, height, width), np.float32),
-            registered_name=loop["registered_name"], alias=loop["alias"],
+            registered_name=loop.registered_name, alias=loop.alias,
         )
         mlflow.set_tags({"predictions_uri": predictions_uri, "best_weights_uri": best_uri})
         mlflow.log_metrics({"best_val_auc": state.best_auc, "best_epoch": state.best_epoch})
-    registered = loop["registered_name"]
+    registered = loop.registered_name
     content = {
         "best_val_auc": state.best_auc,
         "best_epoch": state.best_epoch,
         "epochs_run": state.epoch + 1,
         "model_version": version,
         "model_uri": (f"models:/{registered}/{version}" if registered
-                      else f"runs:/{loop['mlflow_run_id']}/model"),
+                      else f"runs:/{loop.mlflow_run_id}/model"),
         "predictions_uri": predictions_uri,
         "best_weights_uri": best_uri,
-        "mlflow_run_id": loop["mlflow_run_id"],
+        "mlflow_run_id": loop.mlflow_run_id,
         "run_uri": run_uri,
     }
     storage.publish_manifest(run_uri, content, endpoint_url=endpoint)
@@ -767,31 +783,31 @@ def fit_classifier(
             )
     n_train, pos_train = counts["train"]
     uri = tracking.tracking_uri(publish.tracking)
-    loop = {
-        "config": config.model_dump(), "epochs": epochs or config.epochs,
-        "image_size": list(image_size), "label_column": data.label_column,
-        "pos_weight": (n_train - pos_train) / pos_train, "train_rows": n_train,
-        "init_state": (load_init_state(init_from, tracking_config=publish.tracking)
-                       if init_from else None),
-        "has_test": data.test is not None, "run_uri": publish.run_uri,
-        "s3_endpoint": storage.s3_endpoint() if storage.is_s3(publish.run_uri) else None,
-        "tracking_uri": uri, "run_name": publish.name("drn", publish.run_uri),
-        "registered_name": publish.registered_name, "alias": publish.alias,
-    }
+    epochs, pos_weight = epochs or config.epochs, (n_train - pos_train) / pos_train
     params = {
         "drn": config.model_dump(),
         "data": {f"{name}_{k}": v for name, (n, pos) in counts.items()
                  for k, v in (("n", n), ("pos", pos))},
-        "epochs": loop["epochs"], "pos_weight": round(loop["pos_weight"], 4),
+        "epochs": epochs, "pos_weight": round(pos_weight, 4),
         "label_column": data.label_column, "image_size": list(image_size),
         "init_from": init_from or "", "num_workers": workers.num_workers,
         "use_gpu": workers.use_gpu, "run_uri": publish.run_uri,
     }
-    with tracking.start_run(publish.experiment, loop["run_name"], params,
+    run_name = publish.name("drn", publish.run_uri)
+    with tracking.start_run(publish.experiment, run_name, params,
                             tracking=TrackingConfig(tracking_uri=uri),
                             run_id=publish.mlflow_run_id) as run:
-        done = run_ray_train(_train_worker, loop | {"mlflow_run_id": run.info.run_id},
-                             workers=workers, storage_uri=storage.join(publish.run_uri, "ray"),
+        loop = DrnLoop(
+            config=config, epochs=epochs, image_size=(int(image_size[0]), int(image_size[1])),
+            label_column=data.label_column, pos_weight=pos_weight, train_rows=n_train,
+            init_state=(load_init_state(init_from, tracking_config=publish.tracking)
+                        if init_from else None),
+            has_test=data.test is not None, run_name=run_name, run_uri=publish.run_uri,
+            s3_endpoint=storage.s3_endpoint() if storage.is_s3(publish.run_uri) else None,
+            tracking_uri=uri, mlflow_run_id=run.info.run_id,
+            registered_name=publish.registered_name, alias=publish.alias)
+        done = run_ray_train(_train_worker, loop, workers=workers,
+                             storage_uri=storage.join(publish.run_uri, "ray"),
                              datasets=datasets, split=["train"])
     return ClassifierResult.from_manifest(done)
 

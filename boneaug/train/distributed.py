@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +66,20 @@ class Workers:
                    max_failures=c.max_failures)
 
 
+@dataclass(frozen=True, kw_only=True)
+class WorkerLoop:
+    """What a trainer's Ray Train workers get, built on the driver (each trainer extends it with
+    its own fields): where rank 0 publishes, and the threads each worker runs."""
+
+    run_uri: str
+    tracking_uri: str
+    mlflow_run_id: str
+    registered_name: str | None = None
+    alias: str | None = None
+    s3_endpoint: str | None = None
+    torch_threads: int = 1
+
+
 def finished_run(uri: str, overwrite: bool) -> dict[str, Any] | None:
     """The manifest of a training already finished under `uri` (None: train). `overwrite`
     removes whatever is there first."""
@@ -82,16 +96,16 @@ def finished_run(uri: str, overwrite: bool) -> dict[str, Any] | None:
 
 def run_ray_train(
     loop_fn: Callable[[dict[str, Any]], Any],
-    loop: dict[str, Any],
+    loop: WorkerLoop,
     *,
     workers: Workers,
     storage_uri: str,
     datasets: Mapping[str, Any],
     split: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run `loop_fn(loop)` on Ray Train's workers (DDP), Ray checkpoints under `storage_uri`
-    (the last 2 kept; a run there resumes from them), then return the manifest the loop
-    published in ``dirname(storage_uri)``. `split`: the datasets sharded over the workers
+    """Run `loop_fn({"loop": loop})` on Ray Train's workers (DDP), Ray checkpoints under
+    `storage_uri` (the last 2 kept; a run there resumes from them), then return the manifest the
+    loop published in ``dirname(storage_uri)``. `split`: the datasets sharded over the workers
     (None: all)."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -101,12 +115,12 @@ def run_ray_train(
     from boneaug.progress import train_logging
 
     resources = worker_resources(workers.num_workers, workers.cpus_per_worker, workers.use_gpu)
-    loop = loop | {"torch_threads": worker_threads(resources, workers.torch_threads)}
+    loop = replace(loop, torch_threads=worker_threads(resources, workers.torch_threads))
     parent, name = storage_uri.rstrip("/").rsplit("/", 1)
     fs, path = storage.pyarrow_filesystem(parent)
     TorchTrainer(
         loop_fn,
-        train_loop_config=loop,
+        train_loop_config={"loop": loop},
         scaling_config=ray.train.ScalingConfig(num_workers=workers.num_workers,
                                                use_gpu=workers.use_gpu,
                                                resources_per_worker=resources),

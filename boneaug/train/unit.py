@@ -68,6 +68,7 @@ from boneaug.progress import quiet_ray
 from boneaug.train.distributed import (
     CHECKPOINT_FILE,
     Publish,
+    WorkerLoop,
     Workers,
     cpu_state,
     finished_run,
@@ -529,22 +530,32 @@ PROGRESS_KEYS = ("loss/d_total", "loss/g_total", "loss/recon_h", "loss/cyc_h",
                  "quality/frac_translated", "quality/frac_source")
 
 
+@dataclass(frozen=True, kw_only=True)
+class UnitLoop(WorkerLoop):
+    """What UNIT's Train workers get."""
+
+    config: UnitConfig
+    patch_size: int
+    critic: dict[str, Any] | None  # the quality probe's critic (state and settings), or None
+    unit_uri: str
+
+
 class _Rank0:
     """Rank 0's side jobs: MLflow metrics, sample grids, the quality probe."""
 
-    def __init__(self, loop: Mapping[str, Any]) -> None:
+    def __init__(self, loop: UnitLoop) -> None:
         from mlflow import MlflowClient
 
-        self.run_id: str = loop["mlflow_run_id"]
-        uri = loop["tracking_uri"]
+        self.run_id: str = loop.mlflow_run_id
+        uri = loop.tracking_uri
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         self.probe = None
-        if loop["critic"] is not None:
+        if loop.critic is not None:
             from boneaug.eval.quality import PatchCritic, QualityProbe
 
-            critic = PatchCritic(loop["critic"]["width"], loop["critic"]["size"])
-            critic.load_state_dict(loop["critic"]["state"])
-            spec = loop["critic"]
+            critic = PatchCritic(loop.critic["width"], loop.critic["size"])
+            critic.load_state_dict(loop.critic["state"])
+            spec = loop.critic
             self.probe = QualityProbe(critic, spec["source"], threshold=spec["threshold"],
                                       lesion=spec["lesion"], normal=spec["normal"])
         self.samples: tuple[Tensor, Tensor] | None = None
@@ -592,22 +603,21 @@ class _Rank0:
         return metrics
 
 
-def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
+def _train_worker(train_loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train loop: DDP UNIT training from the last checkpoint to `config.iterations`, then
     (rank 0) the final weights, the registered translator and the manifest."""
     import ray.train
     import ray.train.torch
 
-    from boneaug.config import UnitConfig
-
     quiet_ray()  # this worker's Ray Data plans go to its log files, as the driver's do
-    config = UnitConfig(**loop["config"])
+    loop: UnitLoop = train_loop_config["loop"]
+    config = loop.config
     weights, arch = LossWeights.from_config(config), UnitArch.from_config(config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     batch_size = max(1, config.batch_size // world)
-    torch.set_num_threads(int(loop["torch_threads"]))
+    torch.set_num_threads(loop.torch_threads)
 
     init = torch.Generator().manual_seed(config.seed)  # same on every rank; DDP broadcasts anyway
     unit, dis = UNIT(arch, generator=init), Discriminators(arch, generator=init)
@@ -631,7 +641,7 @@ def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
         optimizers.load_state_dict(saved["optimizers"])
     del saved
 
-    size = int(loop["patch_size"])
+    size = int(loop.patch_size)
     streams = {
         name: PatchStream(ray.train.get_dataset_shard(name), batch_size=batch_size, size=size,
                           seed=seed_for(config.seed, rank, start, i), device=device, name=name)
@@ -675,7 +685,7 @@ def _train_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
     return _publish(loop, final, last, quality, side)
 
 
-def _publish(loop: Mapping[str, Any], final: dict[str, Any], losses: Mapping[str, float],
+def _publish(loop: UnitLoop, final: dict[str, Any], losses: Mapping[str, float],
              quality: Mapping[str, float], side: _Rank0) -> dict[str, Any]:
     """Rank 0: final weights, the translator logged (and registered), then the manifest."""
     import mlflow
@@ -684,36 +694,36 @@ def _publish(loop: Mapping[str, Any], final: dict[str, Any], losses: Mapping[str
     from boneaug.augment.translate import translator_from_state
     from boneaug.config import TrackingConfig
 
-    unit_uri, endpoint = loop["unit_uri"], loop["s3_endpoint"]
+    unit_uri, endpoint = loop.unit_uri, loop.s3_endpoint
     buffer = io.BytesIO()
     torch.save(final, buffer)
     final_uri = storage.join(unit_uri, FINAL_FILE)
     storage.write_bytes(final_uri, buffer.getvalue(), endpoint_url=endpoint)
 
     translator = translator_from_state(final)
-    example = (np.zeros((1, 1, loop["patch_size"], loop["patch_size"]), np.float32)
+    example = (np.zeros((1, 1, loop.patch_size, loop.patch_size), np.float32)
                if side.samples is None else ((side.samples[0][:1].float().cpu().numpy() + 1) / 2))
-    tracking.configure(TrackingConfig(tracking_uri=loop["tracking_uri"]))
-    with mlflow.start_run(run_id=loop["mlflow_run_id"]):
+    tracking.configure(TrackingConfig(tracking_uri=loop.tracking_uri))
+    with mlflow.start_run(run_id=loop.mlflow_run_id):
         version = tracking.log_torch_model(
             translator, name="translator", input_example=example,
-            registered_name=loop["registered_name"], alias=loop["alias"])
+            registered_name=loop.registered_name, alias=loop.alias)
         mlflow.set_tags({"final_uri": final_uri, "direction": "h2l"})
-    registered = loop["registered_name"]
+    registered = loop.registered_name
     content = {
         "iterations": int(final["iteration"]),
         "model_version": version,
         "model_uri": (f"models:/{registered}/{version}" if registered
-                      else f"runs:/{loop['mlflow_run_id']}/translator"),
+                      else f"runs:/{loop.mlflow_run_id}/translator"),
         "final_uri": final_uri,
-        "mlflow_run_id": loop["mlflow_run_id"],
-        "run_uri": loop["run_uri"],
+        "mlflow_run_id": loop.mlflow_run_id,
+        "run_uri": loop.run_uri,
         "losses": dict(losses),
         "frac_source": quality.get("quality/frac_source"),
         "frac_translated": quality.get("quality/frac_translated"),
         "fd_ratio": quality.get("quality/fd_ratio"),
-        "critic_accuracy": loop["critic"]["accuracy"] if loop["critic"] is not None else None,
-        "critic_heldout_auc": (loop["critic"]["heldout_auc"] if loop["critic"] is not None
+        "critic_accuracy": loop.critic["accuracy"] if loop.critic is not None else None,
+        "critic_heldout_auc": (loop.critic["heldout_auc"] if loop.critic is not None
                                else None),
     }
     storage.publish_manifest(unit_uri, content, endpoint_url=endpoint)
@@ -875,13 +885,12 @@ def fit_unit(
     with tracking.start_run(publish.experiment, name, params,
                             tracking=_Tracking(tracking_uri=uri),
                             run_id=publish.mlflow_run_id) as run:
-        loop = {
-            "config": config.model_dump(), "patch_size": data["patch_size"], "critic": critic,
-            "run_uri": publish.run_uri, "unit_uri": unit_uri,
-            "s3_endpoint": storage.s3_endpoint() if storage.is_s3(publish.run_uri) else None,
-            "tracking_uri": uri, "mlflow_run_id": run.info.run_id,
-            "registered_name": publish.registered_name, "alias": publish.alias,
-        }
+        loop = UnitLoop(
+            config=config, patch_size=data["patch_size"], critic=critic, unit_uri=unit_uri,
+            run_uri=publish.run_uri,
+            s3_endpoint=storage.s3_endpoint() if storage.is_s3(publish.run_uri) else None,
+            tracking_uri=uri, mlflow_run_id=run.info.run_id,
+            registered_name=publish.registered_name, alias=publish.alias)
         done = run_ray_train(_train_worker, loop, workers=workers,
                              storage_uri=storage.join(unit_uri, "train"), datasets=datasets)
     return UnitResult.from_manifest(done)
