@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +180,22 @@ def test_keeping_the_last_epoch_never_stops_early_and_reports_the_kept_model() -
             for epoch, auc in enumerate([0.8, 0.7, 0.6, 0.65])]
     assert all(kept) and not state.should_stop(config)
     assert (state.best_epoch, state.best_auc) == (3, 0.65)  # the last epoch's, not the max
+
+
+@pytest.mark.parametrize(("losses", "diverged"), [
+    ([0.745, 0.74, 0.81, 0.84, 0.828], True),  # the humerus baseline that went constant
+    ([0.957, 0.944, 0.833, 0.981, 0.745], False),  # a noisy run that learned
+    ([1.2], False),  # one epoch: nothing to compare
+])
+def test_a_run_whose_train_loss_ends_no_lower_than_it_began_counts_as_diverged(
+    losses: list[float], diverged: bool
+) -> None:
+    state = TrainState()
+    for epoch, loss in enumerate(losses):
+        state.update(epoch, 0.5, latest=True)
+        state.record_loss(loss)
+    assert state.diverged is diverged
+    assert TrainState(**asdict(state)).diverged is diverged  # it survives a checkpoint
 
 
 def test_cosine_schedule_warms_up_then_decays_each_group_to_zero() -> None:

@@ -299,6 +299,19 @@ class TrainState:
     best_epoch: int = -1
     epochs_since_best: int = 0
     stopped: bool = False
+    first_loss: float = math.nan  # train loss of the run's first epoch
+    last_loss: float = math.nan  # of its latest
+
+    def record_loss(self, train_loss: float) -> None:
+        if math.isnan(self.first_loss):
+            self.first_loss = train_loss
+        self.last_loss = train_loss
+
+    @property
+    def diverged(self) -> bool:
+        """The train loss ended no lower than it started: the run fell apart (seen: a network
+        whose output went constant at lr 1e-3, its val AUC 0.52), rather than learned."""
+        return self.epoch > 0 and self.last_loss >= self.first_loss
 
     def update(self, epoch: int, auc: float, *, latest: bool = False) -> bool:
         """Record epoch `epoch`'s val AUC; True when this epoch's model is now the one kept:
@@ -586,7 +599,6 @@ def _train_worker(train_loop_config: dict[str, Any]) -> dict[str, Any] | None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    image_size, label_column = loop.image_size, loop.label_column
     batch_size = max(1, config.batch_size // world)
     torch.set_num_threads(loop.torch_threads)
     torch.manual_seed(seed_for(config.seed, rank))
@@ -601,8 +613,8 @@ def _train_worker(train_loop_config: dict[str, Any]) -> dict[str, Any] | None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     client = _mlflow_client(loop) if rank == 0 else None
-    split_kw = dict(label_column=label_column, image_size=image_size, batch_size=batch_size,
-                    rank=rank, world_size=world)
+    split_kw = dict(label_column=loop.label_column, image_size=loop.image_size,
+                    batch_size=batch_size, rank=rank, world_size=world)
     epoch = state.epoch + 1
     progress = (Progress(loop.epochs, f"[drn] {loop.run_name}", log, initial=epoch,
                          unit="epoch") if rank == 0 else None)
@@ -611,9 +623,9 @@ def _train_worker(train_loop_config: dict[str, Any]) -> dict[str, Any] | None:
                                 shuffle_rows=loop.train_rows // world + 1,
                                 seed=seed_for(config.seed, rank, epoch, 2) % 2**31)
         train_loss = _train_epoch(
-            model, batches, steps=steps, device=device, label_column=label_column,
+            model, batches, steps=steps, device=device, label_column=loop.label_column,
             generator=torch.Generator().manual_seed(seed_for(config.seed, rank, epoch, 1)),
-            image_size=image_size)
+            image_size=loop.image_size)
         _sync_buffers(model)
         _sync_buffers(judged)
         _, labels, scores = _score_split(judged, val_shard, **split_kw)
@@ -622,6 +634,7 @@ def _train_worker(train_loop_config: dict[str, Any]) -> dict[str, Any] | None:
         if state.update(epoch, auc, latest=config.checkpoint == "last"):
             best = cpu_state(judged)
         state.stopped = state.should_stop(config)
+        state.record_loss(train_loss)
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_auc": auc,
                    "lr": steps.optimizer.param_groups[0]["lr"], "best_val_auc": state.best_auc}
         if client is not None and progress is not None:
@@ -632,12 +645,10 @@ def _train_worker(train_loop_config: dict[str, Any]) -> dict[str, Any] | None:
         progress.close()
 
     judged.load_state_dict(best)
-    rows = {"val": _score_split(judged, val_shard, **split_kw)}
-    if loop.has_test:
-        rows["test"] = _score_split(judged, ray.train.get_dataset_shard("test"), **split_kw)
-    if rank != 0:
-        return None
-    return _publish(loop, config, best, rows, state)
+    shards = {"val": val_shard} | ({"test": ray.train.get_dataset_shard("test")}
+                                   if loop.has_test else {})
+    rows = {name: _score_split(judged, shard, **split_kw) for name, shard in shards.items()}
+    return _publish(loop, config, best, rows, state) if rank == 0 else None
 
 
 def _log_epoch(client: Any, loop: DrnLoop, metrics: Mapping[str, float],
@@ -695,10 +706,17 @@ def _publish(
             model.eval(), name="model", input_example=np.zeros((1, 1, height, width), np.float32),
             registered_name=loop.registered_name, alias=loop.alias,
         )
-        mlflow.set_tags({"predictions_uri": predictions_uri, "best_weights_uri": best_uri})
+        mlflow.set_tags({"predictions_uri": predictions_uri, "best_weights_uri": best_uri,
+                         "diverged": str(state.diverged).lower()})
         mlflow.log_metrics({"best_val_auc": state.best_auc, "best_epoch": state.best_epoch})
+    if state.diverged:
+        log.warning("[drn] %s diverged: train loss %.3f at epoch 1, %.3f at epoch %d (val AUC "
+                    "%.3f); the published model is likely useless: lower drn.lr / drn.head_lr",
+                    loop.run_name, state.first_loss, state.last_loss, state.epoch + 1,
+                    state.best_auc)
     registered = loop.registered_name
     content = {
+        "diverged": state.diverged,
         "best_val_auc": state.best_auc,
         "best_epoch": state.best_epoch,
         "epochs_run": state.epoch + 1,

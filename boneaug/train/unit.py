@@ -603,6 +603,34 @@ class _Rank0:
         return metrics
 
 
+def _networks(config: UnitConfig, weights: LossWeights, arch: UnitArch, rank: int,
+              device: torch.device) -> tuple[nn.Module, nn.Module, Optimizers, int]:
+    """UNIT and its discriminators (DDP-wrapped), their optimisers, and the iteration they stand
+    at: from this run's last checkpoint when there is one, else freshly initialised."""
+    import ray.train.torch
+
+    init = torch.Generator().manual_seed(config.seed)  # same on every rank; DDP broadcasts anyway
+    unit, dis = UNIT(arch, generator=init), Discriminators(arch, generator=init)
+    saved = load_checkpoint()
+    if saved is not None:
+        unit.load_state_dict(saved["unit"])
+        dis.load_state_dict(saved["dis"])
+        log.info("rank %d resumes UNIT training after iteration %d", rank, saved["iteration"])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        unit = unit.to(memory_format=torch.channels_last)
+        dis = dis.to(memory_format=torch.channels_last)
+    unit_w = ray.train.torch.prepare_model(unit, parallel_strategy_kwargs={
+        "find_unused_parameters": weights.leaves_unused_parameters, "forward_sync_buffers": False})
+    dis_w = ray.train.torch.prepare_model(
+        dis, parallel_strategy_kwargs={"forward_sync_buffers": False})
+    optimizers = make_optimizers(unit, dis, config)
+    if saved is None:
+        return unit_w, dis_w, optimizers, 0
+    optimizers.load_state_dict(saved["optimizers"])
+    return unit_w, dis_w, optimizers, int(saved["iteration"])
+
+
 def _train_worker(train_loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train loop: DDP UNIT training from the last checkpoint to `config.iterations`, then
     (rank 0) the final weights, the registered translator and the manifest."""
@@ -619,32 +647,11 @@ def _train_worker(train_loop_config: dict[str, Any]) -> dict[str, Any] | None:
     batch_size = max(1, config.batch_size // world)
     torch.set_num_threads(loop.torch_threads)
 
-    init = torch.Generator().manual_seed(config.seed)  # same on every rank; DDP broadcasts anyway
-    unit, dis = UNIT(arch, generator=init), Discriminators(arch, generator=init)
-    saved = load_checkpoint()
-    start = 0
-    if saved is not None:
-        unit.load_state_dict(saved["unit"])
-        dis.load_state_dict(saved["dis"])
-        start = int(saved["iteration"])
-        log.info("rank %d resumes UNIT training after iteration %d", rank, start)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        unit = unit.to(memory_format=torch.channels_last)
-        dis = dis.to(memory_format=torch.channels_last)
-    unit_w = ray.train.torch.prepare_model(unit, parallel_strategy_kwargs={
-        "find_unused_parameters": weights.leaves_unused_parameters, "forward_sync_buffers": False})
-    dis_w = ray.train.torch.prepare_model(
-        dis, parallel_strategy_kwargs={"forward_sync_buffers": False})
-    optimizers = make_optimizers(unit, dis, config)
-    if saved is not None:
-        optimizers.load_state_dict(saved["optimizers"])
-    del saved
-
-    size = int(loop.patch_size)
+    unit_w, dis_w, optimizers, start = _networks(config, weights, arch, rank, device)
     streams = {
-        name: PatchStream(ray.train.get_dataset_shard(name), batch_size=batch_size, size=size,
-                          seed=seed_for(config.seed, rank, start, i), device=device, name=name)
+        name: PatchStream(ray.train.get_dataset_shard(name), batch_size=batch_size,
+                          size=loop.patch_size, seed=seed_for(config.seed, rank, start, i),
+                          device=device, name=name)
         for i, name in enumerate(("normal", "lesion"))
     }
     noise = torch.Generator(device=device).manual_seed(seed_for(config.seed, rank, start, 7))
