@@ -313,11 +313,14 @@ class TrainState:
         whose output went constant at lr 1e-3, its val AUC 0.52), rather than learned."""
         return self.epoch > 0 and self.last_loss >= self.first_loss
 
-    def update(self, epoch: int, auc: float, *, latest: bool = False) -> bool:
-        """Record epoch `epoch`'s val AUC; True when this epoch's model is now the one kept:
-        the best so far, or with `latest` (``DrnConfig.checkpoint == "last"``) every epoch
-        (``best_*`` then describe the kept, last model)."""
+    def update(self, epoch: int, auc: float, *, latest: bool = False,
+               loss: float | None = None) -> bool:
+        """Record epoch `epoch`'s val AUC (and train `loss`); True when this epoch's model is now
+        the one kept: the best so far, or with `latest` (``DrnConfig.checkpoint == "last"``)
+        every epoch (``best_*`` then describe the kept, last model)."""
         self.epoch = epoch
+        if loss is not None:
+            self.record_loss(loss)
         if latest or auc > self.best_auc:  # NaN never wins
             self.best_auc, self.best_epoch, self.epochs_since_best = auc, epoch, 0
             return True
@@ -609,9 +612,7 @@ def _train_worker(train_loop_config: dict[str, Any]) -> dict[str, Any] | None:
     state, best = _restore(load_checkpoint(), net, steps, rank)
     judged: nn.Module = net if steps.ema is None else steps.ema.module  # what validation scores
     best = best if best is not None else cpu_state(judged)
-
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    train_shard, val_shard = (ray.train.get_dataset_shard(k) for k in ("train", "val"))
     client = _mlflow_client(loop) if rank == 0 else None
     split_kw = dict(label_column=loop.label_column, image_size=loop.image_size,
                     batch_size=batch_size, rank=rank, world_size=world)
@@ -631,10 +632,9 @@ def _train_worker(train_loop_config: dict[str, Any]) -> dict[str, Any] | None:
         _, labels, scores = _score_split(judged, val_shard, **split_kw)
         auc = _val_auc(labels, scores)
         steps.schedule.after_epoch(auc)
-        if state.update(epoch, auc, latest=config.checkpoint == "last"):
+        if state.update(epoch, auc, latest=config.checkpoint == "last", loss=train_loss):
             best = cpu_state(judged)
         state.stopped = state.should_stop(config)
-        state.record_loss(train_loss)
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_auc": auc,
                    "lr": steps.optimizer.param_groups[0]["lr"], "best_val_auc": state.best_auc}
         if client is not None and progress is not None:
@@ -667,6 +667,14 @@ def _mlflow_client(loop: DrnLoop) -> Any:
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=loop.tracking_uri, registry_uri=loop.tracking_uri)
+
+
+def _warn_if_diverged(loop: DrnLoop, state: TrainState) -> None:
+    if state.diverged:
+        log.warning("[drn] %s diverged: train loss %.3f at epoch 1, %.3f at epoch %d (val AUC "
+                    "%.3f); the published model is likely useless: lower drn.lr / drn.head_lr",
+                    loop.run_name, state.first_loss, state.last_loss, state.epoch + 1,
+                    state.best_auc)
 
 
 def _publish(
@@ -709,11 +717,7 @@ def _publish(
         mlflow.set_tags({"predictions_uri": predictions_uri, "best_weights_uri": best_uri,
                          "diverged": str(state.diverged).lower()})
         mlflow.log_metrics({"best_val_auc": state.best_auc, "best_epoch": state.best_epoch})
-    if state.diverged:
-        log.warning("[drn] %s diverged: train loss %.3f at epoch 1, %.3f at epoch %d (val AUC "
-                    "%.3f); the published model is likely useless: lower drn.lr / drn.head_lr",
-                    loop.run_name, state.first_loss, state.last_loss, state.epoch + 1,
-                    state.best_auc)
+    _warn_if_diverged(loop, state)
     registered = loop.registered_name
     content = {
         "diverged": state.diverged,
