@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,16 +46,14 @@ class Publish:
 
 @dataclass(frozen=True)
 class Workers:
-    """How a training runs on the cluster: Ray Train's workers, their CPUs and threads, the
-    retries from the last checkpoint, and their Ray runtime env (env vars, a
-    ``worker_process_setup_hook``; merged over the job's)."""
+    """How a training runs on the cluster: Ray Train's workers, their CPUs and threads, and the
+    retries from the last checkpoint."""
 
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     torch_threads: int | None = None
     max_failures: int = 2
-    runtime_env: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: BoneaugConfig, *, at_least: int = 0) -> Workers:
@@ -129,7 +127,6 @@ def run_ray_train(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=workers.max_failures),
             logging_config=train_logging(),
-            worker_runtime_env=dict(workers.runtime_env),
         ),
         datasets=dict(datasets),
         dataset_config=seeded_data_config(split),
