@@ -158,7 +158,7 @@ def augment_job(body_part: str, argv: list[str] | None = None) -> None:
     """`jobs/augment_<body_part>.py`: the whole chain for one body part, then the report table."""
     import time
 
-    from boneaug.workflow import ARMS, run_body_part
+    from boneaug.workflow import ARMS, Plan, run_body_part
 
     parser = job_parser(f"The augmentation chain for {body_part} (Gupta et al. 2019).",
                         body_part=False)
@@ -184,9 +184,9 @@ def augment_job(body_part: str, argv: list[str] | None = None) -> None:
         raise SystemExit(f"--arms: unknown {unknown}; choose from {', '.join(ARMS)}")
     result = run_body_part(config, body_part,  # type: ignore[arg-type]
                            data_uri=data, out_uri=absolute(args.out or data), run_id=args.run_id,
-                           synthesize=synthesize, thresholds=thresholds,
-                           variants=tuple(ARMS[a] for a in args.arms.split(",")),
-                           seeds=parse_seeds(args.seeds) or None)
+                           synthesize=synthesize,
+                           plan=Plan(variants=tuple(ARMS[a] for a in args.arms.split(",")),
+                                     thresholds=thresholds, seeds=parse_seeds(args.seeds) or None))
     print("\n" + console_summary(result.markdown))
     print(f"report:  {result.report_uri}/report.md (ROC figure, conspicuity bands, the paper's "
           "numbers beside ours)")

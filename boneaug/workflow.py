@@ -74,6 +74,21 @@ ORACLE = Variant("oracle", "Oracle", arm="oracle")
 ARMS = {"unit": OWN, "copy_paste": COPY_PASTE, "oracle": ORACLE}  # a job's --arms
 
 
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """What one body part's chain trains beside its baseline.
+
+    variants: the augmented arms; thresholds: the t grid (None: the config's); seeds: the
+    training seeds (None: the config's); learning_curve: multiples of the real training
+    positives (e.g. 0.25, 0.5, 2, 4) the baseline is retrained on.
+    """
+
+    variants: tuple[Variant, ...] = (OWN,)
+    thresholds: tuple[float, ...] | None = None
+    seeds: tuple[int, ...] | None = None
+    learning_curve: tuple[float, ...] = ()
+
+
 @dataclass
 class BodyPartResult:
     body_part: str
@@ -375,22 +390,22 @@ class _Arm:
         return max(self.trained, key=lambda t: self.trained[t]["val_auc"])
 
 
-def _train_arm(config: BoneaugConfig, run: str, body_part: str, fracture: str, variant: Variant,
-               candidates: dict[str, Any], seed: int, thresholds: tuple[float, ...],
-               primary: bool) -> _Arm:
-    """One DRN per t on the real data plus the variant's candidates scoring >= t; the UNIT and
-    transfer arms of the primary seed are registered (boneaug-drn-<part>-aug)."""
+def _train_arm(config: BoneaugConfig, run: str, body_part: str, fracture: str, arm: _Arm,
+               thresholds: tuple[float, ...], primary: bool) -> _Arm:
+    """`arm` with one DRN per t trained on the real data plus its candidates scoring >= t; the
+    UNIT and transfer arms of the primary seed are registered (boneaug-drn-<part>-aug)."""
     from boneaug.augment.pipeline import select_augmented
     from boneaug.eval.report import ModelMeta, import_predictions
 
+    variant, seed = arm.variant, arm.seed
     registered = (f"boneaug-drn-{body_part}-aug" if primary and variant.arm == "unit"
                   else None)
     trained: dict[float, dict[str, Any]] = {}
     for t in thresholds:
-        selected = select_augmented(candidates["candidates"], t)
+        selected = select_augmented(arm.candidates["candidates"], t)
         name = f"drn-{variant.key}-t{t:.2f}-s{seed}"
         trained[t] = stage(
-            run, name, [config.drn, config.image, candidates, t, fracture, seed],
+            run, name, [config.drn, config.image, arm.candidates, t, fracture, seed],
             lambda selected=selected, name=name: {
                 **train_drn(config, run, drn_publish(run, name, f"boneaug/{body_part}/augment",
                                                      registered), augmented=selected,
@@ -400,7 +415,7 @@ def _train_arm(config: BoneaugConfig, run: str, body_part: str, fracture: str, v
             type=variant.type, t=t, augmented_samples=trained[t]["samples"],
             model_name=registered, model_version=trained[t]["version"], body_part=body_part,
             baseline=False, seed=seed), trained[t]["predictions"])
-    return _Arm(variant, seed, trained, candidates)
+    return replace(arm, trained=trained)
 
 
 def _publish_arm(config: BoneaugConfig, data: str, run: str, body_part: str, arm: _Arm,
@@ -442,19 +457,15 @@ def run_body_part(
     out_uri: str,
     run_id: str | None = None,
     synthesize: bool = True,
-    variants: tuple[Variant, ...] = (OWN,),
-    thresholds: tuple[float, ...] | None = None,
-    seeds: tuple[int, ...] | None = None,
-    learning_curve: tuple[float, ...] = (),
+    plan: Plan = Plan(),
     scorers: dict[str, dict[int, str]] | None = None,
 ) -> BodyPartResult:
-    """The paper's chain for one body part, its arms and instruments; returns the report.
+    """The paper's chain for one body part, its arms and instruments (`plan`); returns the report.
 
-    Translators are trained and candidates blended once; every training seed in `seeds`
-    (default: the config's) repeats the classifier trainings: the baseline, the learning curve
-    (`learning_curve`: multiples of the real training positives, e.g. 0.25, 0.5, 2, 4) and the
-    augmented DRNs, pseudo-labelled by that seed's baseline (`scorers`: other body parts'
-    baselines per seed, for TL_PL). The first seed searches the t grid (one DRN per variant and
+    Translators are trained and candidates blended once; every training seed of the plan
+    repeats the classifier trainings: the baseline, the learning curve and the augmented DRNs,
+    pseudo-labelled by that seed's baseline (`scorers`: other body parts' baselines per seed,
+    for TL_PL). The first seed searches the t grid (one DRN per variant and
     t) and publishes: aliases, DICOMs, figures. Later seeds train each variant at the t the first
     seed chose on validation, and the learning curve's points above 1x (2-4x a baseline's cost
     each) are the first seed's only: seeds measure the training's variance at the chosen
@@ -465,15 +476,15 @@ def run_body_part(
 
     tracking.configure(config.tracking)
     run = storage.join(out_uri, "runs", run_id or f"{body_part}-{config.profile}")
-    thresholds = tuple(thresholds or config.augment.thresholds)
-    seeds = seeds or (config.drn.seed,)
+    thresholds = tuple(plan.thresholds or config.augment.thresholds)
+    seeds = plan.seeds or (config.drn.seed,)
     ensure_cohort(config, data_uri, [body_part], synthesize=synthesize)
     ingest_stage(config, data_uri, run, body_part)
     fracture = fracture_model(config, data_uri, out_uri)
     patches_stage(config, data_uri, run, body_part)
     result = BodyPartResult(body_part, run, "", "")
     blended = {}
-    for v in variants:
+    for v in plan.variants:
         spec = translator_spec(config, data_uri, run, body_part, v)
         if spec.arm == "unit":
             result.models[f"{v.key}-unit"] = spec.label
@@ -489,22 +500,22 @@ def run_body_part(
             type="Baseline", t=None, augmented_samples=0, model_name=f"boneaug-drn-{body_part}",
             model_version=baseline["version"], body_part=body_part, baseline=True, seed=seed,
             positives=positives), baseline["predictions"])
-        for multiple in (m for m in learning_curve if primary or m <= 1):
+        for multiple in (m for m in plan.learning_curve if primary or m <= 1):
             lc = learning_curve_stage(config, run, body_part, fracture, seed, multiple)
             import_predictions(run, f"lc-{multiple:g}-s{seed}", ModelMeta(
                 type="Learning curve", augmented_samples=0, body_part=body_part, seed=seed,
                 positives=lc["positives"], learning_curve=True), lc["predictions"])
-        for variant in variants:
+        for variant in plan.variants:
             scored = score_stage(config, run, variant.key, blended[variant.key],
                                  _scorer(variant, seed, baseline, scorers or {}), seed)
             grid = thresholds if primary else (result.chosen[variant.key],)
-            arm = _train_arm(config, run, body_part, fracture, variant, scored, seed, grid,
-                             primary)
+            arm = _train_arm(config, run, body_part, fracture, _Arm(variant, seed, {}, scored),
+                             grid, primary)
             if primary:
                 _publish_arm(config, data_uri, run, body_part, arm, baseline, result)
         if primary:
             result.models["baseline"] = baseline["model"]
-            _publish_baseline(config, body_part, baseline, result, variants)
+            _publish_baseline(config, body_part, baseline, result, plan.variants)
     result.markdown = render_report_from_predictions(run, config.eval)
     result.report_uri = storage.join(run, "report")
     return result

@@ -33,7 +33,15 @@ from boneaug.runtime import (
     setup,
 )
 from boneaug.synth.cohort import generated_with
-from boneaug.workflow import COPY_PASTE, ORACLE, OWN, Variant, ensure_cohort, run_body_part
+from boneaug.workflow import (
+    COPY_PASTE,
+    ORACLE,
+    OWN,
+    Plan,
+    Variant,
+    ensure_cohort,
+    run_body_part,
+)
 
 TL_G = Variant("tl_g", "TL_G", unit_from="humerus")
 TL_G_PL = Variant("tl_g_pl", "TL_G + TL_PL", unit_from="humerus", scorer_from="humerus")
@@ -81,12 +89,11 @@ def main() -> None:
             continue
         if not generated_with(data, part, config.synth, seed=config.synth.seed):
             variants = tuple(v for v in variants if v is not ORACLE)  # a real cohort: no phantom
+        plan = Plan(variants=variants, thresholds=thresholds, seeds=seeds,
+                    learning_curve=config.eval.learning_curve if part == "humerus" else ())
         result = run_body_part(config, part,  # type: ignore[arg-type]
-                               data_uri=data, out_uri=out, synthesize=False, variants=variants,
-                               thresholds=thresholds,
-                               seeds=seeds, scorers=scorers,
-                               learning_curve=config.eval.learning_curve if part == "humerus"
-                               else ())
+                               data_uri=data, out_uri=out, synthesize=False, plan=plan,
+                               scorers=scorers)
         scorers[part] = result.baselines
         png = result.figures.get(variants[0].key)
         chosen = ", ".join(f"{k}: t = {t:.2f}" for k, t in result.chosen.items())

@@ -67,7 +67,7 @@ def main(data_uri: str, tracking_uri: str, out_json: str) -> None:
     from ray.cluster_utils import Cluster
 
     from boneaug.config import load_config
-    from boneaug.workflow import ensure_cohort, run_body_part
+    from boneaug.workflow import Plan, ensure_cohort, run_body_part
 
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={
         "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
@@ -85,7 +85,7 @@ def main(data_uri: str, tracking_uri: str, out_json: str) -> None:
         })
         ensure_cohort(config, data_uri, ["tibia"], synthesize=True)
         result = run_body_part(config, "tibia", data_uri=data_uri, out_uri=data_uri,
-                               synthesize=False, thresholds=(0.5,))
+                               synthesize=False, plan=Plan(thresholds=(0.5,)))
 
         port = _free_port()
         # one proxy, on the head: every node of this one-machine cluster shares 127.0.0.1
