@@ -81,17 +81,15 @@ def in_process(config, translator, scorer) -> Callable[[bytes, int], int]:  # no
     bytes."""
     from boneaug import serving
 
-    settings = config.patches.body_parts[BODY_PART]
+    recipe = serving.Recipe.from_config(config, BODY_PART)
     models = {"translator": {"name": f"boneaug-unit-{BODY_PART}", "version": "1"},
               "scorer": {"name": f"boneaug-drn-{BODY_PART}", "version": "1"}}
 
     def run(upload: bytes, seed: int) -> int:
         image = serving.decode_radiograph(upload)
         result = serving.synthesise(
-            image.pixels, None, translate=lambda p: serving.run_translator(translator, p),
-            score=lambda x: serving.run_scorer(scorer, x), size=config.patches.size, s=settings.s,
-            n=config.augment.blend_n, score_hw=(config.image.height, config.image.width),
-            min_mean_intensity=config.patches.min_mean_intensity, rng=np.random.default_rng(seed))
+            image.pixels, None, recipe, translate=lambda p: serving.run_translator(translator, p),
+            score=lambda x: serving.run_scorer(scorer, x), rng=np.random.default_rng(seed))
         data, _ = serving.encode_result(image, result, "dicom", n=config.augment.blend_n,
                                         models=models)
         parts = [data, serving.encode_png(result.translated), serving.encode_png(result.patch)]

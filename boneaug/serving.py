@@ -44,6 +44,7 @@ from boneaug.data.patches import Box, crop_resize, square_crop
 from boneaug.errors import BoneaugError, DataError
 
 if TYPE_CHECKING:
+    from boneaug.config import BoneaugConfig
     from boneaug.io.dicom import XrayImage
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -316,49 +317,58 @@ class LesionResult:
     probability: float
 
 
-def place_and_cut(
-    image: np.ndarray,
-    box: Sequence[int] | None,
-    *,
-    size: int,
-    s: float,
-    min_mean_intensity: float,
-    rng: np.random.Generator,
-) -> tuple[Box, Box, np.ndarray]:
+@dataclass(frozen=True)
+class Recipe:
+    """How one lesion is made (SPEC 2-4): the UNIT patch side, the patch rule's s, the blend
+    exponent n, the classifier's input (height, width) and the auto box's bone threshold."""
+
+    size: int
+    s: float
+    n: float
+    score_hw: tuple[int, int]
+    min_mean_intensity: float
+
+    @classmethod
+    def from_config(cls, config: BoneaugConfig, body_part: str, *,
+                    n: float | None = None) -> Recipe:
+        """The config's recipe for `body_part`; `n` overrides the config's blend exponent."""
+        return cls(size=config.patches.size, s=config.patches.body_parts[body_part].s,
+                   n=config.augment.blend_n if n is None else n,
+                   score_hw=(config.image.height, config.image.width),
+                   min_mean_intensity=config.patches.min_mean_intensity)
+
+
+def place_and_cut(image: np.ndarray, box: Sequence[int] | None, recipe: Recipe, *,
+                  rng: np.random.Generator) -> tuple[Box, Box, np.ndarray]:
     """The client's box (checked) or an automatic one -> (box, crop, (S, S) patch)."""
-    chosen = (auto_box(image, min_mean_intensity=min_mean_intensity, rng=rng) if box is None
-              else check_box(box, image.shape))
-    crop, patch = cut_patch(image, chosen, s=s, size=size, rng=rng)
+    chosen = (auto_box(image, min_mean_intensity=recipe.min_mean_intensity, rng=rng)
+              if box is None else check_box(box, image.shape))
+    crop, patch = cut_patch(image, chosen, s=recipe.s, size=recipe.size, rng=rng)
     return chosen, crop, patch
 
 
-def blend_and_fit(image: np.ndarray, translated: np.ndarray, crop: Sequence[int], *, n: float,
-                  score_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def blend_and_fit(image: np.ndarray, translated: np.ndarray, crop: Sequence[int],
+                  recipe: Recipe) -> tuple[np.ndarray, np.ndarray]:
     """Paste the translated (S, S) patch back -> (blended (H, W), classifier input score_hw)."""
-    blended = paste_blended(image, translated, crop, n=n)
-    return blended, fit_pad(blended, score_hw)
+    blended = paste_blended(image, translated, crop, n=recipe.n)
+    return blended, fit_pad(blended, recipe.score_hw)
 
 
 def synthesise(
     image: np.ndarray,
     box: Sequence[int] | None,
+    recipe: Recipe,
     *,
     translate: Callable[[np.ndarray], np.ndarray],
     score: Callable[[np.ndarray], np.ndarray],
-    size: int,
-    s: float,
-    n: float,
-    score_hw: tuple[int, int],
-    min_mean_intensity: float,
     rng: np.random.Generator,
 ) -> LesionResult:
     """Place (or pick), cut, translate, blend and score one lesion; `translate` maps (N,1,S,S) ->
     (N,1,S,S) and `score` maps (N,1,H,W) -> (N,) probabilities. The service runs the same steps
     with the two model calls going to its deployments."""
-    chosen, crop, patch = place_and_cut(image, box, size=size, s=s,
-                                        min_mean_intensity=min_mean_intensity, rng=rng)
+    chosen, crop, patch = place_and_cut(image, box, recipe, rng=rng)
     translated = translate(patch[None, None])[0, 0]
-    blended, fitted = blend_and_fit(image, translated, crop, n=n, score_hw=score_hw)
+    blended, fitted = blend_and_fit(image, translated, crop, recipe)
     probability = float(score(fitted[None, None])[0])
     return LesionResult(chosen, crop, patch, translated, blended, probability)
 
@@ -371,13 +381,13 @@ def encode_result(image: Radiograph, result: LesionResult, fmt: Literal["dicom",
     check_format(image, fmt)
     if fmt == "png":
         return encode_png(result.blended, bits=16), "image/png"
-    from boneaug.io.dicom import encode_derived
+    from boneaug.io.dicom import Derivation, encode_derived
 
     translator = models.get("translator", {})
-    data = encode_derived(result.blended, source=image.source, creator=creator,
-                          model_name=translator.get("name"),
-                          model_version=translator.get("version"),
-                          provenance=provenance(result, n=n, models=models))
+    data = encode_derived(result.blended, Derivation(
+        creator=creator, model_name=translator.get("name"),
+        model_version=translator.get("version"), provenance=provenance(result, n=n, models=models)),
+        source=image.source)
     return data, "application/dicom"
 
 

@@ -561,16 +561,14 @@ class Api:
                           n: float, seed: int) -> tuple[serving.LesionResult,
                                                         tuple[ModelOutput, ModelOutput]]:
         """`serving.synthesise`'s steps, with the two model calls going to the deployments."""
-        cfg = self._config
-        chosen, crop, patch = await asyncio.to_thread(
-            serving.place_and_cut, image, box, size=cfg.patches.size,
-            s=cfg.patches.body_parts[body_part].s,
-            min_mean_intensity=cfg.patches.min_mean_intensity, rng=np.random.default_rng(seed))
+        recipe = serving.Recipe.from_config(self._config, body_part, n=n)
+        chosen, crop, patch = await asyncio.to_thread(serving.place_and_cut, image, box, recipe,
+                                                      rng=np.random.default_rng(seed))
         translator = await self._call(self._translator.translate.remote(body_part,
                                                                         patch[None, None]))
         translated = np.array(translator.values[0, 0])  # a writable copy of the object store's
         blended, fitted = await asyncio.to_thread(serving.blend_and_fit, image, translated, crop,
-                                                  n=n, score_hw=self._score_hw)
+                                                  recipe)
         scorer = await self._call(self._scorer.score.remote(body_part, fitted[None, None]))
         probability = float(scorer.values.reshape(-1)[0])
         return (serving.LesionResult(chosen, crop, patch, translated, blended, probability),

@@ -211,11 +211,9 @@ def test_lesion_png_matches_the_in_process_pipeline(service: Service, image: np.
     unit = tracking.load_torch_model("models:/boneaug-unit-tibia@champion")
     drn = tracking.load_torch_model("models:/boneaug-drn-tibia@champion")
     local = serving.synthesise(
-        original, (50, 100, 78, 128), translate=lambda p: serving.run_translator(unit, p),
-        score=lambda x: serving.run_scorer(drn, x), size=config.patches.size,
-        s=config.patches.body_parts[BODY_PART].s, n=3.0,
-        score_hw=(config.image.height, config.image.width),
-        min_mean_intensity=config.patches.min_mean_intensity, rng=np.random.default_rng(5))
+        original, (50, 100, 78, 128), serving.Recipe.from_config(config, BODY_PART, n=3.0),
+        translate=lambda p: serving.run_translator(unit, p),
+        score=lambda x: serving.run_scorer(drn, x), rng=np.random.default_rng(5))
     assert list(local.crop) == body["crop"]
     assert body["score"] == pytest.approx(local.probability, abs=1e-5)
     assert np.abs(blended - local.blended).max() < 1e-4
