@@ -71,11 +71,12 @@ def png_bytes(pixels: np.ndarray, *, bits: int = 16) -> bytes:
 
 def dicom_bytes(pixels: np.ndarray) -> bytes:
     """A valid radiograph DICOM (Secondary Capture via boneaug.io.dicom.encode_derived)."""
-    from boneaug.io.dicom import encode_derived
+    from boneaug.io.dicom import Derivation, DerivedIds, encode_derived
 
-    return encode_derived(pixels, study_uid="1.2.826.0.1.3680043.8.498.1", patient_id="P-TEST",
-                          source_sop_uid="1.2.826.0.1.3680043.8.498.2",
-                          source_sop_class_uid="1.2.840.10008.5.1.4.1.1.1", creator="tests")
+    return encode_derived(pixels, Derivation(creator="tests"), ids=DerivedIds(
+        study_uid="1.2.826.0.1.3680043.8.498.1", patient_id="P-TEST",
+        source_sop_uid="1.2.826.0.1.3680043.8.498.2",
+        source_sop_class_uid="1.2.840.10008.5.1.4.1.1.1"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from boneaug import storage
 from boneaug.errors import DicomError
 from boneaug.io.dicom import (
     REASONS,
+    Derivation,
+    DerivedIds,
     Rejection,
     XrayImage,
     check_uris,
@@ -591,8 +593,9 @@ def test_encode_derived_round_trip(valid_12bit: tuple[bytes, np.ndarray]) -> Non
     source = decode_xray(data, path="source.dcm")
     pixels = np.clip(source.pixels + np.float32(0.05), 0, 1)  # "a lesion was added"
     provenance = {"n": 10, "t": 0.5, "score": 0.93125, "body_part": "tibia"}
-    written = encode_derived(pixels, source=source, creator="boneaug.augment",
-                             model_name="unit-tibia", model_version="3", provenance=provenance)
+    written = encode_derived(pixels, Derivation(creator="boneaug.augment", model_name="unit-tibia",
+                                                model_version="3", provenance=provenance),
+                             source=source)
     image = decode_xray(written, path="derived.dcm")
     assert np.abs(image.pixels - pixels).max() <= 0.5 / 4095 + 1e-6  # 12-bit quantisation
     assert image.bits_stored == 12 and image.photometric == "MONOCHROME2"
@@ -613,8 +616,8 @@ def test_encode_derived_round_trip(valid_12bit: tuple[bytes, np.ndarray]) -> Non
     assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     assert ds.BitsStored == 12 and int(ds.pixel_array.max()) <= 4095
 
-    again = decode_xray(encode_derived(pixels, source=source, creator="boneaug", model_name="m",
-                                       model_version="1", provenance={}))
+    again = decode_xray(encode_derived(pixels, Derivation(model_name="m", model_version="1"),
+                                       source=source))
     assert again.sop_uid not in (image.sop_uid, source.sop_uid)
     assert again.series_uid != image.series_uid and again.study_uid == source.study_uid
 
@@ -623,17 +626,14 @@ def test_encode_derived_adjusts_spacing_and_takes_explicit_uids(
         valid_12bit: tuple[bytes, np.ndarray]) -> None:
     data, _ = valid_12bit
     fitted = decode_xray(data, target=(128, 64))  # scale 0.32: spacing 0.15 / 0.32
-    written = encode_derived(fitted.pixels, source=fitted, creator="boneaug", model_name=None,
-                             model_version=None, provenance={"t": 0.5})
+    written = encode_derived(fitted.pixels, Derivation(provenance={"t": 0.5}), source=fitted)
     spacing = decode_xray(written).pixel_spacing_mm
     assert spacing is not None and spacing[0] == pytest.approx(0.15 / fitted.scale, rel=1e-5)
 
     series = generate_uid()
-    bare = encode_derived(np.zeros((8, 6), np.float32), source=None, study_uid="1.2.3.4",
-                          patient_id="X", source_sop_uid="1.2.3.4.5",
-                          source_sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
-                          series_uid=series, creator="c", model_name=None, model_version=None,
-                          provenance={})
+    bare = encode_derived(np.zeros((8, 6), np.float32), Derivation(creator="c"), ids=DerivedIds(
+        study_uid="1.2.3.4", patient_id="X", source_sop_uid="1.2.3.4.5",
+        source_sop_class_uid="1.2.840.10008.5.1.4.1.1.1", series_uid=series))
     ds = pydicom.dcmread(io.BytesIO(bare))
     assert (ds.StudyInstanceUID == "1.2.3.4" and ds.SeriesInstanceUID == series
             and ds.PatientID == "X")
@@ -643,14 +643,11 @@ def test_encode_derived_adjusts_spacing_and_takes_explicit_uids(
 
 def test_encode_derived_refuses_bad_input() -> None:
     with pytest.raises(ValueError, match="2-D"):
-        encode_derived(np.zeros((2, 3, 3)), source=None, creator="c", model_name=None,
-                       model_version=None, provenance={})
+        encode_derived(np.zeros((2, 3, 3)))
     with pytest.raises(ValueError, match="NaN"):
-        encode_derived(np.full((2, 2), np.nan), source=None, creator="c", model_name=None,
-                       model_version=None, provenance={})
+        encode_derived(np.full((2, 2), np.nan))
     with pytest.raises(ValueError, match="finite"):
-        encode_derived(np.zeros((2, 2)), source=None, creator="c", model_name=None,
-                       model_version=None, provenance={"t": float("inf")})
+        encode_derived(np.zeros((2, 2)), Derivation(provenance={"t": float("inf")}))
 
 
 # ---------------------------------------------------------------------------------------------

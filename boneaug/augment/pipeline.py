@@ -295,7 +295,7 @@ def write_derived_dicoms(
     """One derived DICOM per kept image (full resolution, blended), with provenance; returns
     URIs."""
     from boneaug.augment.blend import paste_blended
-    from boneaug.io.dicom import decode_xray, encode_derived
+    from boneaug.io.dicom import Derivation, decode_xray, encode_derived
 
     images = storage.read_parquet(storage.join(run_uri, "images"), columns=["image_id", "key"])
     keys = dict(zip(images.column("image_id").to_pylist(), images.column("key").to_pylist(),
@@ -307,13 +307,11 @@ def write_derived_dicoms(
         size = int(np.sqrt(len(row["translated"]) // 2))
         blended = paste_blended(source.pixels, decode_pixels(row["translated"], size, size),
                                 row["crop"], n=row["n"])
-        data = encode_derived(
-            blended, source=source, creator="boneaug", model_name=row["unit_model"],
-            model_version=row["unit_version"],
+        data = encode_derived(blended, Derivation(
+            model_name=row["unit_model"], model_version=row["unit_version"],
             provenance={"n": row["n"], "t": t, "score": round(float(row["score"]), 6),
                         "scorer": f"{row['scorer_model']}/{row['scorer_version']}",
-                        "crop": ",".join(map(str, row["crop"]))},
-        )
+                        "crop": ",".join(map(str, row["crop"]))}), source=source)
         target = storage.join(out_uri, f"{row['image_id']}.dcm")
         storage.write_bytes(target, data)
         written.append(target)

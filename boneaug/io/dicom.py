@@ -40,7 +40,7 @@ import logging
 import math
 import struct
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
@@ -695,36 +695,46 @@ def _value_range(values: np.ndarray, ds: Any) -> tuple[float, float]:
 # writing
 
 
-def encode_derived(
-    pixels: np.ndarray,
-    *,
-    source: XrayImage | None = None,
-    study_uid: str | None = None,
-    patient_id: str | None = None,
-    source_sop_uid: str | None = None,
-    source_sop_class_uid: str | None = None,
-    creator: str = "boneaug",
-    model_name: str | None = None,
-    model_version: str | None = None,
-    provenance: Mapping[str, str | float] | None = None,
-    description: str = "synthetic lesion translated and blended into a radiograph",
-    pixel_spacing_mm: tuple[float, float] | None = None,
-    series_uid: str | None = None,
-    sop_uid: str | None = None,
-    series_number: int = 9001,
-    instance_number: int = 1,
-    created: datetime | None = None,
-) -> bytes:
+@dataclass(frozen=True, kw_only=True)
+class Derivation:
+    """What made a derived image: written to its series description, derivation description,
+    contributing equipment, private block and Image Comments. `provenance` (e.g. {"n": 10,
+    "t": 0.5, "score": 0.93}) must hold finite numbers and strings; see the module docstring."""
+
+    creator: str = "boneaug"
+    model_name: str | None = None
+    model_version: str | None = None
+    provenance: Mapping[str, str | float] = field(default_factory=dict)
+    description: str = "synthetic lesion translated and blended into a radiograph"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DerivedIds:
+    """Where a derived image goes and what it is called. Each value given wins over what the
+    source image provides; left None, the source's is used, else a new UID (or none)."""
+
+    study_uid: str | None = None
+    patient_id: str | None = None
+    source_sop_uid: str | None = None
+    source_sop_class_uid: str | None = None
+    pixel_spacing_mm: tuple[float, float] | None = None
+    series_uid: str | None = None  # group many derived images in one series
+    sop_uid: str | None = None
+    series_number: int = 9001
+    instance_number: int = 1
+    created: datetime | None = None
+
+
+def encode_derived(pixels: np.ndarray, derivation: Derivation = Derivation(), *,
+                   source: XrayImage | None = None, ids: DerivedIds = DerivedIds()) -> bytes:
     """A derived radiograph as DICOM bytes (Secondary Capture, DERIVED\\SECONDARY, 12-bit
     MONOCHROME2).
 
-    pixels: (H, W) float in [0, 1], bone bright. `source` (or the explicit `study_uid`,
-    `patient_id`, `source_sop_uid`, `source_sop_class_uid`, which win over it) places the image in
-    the source's study and references the source SOP instance; the series and SOP instance are new
-    (pass `series_uid` to group many derived images in one series). Pixel spacing: the explicit
-    one, else the source's adjusted for resizing (divided by `source.scale` when the source was read
-    with a target, else scaled by the size ratio). `provenance` (e.g. {"n": 10, "t": 0.5,
-    "score": 0.93}) goes to the private block and Image Comments; see the module docstring.
+    pixels: (H, W) float in [0, 1], bone bright. `source` (or the explicit `ids`, which win over
+    it) places the image in the source's study and references the source SOP instance; the
+    series and SOP instance are new. Pixel spacing: the explicit one, else the source's adjusted
+    for resizing (divided by `source.scale` when the source was read with a target, else scaled
+    by the size ratio).
     """
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -736,20 +746,22 @@ def encode_derived(
         raise ValueError(f"encode_derived expects a 2-D (H, W) image, got shape {image.shape}")
     if not np.isfinite(image).all():
         raise ValueError("encode_derived: pixels contain NaN or infinity")
-    provenance_json = _provenance_json(provenance or {})
+    provenance_json = _provenance_json(derivation.provenance)
     rows, columns = image.shape
     stored = np.rint(np.clip(image.astype(np.float32), 0.0, 1.0) * 4095.0).astype("<u2")  # (H, W)
 
-    study = study_uid or (source.study_uid if source else None) or generate_uid()
-    patient = patient_id or (source.patient_id if source else None) or ""
-    ref_sop = source_sop_uid or (source.sop_uid if source else None)
-    ref_class = source_sop_class_uid or (source.sop_class_uid if source else None) or \
+    study = ids.study_uid or (source.study_uid if source else None) or generate_uid()
+    patient = ids.patient_id or (source.patient_id if source else None) or ""
+    ref_sop = ids.source_sop_uid or (source.sop_uid if source else None)
+    ref_class = ids.source_sop_class_uid or (source.sop_class_uid if source else None) or \
         _SOP_CLASS_BY_MODALITY.get((source.modality or "") if source else "", _SECONDARY_CAPTURE)
-    spacing = pixel_spacing_mm or _derived_spacing(source, rows, columns)
-    when = created or datetime.now(UTC)
+    spacing = ids.pixel_spacing_mm or _derived_spacing(source, rows, columns)
+    when = ids.created or datetime.now(UTC)
     date, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S.%f")
-    sop = sop_uid or generate_uid()
+    sop = ids.sop_uid or generate_uid()
     version = _boneaug_version()
+    creator, description = derivation.creator, derivation.description
+    model_name, model_version = derivation.model_name, derivation.model_version
     model = " ".join(v for v in (model_name, model_version) if v) or "no model"
 
     ds = Dataset()
@@ -792,9 +804,9 @@ def encode_derived(
     if source and source.view:
         ds.ViewPosition = source.view
     ds.StudyInstanceUID = study
-    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.SeriesInstanceUID = ids.series_uid or generate_uid()
     ds.StudyID = ""
-    ds.SeriesNumber, ds.InstanceNumber = series_number, instance_number
+    ds.SeriesNumber, ds.InstanceNumber = ids.series_number, ids.instance_number
     ds.PatientOrientation = ""
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
