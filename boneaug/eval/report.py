@@ -1137,10 +1137,12 @@ def from_json(data: Mapping[str, Any]) -> Table:
 # --------------------------------------------------------------------------- the paper's numbers
 
 
-def _paper_row(
-    key: str, type_: str, t: float | None, samples: int | None,
-    auc: float, low: float, high: float, sens: float, spec: float, op: float, significant: bool,
-) -> ReportRow:
+def _paper_row(key: str, type_: str, t: float | None, samples: int | None,
+               numbers: tuple[float, float, float, float, float, float],
+               significant: bool) -> ReportRow:
+    """One transcribed row; numbers = (AUC, CI low, CI high, sensitivity, specificity, operating
+    point), as the paper's columns give them."""
+    auc, low, high, sens, spec, op = numbers
     result = AucResult(auc=auc, ci_low=low, ci_high=high, ci=0.95, baseline="baseline",
                        significant=significant)
     return ReportRow(key=key, type=type_, t=t, augmented_samples=samples, model_name=None,
@@ -1160,11 +1162,11 @@ def paper_tables() -> dict[str, Table]:
         title="Paper Table 2: humerus, ablation of t",
         body_part="humerus",
         rows=(
-            r("baseline", "Baseline", 0.0, 0, 0.876, 0.817, 0.926, 0.9, 0.776, 0.455, False),
-            r("augmented_t0.70", aug, 0.70, 1412, 0.882, 0.829, 0.928, 0.80, 0.842, 0.390, False),
-            r("augmented_t0.85", aug, 0.85, None, 0.899, 0.854, 0.939, 0.82, 0.802, 0.086, False),
-            r("augmented_t0.90", aug, 0.90, None, 0.924, 0.889, 0.955, 0.84, 0.798, 0.058, True),
-            r("augmented_t0.95", aug, 0.95, None, 0.877, 0.820, 0.926, 0.90, 0.766, 0.273, False),
+            r("baseline", "Baseline", 0.0, 0, (0.876, 0.817, 0.926, 0.9, 0.776, 0.455), False),
+            r("augmented_t0.70", aug, 0.70, 1412, (0.882, 0.829, 0.928, 0.80, 0.842, 0.390), False),
+            r("augmented_t0.85", aug, 0.85, None, (0.899, 0.854, 0.939, 0.82, 0.802, 0.086), False),
+            r("augmented_t0.90", aug, 0.90, None, (0.924, 0.889, 0.955, 0.84, 0.798, 0.058), True),
+            r("augmented_t0.95", aug, 0.95, None, (0.877, 0.820, 0.926, 0.90, 0.766, 0.273), False),
         ),
         baseline="baseline", n_test_pos=50, n_test_neg=500, source="paper",
         notes=("The paper gives 1412 augmented samples on the t = 0.70 row only and leaves the "
@@ -1175,10 +1177,10 @@ def paper_tables() -> dict[str, Table]:
         title="Paper Table 3a: tibia",
         body_part="tibia",
         rows=(
-            r("baseline", "Baseline", None, 0, 0.618, 0.532, 0.705, 0.54, 0.652, 0.300, False),
-            r("augmented", aug, None, 124, 0.640, 0.547, 0.732, 0.6, 0.542, 0.244, False),
-            r("tl_g", tlg, None, 118, 0.642, 0.550, 0.735, 0.52, 0.66, 0.290, False),
-            r("tl_g_tl_pl", tlgpl, None, 1264, 0.698, 0.610, 0.785, 0.74, 0.464, 0.066, True),
+            r("baseline", "Baseline", None, 0, (0.618, 0.532, 0.705, 0.54, 0.652, 0.300), False),
+            r("augmented", aug, None, 124, (0.640, 0.547, 0.732, 0.6, 0.542, 0.244), False),
+            r("tl_g", tlg, None, 118, (0.642, 0.550, 0.735, 0.52, 0.66, 0.290), False),
+            r("tl_g_tl_pl", tlgpl, None, 1264, (0.698, 0.610, 0.785, 0.74, 0.464, 0.066), True),
         ),
         baseline="baseline", n_test_pos=50, n_test_neg=500, source="paper",
         notes=("Table 3 has no t column; the paper's grid search chose t_tibia = 0.9 (section 5). "
@@ -1189,9 +1191,9 @@ def paper_tables() -> dict[str, Table]:
         title="Paper Table 3b: femur",
         body_part="femur",
         rows=(
-            r("baseline", "Baseline", None, 0, 0.533, 0.441, 0.627, 0.64, 0.376, 0.010, False),
-            r("tl_g", tlg, None, 579, 0.601, 0.504, 0.695, 0.56, 0.61, 0.012, True),
-            r("tl_g_tl_pl", tlgpl, None, 1342, 0.682, 0.594, 0.764, 0.66, 0.67, 0.008, True),
+            r("baseline", "Baseline", None, 0, (0.533, 0.441, 0.627, 0.64, 0.376, 0.010), False),
+            r("tl_g", tlg, None, 579, (0.601, 0.504, 0.695, 0.56, 0.61, 0.012), True),
+            r("tl_g_tl_pl", tlgpl, None, 1342, (0.682, 0.594, 0.764, 0.66, 0.67, 0.008), True),
         ),
         baseline="baseline", n_test_pos=50, n_test_neg=500, source="paper",
         notes=("No femur translation model could be trained in the paper; t_femur = 0.95 "

@@ -438,27 +438,40 @@ def focus_point(patient: PatientSpec, omega_deg: float) -> tuple[float, float] |
     return ps, pt
 
 
-def bone_to_pixel(s: float, t: float, *, s_c: float, t_c: float, rotation_deg: float,
-                  mirror: bool, spacing_mm: float, height: int, width: int) -> tuple[float, float]:
+@dataclass(frozen=True)
+class Frame:
+    """A stored image's framing of the bone: the frame centre shows bone point (s_c, t_c) in mm,
+    the bone axis is turned by `rotation_deg`, `mirror` flips t; `spacing_mm` per pixel of the
+    (height, width) image."""
+
+    s_c: float
+    t_c: float
+    rotation_deg: float
+    mirror: bool
+    spacing_mm: float
+    height: int
+    width: int
+
+
+def bone_to_pixel(s: float, t: float, frame: Frame) -> tuple[float, float]:
     """Stored-image pixel coordinates (px = column, py = row; pixel i spans [i, i + 1)) of the
-    projected bone point (s, t) in mm, for a frame centred on bone point (s_c, t_c).
+    projected bone point (s, t) in mm under `frame`.
 
     The one place that maps bone coordinates to stored pixels outside the renderer: framing
     (`sample_image`) and lesion placement on a stored image (`phantom`) must agree with each
     other and with `raster.Placement`, which the renderer uses on its working grid.
     """
-    th = math.radians(rotation_deg)
-    ds, dt = s - s_c, (t - t_c) * (-1 if mirror else 1)
-    px = width / 2 + (ds * math.sin(th) + dt * math.cos(th)) / spacing_mm
-    py = height / 2 + (ds * math.cos(th) - dt * math.sin(th)) / spacing_mm
+    th = math.radians(frame.rotation_deg)
+    ds, dt = s - frame.s_c, (t - frame.t_c) * (-1 if frame.mirror else 1)
+    px = frame.width / 2 + (ds * math.sin(th) + dt * math.cos(th)) / frame.spacing_mm
+    py = frame.height / 2 + (ds * math.cos(th) - dt * math.sin(th)) / frame.spacing_mm
     return px, py
 
 
 def image_pixel(spec: ImageSpec, s: float, t: float) -> tuple[float, float]:
     """`bone_to_pixel` with the framing of a sampled image."""
-    return bone_to_pixel(s, t, s_c=spec.s_c, t_c=spec.t_c, rotation_deg=spec.rotation_deg,
-                         mirror=spec.mirror, spacing_mm=spec.spacing_mm, height=spec.height,
-                         width=spec.width)
+    return bone_to_pixel(s, t, Frame(spec.s_c, spec.t_c, spec.rotation_deg, spec.mirror,
+                                     spec.spacing_mm, spec.height, spec.width))
 
 
 def sample_image(
@@ -493,8 +506,7 @@ def sample_image(
         if target is None:
             break
         # the lesion centre / fracture site must project well inside the frame
-        px, py = bone_to_pixel(target[0], target[1], s_c=s_c, t_c=t_c, rotation_deg=rotation,
-                               mirror=mirror, spacing_mm=spacing, height=height, width=width)
+        px, py = bone_to_pixel(*target, Frame(s_c, t_c, rotation, mirror, spacing, height, width))
         if 0.12 * width < px < 0.88 * width and 0.1 * height < py < 0.9 * height:
             break
     exposure = _exposure(patient.body_part, var, rng)
@@ -525,10 +537,8 @@ def sample_spec(
     fracture: bool = False,
     conspicuity: float | None = None,
     view: str | None = None,
-    patient: PatientSpec | None = None,
 ) -> ImageSpec:
-    """A complete image spec: a new patient (unless given) and one radiograph of them."""
-    if patient is None:
-        patient = sample_patient(body_part, rng, lesion=lesion, confounders=confounders,
-                                 fracture=fracture, conspicuity=conspicuity)
+    """A complete image spec: a new patient and one radiograph of them."""
+    patient = sample_patient(body_part, rng, lesion=lesion, confounders=confounders,
+                             fracture=fracture, conspicuity=conspicuity)
     return sample_image(patient, config, rng, view=view)
