@@ -169,6 +169,13 @@ class UnitConfig(_Section):
     disc_standardize: bool = Field(
         False, description="D sees each patch standardised (zero mean, unit sd); the published "
                            "D does not")
+    disc_augment: tuple[Literal["brightness", "contrast", "translation", "cutout"], ...] = Field(
+        (), description="DiffAugment ops (boneaug.models.diffaugment) applied to real and "
+                        "generated patches at every D call, in D's and G's step; () = off, as "
+                        "published")
+    disc_augment_strength: float = Field(
+        1.0, ge=0, le=1, description="scales every DiffAugment op's magnitude (1 = the "
+                                     "reference's; 0 = identity)")
     lambda_gan: float = Field(10.0, ge=0, description="lambda0")
     lambda_kl: float = Field(0.1, ge=0, description="lambda1")
     lambda_recon: float = Field(100.0, ge=0, description="lambda2")

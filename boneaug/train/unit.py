@@ -50,7 +50,7 @@ import io
 import logging
 import math
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from boneaug.data.datasets import FEED_CPUS
 from boneaug.errors import DataError
+from boneaug.models.diffaugment import DiffAugment
 from boneaug.models.precision import autocast
 from boneaug.models.unit import UNIT, Discriminators, ForwardPlan, UnitArch, UnitOutputs
 from boneaug.progress import quiet_ray
@@ -146,6 +147,13 @@ def lsgan_d_loss(real_outs: list[Tensor], fake_outs: list[Tensor]) -> Tensor:
 
 
 # ---- one iteration -------------------------------------------------------------------------------
+Augment = Callable[[Tensor], Tensor]  # what D's inputs pass through (DiffAugment), both steps
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (or the module itself)."""
     return getattr(module, "module", module)
@@ -189,20 +197,23 @@ def d_step(
     *,
     weights: LossWeights,
     optimizer: torch.optim.Optimizer,
+    augment: Augment | None = None,
 ) -> dict[str, Tensor]:
     """Step 2: update D_h, D_l on real batches and the detached translations; detached losses.
 
     One forward of the (wrapped) `Discriminators` scores [x_lh; x_h] with D_h and [x_hl; x_l]
-    with D_l. Returns {} and does nothing when lambda_gan is 0.
+    with D_l, each batch through `augment` first (DiffAugment). Returns {} and does nothing when
+    lambda_gan is 0.
     """
     if weights.gan == 0:
         return {}
     assert out.x_hl is not None and out.x_lh is not None  # the plan computes them when gan > 0
     optimizer.zero_grad(set_to_none=True)
     n_h, n_l = len(out.x_lh), len(out.x_hl)
+    aug = augment or _identity
     with autocast(x_h.device):
-        outs_h, outs_l = dis(torch.cat([out.x_lh.detach().to(x_h.dtype), x_h]),
-                             torch.cat([out.x_hl.detach().to(x_l.dtype), x_l]))
+        outs_h, outs_l = dis(aug(torch.cat([out.x_lh.detach().to(x_h.dtype), x_h])),
+                             aug(torch.cat([out.x_hl.detach().to(x_l.dtype), x_l])))
     loss_h = lsgan_d_loss([o[n_h:] for o in outs_h], [o[:n_h] for o in outs_h])
     loss_l = lsgan_d_loss([o[n_l:] for o in outs_l], [o[:n_l] for o in outs_l])
     total = weights.gan * (loss_h + loss_l)
@@ -219,14 +230,17 @@ def g_step(
     *,
     weights: LossWeights,
     optimizer: torch.optim.Optimizer,
+    augment: Augment | None = None,
 ) -> dict[str, Tensor]:
     """Step 3: the generator loss on step 1's graph (adversarial term against the current,
-    frozen D), backward, G's optimiser step; returns the detached terms and their total."""
+    frozen D, which sees the translations through `augment`), backward, G's optimiser step;
+    returns the detached terms and their total."""
     w = weights
     terms: dict[str, tuple[float, Tensor]] = {}
     if w.gan > 0:
+        aug = augment or _identity
         with frozen(dis) as net, autocast(x_h.device):
-            outs_h, outs_l = net(out.x_lh, out.x_hl)
+            outs_h, outs_l = net(aug(out.x_lh), aug(out.x_hl))
         terms["gan_h"] = (w.gan, lsgan_g_loss(outs_h))
         terms["gan_l"] = (w.gan, lsgan_g_loss(outs_l))
     if w.kl > 0:
@@ -297,13 +311,15 @@ def train_iteration(
     weights: LossWeights,
     optimizers: Optimizers,
     generator: torch.Generator | None = None,
+    augment: Augment | None = None,
 ) -> dict[str, Tensor]:
-    """One UNIT iteration (G forward once, D step, G step, schedulers); detached losses."""
+    """One UNIT iteration (G forward once, D step, G step, schedulers); detached losses.
+    `augment` (DiffAugment) transforms every batch D sees, in both steps."""
     unit.train()
     dis.train()
     out = generate(unit, x_h, x_l, weights=weights, generator=generator)
-    losses = d_step(dis, out, x_h, x_l, weights=weights, optimizer=optimizers.d)
-    losses |= g_step(dis, out, x_h, x_l, weights=weights, optimizer=optimizers.g)
+    losses = d_step(dis, out, x_h, x_l, weights=weights, optimizer=optimizers.d, augment=augment)
+    losses |= g_step(dis, out, x_h, x_l, weights=weights, optimizer=optimizers.g, augment=augment)
     optimizers.g_sched.step()
     if weights.gan > 0:  # D is not trained without the adversarial term
         optimizers.d_sched.step()
@@ -526,8 +542,39 @@ def _report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
 
 
 # what rank 0 logs to the console every sample_every iterations (all of it goes to MLflow)
-PROGRESS_KEYS = ("loss/d_total", "loss/g_total", "loss/recon_h", "loss/cyc_h",
+PROGRESS_KEYS = ("loss/d_total", "loss/g_total", "loss/recon_h", "loss/cyc_h", "d/auc_l",
                  "quality/frac_translated", "quality/frac_source")
+
+
+@torch.no_grad()
+def discriminator_aucs(unit: UNIT, dis: Discriminators, *, lesion: np.ndarray,
+                       normal: np.ndarray, source: np.ndarray) -> dict[str, float]:
+    """How well each D tells real from translated, as ROC AUC of its mean score (all scales):
+    D_l on real lesion patches against translations of `source` patches (which G never trains
+    on), D_h on real normal patches against translations of the lesion patches. 0.5 is a D at
+    the constant point, where only the reconstruction and cycle terms shape G. No augmentation."""
+    from boneaug.augment.translate import translate_patches
+    from boneaug.eval.metrics import roc_auc
+
+    device = next(dis.parameters()).device
+    was_training = dis.training
+    dis.eval()
+
+    def scores(net: nn.Module, patches: np.ndarray) -> np.ndarray:  # [0, 1] patches
+        x = torch.from_numpy(np.ascontiguousarray(patches, np.float32)).to(device) * 2 - 1
+        with autocast(device):
+            outs = net(x)
+        return torch.stack([o.float().mean((1, 2, 3)) for o in outs]).mean(0).cpu().numpy()
+
+    def auc(net: nn.Module, real: np.ndarray, fake: np.ndarray) -> float:
+        labels = np.r_[np.ones(len(real)), np.zeros(len(fake))]
+        return roc_auc(labels, np.r_[scores(net, real), scores(net, fake)])
+
+    h2l = translate_patches(unit.translator("h2l"), source, batch_size=64)
+    l2h = translate_patches(unit.translator("l2h"), lesion, batch_size=64)
+    result = {"d/auc_l": auc(dis.dis_l, lesion, h2l), "d/auc_h": auc(dis.dis_h, normal, l2h)}
+    dis.train(was_training)
+    return result
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -550,6 +597,7 @@ class _Rank0:
         uri = loop.tracking_uri
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         self.probe = None
+        self.sets: dict[str, np.ndarray] = {}
         if loop.critic is not None:
             from boneaug.eval.quality import PatchCritic, QualityProbe
 
@@ -558,6 +606,7 @@ class _Rank0:
             spec = loop.critic
             self.probe = QualityProbe(critic, spec["source"], threshold=spec["threshold"],
                                       lesion=spec["lesion"], normal=spec["normal"])
+            self.sets = {"lesion": spec["lesion"], "normal": spec["normal"]}
         self.samples: tuple[Tensor, Tensor] | None = None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -580,8 +629,9 @@ class _Rank0:
                         torch.cat([kept_l, x_l.detach()])[:count].clone())
 
     @torch.no_grad()
-    def sample_and_probe(self, unit: nn.Module, step: int) -> dict[str, float]:
-        """Log a sample grid PNG and (with a probe) the quality signal; returns its metrics."""
+    def sample_and_probe(self, unit: nn.Module, dis: nn.Module, step: int) -> dict[str, float]:
+        """Log a sample grid PNG and (with a probe) the quality signal and the discriminators'
+        real-vs-translated AUCs; returns the metrics."""
         from boneaug.augment.translate import translate_patches
 
         net: UNIT = unwrap(unit)  # type: ignore[assignment]
@@ -598,7 +648,9 @@ class _Rank0:
         if self.probe is not None:
             translator = net.translator("h2l")
             signal = self.probe(lambda p: translate_patches(translator, p, batch_size=64))
-            metrics = signal.as_metrics()
+            metrics = signal.as_metrics() | discriminator_aucs(
+                net, unwrap(dis), lesion=self.sets["lesion"], normal=self.sets["normal"],
+                source=self.probe.source)
         net.train()
         return metrics
 
@@ -631,6 +683,16 @@ def _networks(config: UnitConfig, weights: LossWeights, arch: UnitArch, rank: in
     return unit_w, dis_w, optimizers, int(saved["iteration"])
 
 
+def disc_augment(config: UnitConfig, device: torch.device, seed: int) -> Augment | None:
+    """The config's DiffAugment policy with its own seeded generator; None when it is off (no
+    random numbers drawn, so a run without it is unchanged)."""
+    policy = DiffAugment(config.disc_augment, config.disc_augment_strength)
+    if not policy.active:
+        return None
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return lambda x: policy(x, generator)
+
+
 def _train_worker(train_loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train loop: DDP UNIT training from the last checkpoint to `config.iterations`, then
     (rank 0) the final weights, the registered translator and the manifest."""
@@ -655,6 +717,7 @@ def _train_worker(train_loop_config: dict[str, Any]) -> dict[str, Any] | None:
         for i, name in enumerate(("normal", "lesion"))
     }
     noise = torch.Generator(device=device).manual_seed(seed_for(config.seed, rank, start, 7))
+    augment = disc_augment(config, device, seed_for(config.seed, rank, start, 8))
     side = _Rank0(loop) if rank == 0 else None
     meter = LossMeter()
     last: dict[str, float] = {}
@@ -666,14 +729,14 @@ def _train_worker(train_loop_config: dict[str, Any]) -> dict[str, Any] | None:
         if side is not None:
             side.keep_samples(x_h, x_l)
         meter.add(train_iteration(unit_w, dis_w, x_h, x_l, weights=weights, optimizers=optimizers,
-                                  generator=noise))
+                                  generator=noise, augment=augment))
         if it % config.log_every == 0 or it == end:
             last = {f"loss/{k}": v for k, v in meter.reduce().items()}
             last["lr"] = optimizers.g.param_groups[0]["lr"]
             if side is not None:
                 side.log_metrics(last, it)
         if side is not None and (it % config.sample_every == 0 or it == end):
-            quality = side.sample_and_probe(unit_w, it)
+            quality = side.sample_and_probe(unit_w, dis_w, it)
             side.log_metrics(quality, it)
             shown = {k: v for k, v in (last | quality).items() if k in PROGRESS_KEYS}
             log.info("[unit] iteration %d/%d: %s", it, end,  # (Ray Train's print doubles lines)
@@ -905,7 +968,8 @@ def fit_unit(
 
 __all__ = [
     "GRID_LABEL_WIDTH", "GRID_ROWS", "LossMeter", "LossWeights", "Optimizers", "PatchStream",
-    "UnitResult", "checksum", "d_step", "decode_patch_batch", "fit_unit", "g_step", "generate",
-    "kl_loss", "l1_loss", "lsgan_d_loss", "lsgan_g_loss", "make_optimizers", "registered_unit_name",
-    "sample_grid", "train_iteration", "training_state",
+    "UnitResult", "checksum", "d_step", "decode_patch_batch", "disc_augment",
+    "discriminator_aucs", "fit_unit", "g_step", "generate", "kl_loss", "l1_loss", "lsgan_d_loss",
+    "lsgan_g_loss", "make_optimizers", "registered_unit_name", "sample_grid", "train_iteration",
+    "training_state",
 ]
