@@ -217,12 +217,14 @@ def train_drn(config: BoneaugConfig, run: str, publish: Publish, *, augmented: A
 
 
 def unit_model(config: BoneaugConfig, data: str, run: str, body_part: str) -> str:
-    """This body part's UNIT, trained on its translation patch sets and registered."""
+    """This body part's UNIT, trained on its translation patch sets and registered; the phantom
+    critic's verdict on its translations is logged when one is registered (an instrument)."""
     patches = patches_stage(config, data, run, body_part)
 
     def go() -> dict[str, Any]:
         from boneaug.data.datasets import patch_dataset
         from boneaug.data.patch_sets import load_patch_array
+        from boneaug.eval.phantom_critic import registered_critic
         from boneaug.eval.quality import QualitySets
         from boneaug.train.unit import fit_unit
 
@@ -237,11 +239,18 @@ def unit_model(config: BoneaugConfig, data: str, run: str, body_part: str) -> st
                             registered_name=f"boneaug-unit-{body_part}", alias="challenger",
                             tracking=config.tracking, overwrite=True),
             workers=Workers.from_config(config, at_least=1), quality_sets=quality,
+            instrument=None if (phantom := registered_critic(body_part)) is None
+            else (phantom.model, phantom.threshold),
         )
         trust = ("" if result.critic_heldout_auc is None
                  else f" (critic held-out AUC {result.critic_heldout_auc:.2f})")
         print(f"[unit] quality: translated sources called lesion {result.frac_translated:.2f} vs "
               f"untranslated {result.frac_source:.2f}{trust}", flush=True)
+        if result.instrument:
+            rates = result.instrument
+            print(f"[unit] phantom critic (instrument): translated sources called lesion "
+                  f"{rates['translated']:.2f} vs untranslated {rates['source']:.2f}, real lesion "
+                  f"patches {rates['real_lesion']:.2f}", flush=True)
         return {"model": f"models:/boneaug-unit-{body_part}/{result.model_version}",
                 "frac_translated": result.frac_translated, "frac_source": result.frac_source}
 

@@ -64,3 +64,32 @@ def test_the_critic_learns_the_lesion_and_ignores_label_free_changes(pairs) -> N
     assert v.translated_rates["identity"] == pytest.approx(v.healthy_rate)
     assert v.worst_rise == max(r - v.healthy_rate for r in
                                [*v.perturbed_rates.values(), *v.translated_rates.values()])
+
+
+def test_the_registered_critic_comes_back_with_its_cut_or_none(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    import torch
+
+    from boneaug import tracking
+    from boneaug.config import TrackingConfig
+    from boneaug.eval.phantom_critic import registered_critic
+    from boneaug.eval.quality import PatchCritic
+
+    db = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", db.tracking_uri)
+    tracking.configure(db)
+    assert registered_critic("humerus") is None  # jobs/train_critic.py has not run
+
+    torch.manual_seed(0)
+    critic = PatchCritic(8, SIZE).eval()
+    with tracking.start_run("boneaug/humerus/critic", "boneaug-critic-humerus", {}):
+        version = tracking.log_torch_model(
+            critic, name="critic", input_example=np.zeros((1, 1, SIZE, SIZE), np.float32),
+            registered_name="boneaug-critic-humerus", alias="champion")
+    tracking.set_version_tag("boneaug-critic-humerus", str(version), "lesion_threshold", "0.625")
+    back = registered_critic("humerus")
+    assert back is not None and back.threshold == 0.625
+    x = torch.rand(4, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(back.model(x), critic(x))
+    assert registered_critic("tibia") is None

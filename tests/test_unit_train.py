@@ -20,6 +20,7 @@ from boneaug.config import TrackingConfig, load_config
 from boneaug.errors import DataError, ModelError
 from boneaug.eval.quality import (
     CriticConfig,
+    PatchCritic,
     QualityProbe,
     QualitySets,
     degrade,
@@ -414,10 +415,15 @@ def test_two_worker_run_on_s3_resumes_after_a_failure_and_registers_the_translat
                        source=patches(12, S, lesion=False, seed=22))
     run_uri = f"{s3_bucket}/runs/tibia-smoke"
     name = registered_unit_name("tibia")
+    judge = PatchCritic(8, S)  # an instrument that calls every patch lesion
+    with torch.no_grad():
+        judge.head.weight.zero_()
+        judge.head.bias.fill_(5.0)
     kwargs = dict(publish=Publish(run_uri, experiment, registered_name=name, alias="challenger",
                                   tracking=db),
                   workers=Workers(num_workers=2, cpus_per_worker=0.5, max_failures=1),
-                  quality_sets=sets, critic_config=CriticConfig(steps=40))
+                  quality_sets=sets, critic_config=CriticConfig(steps=40),
+                  instrument=(judge, 0.5))
     faults.by_value()
     run = unit_train.run_ray_train
     monkeypatch.setattr(unit_train, "run_ray_train", lambda loop_fn, *args, **kw: run(
@@ -431,6 +437,7 @@ def test_two_worker_run_on_s3_resumes_after_a_failure_and_registers_the_translat
     assert result.fd_ratio is not None and result.fd_ratio > 0 and result.critic_accuracy >= 0.9
     assert result.critic_heldout_auc is not None and 0 <= result.critic_heldout_auc <= 1
     assert result.quality_gain == pytest.approx(result.frac_translated - result.frac_source)
+    assert result.instrument == {"translated": 1.0, "source": 1.0, "real_lesion": 1.0}
 
     # Ray's record of the run: the attempt that finished started from the iteration-2
     # checkpoint, and both ranks held identical weights at every checkpoint
@@ -449,6 +456,9 @@ def test_two_worker_run_on_s3_resumes_after_a_failure_and_registers_the_translat
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/g_total")]
     assert sorted(steps) == [1, 2, 3, 4]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "quality/gain")] == [2, 4]
+    for key in ("d/auc_l", "d/auc_h", "instrument/translated"):  # D's and the instrument's view
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [2, 4] and all(0 <= m.value <= 1 for m in history)
     samples = [f.path for f in client.list_artifacts(run.info.run_id, "samples")]
     assert samples == ["samples/iter_0000002.png", "samples/iter_0000004.png"]
     # the six labelled rows; 4 tiles each: 2 rows per worker batch, collected over 2 batches

@@ -157,6 +157,23 @@ class PhantomCritic:
         return float((lesion_probability(self.model, patches) >= self.threshold).mean())
 
 
+def registered_critic(body_part: str) -> PhantomCritic | None:
+    """The registered phantom critic of `body_part` (boneaug-critic-<part>@champion, with the
+    lesion cut tagged on its version), or None when `jobs/train_critic.py` has not made one."""
+    from boneaug import tracking
+    from boneaug.errors import ModelError
+
+    try:
+        name, version = tracking.resolve(f"models:/boneaug-critic-{body_part}@champion")
+    except ModelError:
+        return None
+    model = tracking.load_torch_model(f"models:/{name}/{version}")
+    cut = tracking.version_tags(name, str(version)).get("lesion_threshold")
+    if not isinstance(model, PatchCritic) or cut is None:
+        return None
+    return PhantomCritic(model, float(cut))
+
+
 def train_phantom_critic(pairs: PairSet, config: CriticConfig) -> tuple[PhantomCritic, float]:
     """The critic on all pairs, its lesion cut by Youden's J on them; and its AUC on a held-out
     quarter of the pairs, measured with a second critic fit on the other three quarters (how well

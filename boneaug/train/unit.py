@@ -83,7 +83,7 @@ if TYPE_CHECKING:
     import ray.data
 
     from boneaug.config import UnitConfig
-    from boneaug.eval.quality import CriticConfig, QualitySets
+    from boneaug.eval.quality import CriticConfig, PatchCritic, QualitySets
 
 log = logging.getLogger(__name__)
 
@@ -585,6 +585,9 @@ class UnitLoop(WorkerLoop):
     patch_size: int
     critic: dict[str, Any] | None  # the quality probe's critic (state and settings), or None
     unit_uri: str
+    # a lesion critic whose verdict on the translations is logged and nothing else (the phantom
+    # critic, an instrument: state, width, size, threshold), or None
+    instrument: dict[str, Any] | None = None
 
 
 class _Rank0:
@@ -599,15 +602,27 @@ class _Rank0:
         self.probe = None
         self.sets: dict[str, np.ndarray] = {}
         if loop.critic is not None:
-            from boneaug.eval.quality import PatchCritic, QualityProbe
+            from boneaug.eval.quality import QualityProbe
 
-            critic = PatchCritic(loop.critic["width"], loop.critic["size"])
-            critic.load_state_dict(loop.critic["state"])
             spec = loop.critic
-            self.probe = QualityProbe(critic, spec["source"], threshold=spec["threshold"],
+            self.probe = QualityProbe(_critic(spec), spec["source"], threshold=spec["threshold"],
                                       lesion=spec["lesion"], normal=spec["normal"])
             self.sets = {"lesion": spec["lesion"], "normal": spec["normal"]}
+        self.instrument = None if loop.instrument is None else (
+            _critic(loop.instrument), float(loop.instrument["threshold"]))
         self.samples: tuple[Tensor, Tensor] | None = None
+
+    def instrument_rates(self, translated: np.ndarray) -> dict[str, float]:
+        """The instrument's lesion-call rates: translated sources, the same sources untranslated,
+        real lesion patches."""
+        from boneaug.eval.quality import lesion_probability
+
+        critic, cut = self.instrument  # type: ignore[misc]
+        assert self.probe is not None
+        sets = {"translated": translated, "source": self.probe.source,
+                "real_lesion": self.sets["lesion"]}
+        return {f"instrument/{k}": float((lesion_probability(critic, v) >= cut).mean())
+                for k, v in sets.items()}
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         import time
@@ -651,8 +666,19 @@ class _Rank0:
             metrics = signal.as_metrics() | discriminator_aucs(
                 net, unwrap(dis), lesion=self.sets["lesion"], normal=self.sets["normal"],
                 source=self.probe.source)
+            if self.instrument is not None:
+                metrics |= self.instrument_rates(translate_patches(translator, self.probe.source))
         net.train()
         return metrics
+
+
+def _critic(spec: Mapping[str, Any]) -> nn.Module:
+    """A patch critic rebuilt from its state and settings, in eval mode."""
+    from boneaug.eval.quality import PatchCritic
+
+    critic = PatchCritic(spec["width"], spec["size"])
+    critic.load_state_dict(spec["state"])
+    return critic.eval()
 
 
 def _networks(config: UnitConfig, weights: LossWeights, arch: UnitArch, rank: int,
@@ -795,6 +821,8 @@ def _publish(loop: UnitLoop, final: dict[str, Any], losses: Mapping[str, float],
         "critic_accuracy": loop.critic["accuracy"] if loop.critic is not None else None,
         "critic_heldout_auc": (loop.critic["heldout_auc"] if loop.critic is not None
                                else None),
+        "instrument": {k.split("/")[1]: v for k, v in quality.items()
+                       if k.startswith("instrument/")} or None,
     }
     storage.publish_manifest(unit_uri, content, endpoint_url=endpoint)
     return content
@@ -817,6 +845,8 @@ class UnitResult:
     fd_ratio: float | None = None  # critic-feature distance to real lesions (see eval.quality)
     critic_accuracy: float | None = None
     critic_heldout_auc: float | None = None  # how far to trust the quality signal (0.5: not)
+    # the instrument's lesion-call rates at the end (translated, source, real_lesion), or None
+    instrument: dict[str, float] | None = None
 
     @property
     def quality_gain(self) -> float | None:
@@ -873,6 +903,19 @@ def _quality_critic(config: UnitConfig, sets: QualitySets,
             "lesion": subset_patches(sets.lesion, 256), "normal": subset_patches(sets.normal, 256)}
 
 
+def _instrument_spec(instrument: tuple[PatchCritic, float] | None,
+                     quality_sets: QualitySets | None) -> dict[str, Any] | None:
+    """What rank 0 needs to rebuild the instrument critic (its verdict needs the sources)."""
+    if instrument is None:
+        return None
+    if quality_sets is None:
+        raise ValueError("an instrument critic judges the translations of the quality sets' "
+                         "sources: pass quality_sets too")
+    critic, cut = instrument
+    return {"state": critic.state_dict(), "width": critic.spec["width"],
+            "size": critic.spec["size"], "threshold": cut}
+
+
 def _check_run(config: UnitConfig, num_workers: int) -> None:
     """Refuse what cannot train before any work starts: local mode, invalid loss weights."""
     if num_workers < 1:
@@ -915,6 +958,7 @@ def fit_unit(
     workers: Workers,
     quality_sets: QualitySets | None = None,
     critic_config: CriticConfig | None = None,
+    instrument: tuple[PatchCritic, float] | None = None,
 ) -> UnitResult:
     """Train UNIT with Ray Train (DDP over ``workers.num_workers`` >= 1; local mode is refused:
     it keeps checkpoints in memory only) on lesion / normal patch sets: Ray Datasets of patch-set
@@ -928,9 +972,11 @@ def fit_unit(
     ``publish.overwrite``.
 
     MLflow (rank 0 writes): the config as params, the losses every ``log_every`` iterations, a
-    sample grid and the quality signal (a patch critic trained here first on `quality_sets`)
-    every ``sample_every``, and the h -> l `Translator`, registered as
-    ``publish.registered_name`` with ``publish.alias``.
+    sample grid, the quality signal (a patch critic trained here first on `quality_sets`) and
+    D's real-vs-translated AUCs every ``sample_every``, and the h -> l `Translator`, registered
+    as ``publish.registered_name`` with ``publish.alias``. `instrument` (a lesion critic and its
+    cut, e.g. the phantom critic) adds its lesion-call rates on translated and untranslated
+    sources and on real lesion patches to those logs and the manifest, and does nothing else.
     """
     from boneaug import storage, tracking
     from boneaug.config import TrackingConfig as _Tracking
@@ -957,7 +1003,7 @@ def fit_unit(
                             run_id=publish.mlflow_run_id) as run:
         loop = UnitLoop(
             config=config, patch_size=data["patch_size"], critic=critic, unit_uri=unit_uri,
-            run_uri=publish.run_uri,
+            instrument=_instrument_spec(instrument, quality_sets), run_uri=publish.run_uri,
             s3_endpoint=storage.s3_endpoint() if storage.is_s3(publish.run_uri) else None,
             tracking_uri=uri, mlflow_run_id=run.info.run_id,
             registered_name=publish.registered_name, alias=publish.alias)
