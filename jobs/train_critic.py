@@ -7,8 +7,8 @@ without a lesion, on patients the cohort does not hold. It is validated on the c
 lesion and normal patch sets, under blur, noise, brightness and contrast changes, and on the
 translations of each --translator given (e.g. models:/boneaug-unit-humerus@champion), then
 registered as `boneaug-critic-<body_part>` (alias champion). Nothing in the method trains on it
-or selects by it: its verdict on a translator is this job's --translator check (UNIT training
-logs the signals that exist on real data too: the patch critic's and D's real-vs-translated AUC).
+or selects by it. Once it is registered, jobs/train_unit.py (and every chain that trains UNIT)
+logs its lesion-call rates on the translations as it trains, beside its own signals.
 """
 
 from boneaug.runtime import body_part_job, job_parser
