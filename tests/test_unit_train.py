@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -328,6 +329,14 @@ def test_translate_patches_is_batched_deterministic_and_restores_the_model() -> 
     np.testing.assert_allclose(a, b, atol=1e-6)
     assert translator.training  # mode restored
     assert translate_patches(translator, src[:0]).shape == (0, 1, S, S)
+    # the input is the caller's: out-of-range values are clamped in a copy, and a read-only
+    # array (as Ray's object store hands out) is read without a warning
+    loud = src * 1.5
+    loud.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        translate_patches(translator, loud)
+    np.testing.assert_array_equal(loud, src * 1.5)
     with pytest.raises(ValueError, match=r"\(N, 1, S, S\)"):
         translate_patches(translator, src[:, 0])
 

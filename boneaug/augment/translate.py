@@ -57,9 +57,10 @@ def translate_patches(
     out = np.empty(patches.shape, np.float32)
     try:
         for start in range(0, len(patches), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(patches[start : start + batch_size],
-                                                      dtype=np.float32)).to(target)
-            x = x.clamp_(0.0, 1.0)
+            # a copy: the clamp must not write into the caller's array (read-only when it came
+            # from Ray's object store)
+            x = torch.tensor(patches[start : start + batch_size], dtype=torch.float32,
+                             device=target).clamp_(0.0, 1.0)
             if target.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(target):

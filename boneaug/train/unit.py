@@ -561,7 +561,7 @@ def discriminator_aucs(unit: UNIT, dis: Discriminators, *, lesion: np.ndarray,
     dis.eval()
 
     def scores(net: nn.Module, patches: np.ndarray) -> np.ndarray:  # [0, 1] patches
-        x = torch.from_numpy(np.ascontiguousarray(patches, np.float32)).to(device) * 2 - 1
+        x = torch.tensor(patches, dtype=torch.float32, device=device) * 2 - 1
         with autocast(device):
             outs = net(x)
         return torch.stack([o.float().mean((1, 2, 3)) for o in outs]).mean(0).cpu().numpy()
