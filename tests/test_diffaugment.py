@@ -6,12 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from unit_helpers import patches
+from unit_helpers import SMOKE, nets, patches
 
 from boneaug.config import load_config
 from boneaug.errors import ConfigError
 from boneaug.models.diffaugment import OPS, DiffAugment
-from boneaug.models.unit import UNIT, Discriminators, UnitArch
 from boneaug.train.unit import (
     LossWeights,
     d_step,
@@ -21,9 +20,6 @@ from boneaug.train.unit import (
     generate,
     make_optimizers,
 )
-
-SMOKE = load_config("smoke").unit
-ARCH = UnitArch.from_config(SMOKE)
 
 
 def _images(n: int = 6, seed: int = 0) -> torch.Tensor:
@@ -102,13 +98,8 @@ def test_bad_policies_are_refused_with_the_choices() -> None:
         load_config("smoke", overrides={"unit": {"disc_augment": ["blur"]}})
 
 
-def _nets(seed: int = 0) -> tuple[UNIT, Discriminators]:
-    g = torch.Generator().manual_seed(seed)
-    return UNIT(ARCH, generator=g), Discriminators(ARCH, generator=g)
-
-
 def test_d_sees_every_batch_through_the_policy_in_both_steps() -> None:
-    unit, dis = _nets()
+    unit, dis = nets()
     weights = LossWeights.from_config(SMOKE)
     optimizers = make_optimizers(unit, dis, SMOKE)
     x_h, x_l = _images(4, seed=1), _images(4, seed=2)
@@ -136,7 +127,7 @@ def test_the_configured_policy_is_seeded_and_off_draws_nothing() -> None:
 
 
 def test_discriminator_aucs_are_one_half_for_a_constant_d() -> None:
-    unit, dis = _nets(seed=3)
+    unit, dis = nets(seed=3)
     lesion = patches(12, 32, lesion=True, seed=0)
     normal = patches(12, 32, lesion=False, seed=1)
     source = patches(12, 32, lesion=False, seed=2)

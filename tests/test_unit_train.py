@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
-from unit_helpers import patch_rows, patches
+from unit_helpers import ARCH, SMOKE, nets, patch_rows, patches
 
 from boneaug.augment.translate import load_translator, translate_patches
-from boneaug.config import TrackingConfig, load_config
+from boneaug.config import TrackingConfig
 from boneaug.errors import DataError, ModelError
 from boneaug.eval.quality import (
     CriticConfig,
@@ -31,7 +31,6 @@ from boneaug.eval.quality import (
     train_critic,
     youden_threshold,
 )
-from boneaug.models.unit import UNIT, Discriminators, UnitArch
 from boneaug.train.distributed import Publish, Workers
 from boneaug.train.unit import (
     GRID_LABEL_WIDTH,
@@ -48,8 +47,6 @@ from boneaug.train.unit import (
     training_state,
 )
 
-SMOKE = load_config("smoke").unit
-ARCH = UnitArch.from_config(SMOKE)
 S = 32  # smoke patch side
 
 
@@ -82,11 +79,6 @@ def ray_s3(s3_endpoint: str, ray_session: None) -> None:
     processes, the Train controller among them, see the environment of `ray.init` time."""
 
 
-def _nets(seed: int = 0) -> tuple[UNIT, Discriminators]:
-    g = torch.Generator().manual_seed(seed)
-    return UNIT(ARCH, generator=g), Discriminators(ARCH, generator=g)
-
-
 def _batch(n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     x_h = torch.from_numpy(patches(n, S, lesion=False, seed=seed)) * 2 - 1
     x_l = torch.from_numpy(patches(n, S, lesion=True, seed=seed + 1)) * 2 - 1
@@ -106,7 +98,7 @@ TERMS = {"gan": ("gan_h", "gan_l"), "kl": ("kl_h", "kl_l"), "recon": ("recon_h",
 def test_every_zero_weight_trains_through_ddp_without_error(
     weights: LossWeights, process_group: None
 ) -> None:
-    unit, dis = _nets()
+    unit, dis = nets()
     before = [p.detach().clone() for p in unit.parameters()]
     unit_w = DDP(unit, find_unused_parameters=weights.leaves_unused_parameters,
                  forward_sync_buffers=False)
@@ -141,7 +133,7 @@ def test_weights_choose_the_forward_plan_and_ddp_flag() -> None:
 
 
 def test_d_step_moves_only_d_and_g_step_only_g_against_the_updated_d() -> None:
-    unit, dis = _nets()
+    unit, dis = nets()
     optimizers = make_optimizers(unit, dis, SMOKE)
     x_h, x_l = _batch()
     g0 = [p.detach().clone() for p in unit.parameters()]
@@ -166,7 +158,7 @@ def test_d_step_moves_only_d_and_g_step_only_g_against_the_updated_d() -> None:
 
 
 def test_a_few_iterations_on_a_tiny_batch_lower_the_reconstruction_loss() -> None:
-    unit, dis = _nets(seed=2)
+    unit, dis = nets(seed=2)
     config = SMOKE.model_copy(update={"lr": 1e-3})
     optimizers = make_optimizers(unit, dis, config)
     x_h, x_l = _batch(4, seed=5)
@@ -178,7 +170,7 @@ def test_a_few_iterations_on_a_tiny_batch_lower_the_reconstruction_loss() -> Non
 
 
 def test_scheduler_halves_the_learning_rate_every_lr_step() -> None:
-    unit, dis = _nets()
+    unit, dis = nets()
     optimizers = make_optimizers(unit, dis, SMOKE.model_copy(update={"lr_step": 2}))
     x_h, x_l = _batch(1)
     for _ in range(4):
@@ -319,7 +311,7 @@ def test_critic_downsamples_large_patches() -> None:
 
 # ---- translate, save, register, load -----------------------------------------------------------
 def test_translate_patches_is_batched_deterministic_and_restores_the_model() -> None:
-    unit, _ = _nets()
+    unit, _ = nets()
     translator = unit.translator()
     translator.train()
     src = patches(5, S, lesion=False, seed=3)
@@ -352,7 +344,7 @@ def test_save_register_load_gives_identical_outputs(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", db.tracking_uri)
     tracking.configure(db)
     mlflow.create_experiment("boneaug/test/unit", artifact_location=str(tmp_path / "artifacts"))
-    unit, dis = _nets(seed=4)
+    unit, dis = nets(seed=4)
     optimizers = make_optimizers(unit, dis, SMOKE)
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
@@ -381,8 +373,8 @@ def test_save_register_load_gives_identical_outputs(
 
 
 def test_checksum_detects_any_difference() -> None:
-    a, da = _nets(seed=0)
-    b, db = _nets(seed=0)
+    a, da = nets(seed=0)
+    b, db = nets(seed=0)
     assert checksum(a, da) == checksum(b, db)
     with torch.no_grad():
         next(b.parameters()).view(-1)[0] += 1e-3

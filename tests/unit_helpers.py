@@ -1,4 +1,5 @@
-"""Synthetic translation patches for the UNIT tests (not library code).
+"""Synthetic translation patches and seeded smoke-size networks for the UNIT tests (not
+library code).
 
 A patch is a bright vertical bar (bone) on a dim background with Gaussian noise; a lesion patch
 has a dark ellipse inside the bar. Deterministic for a given numpy Generator.
@@ -7,8 +8,14 @@ has a dark ellipse inside the bar. Deterministic for a given numpy Generator.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
+from boneaug.config import load_config
 from boneaug.data.arrays import encode_pixels
+from boneaug.models.unit import UNIT, Discriminators, UnitArch
+
+SMOKE = load_config("smoke").unit
+ARCH = UnitArch.from_config(SMOKE)
 
 
 def bone_patch(rng: np.random.Generator, size: int, *, lesion: bool) -> np.ndarray:
@@ -35,3 +42,9 @@ def patch_rows(arr: np.ndarray, kind: str) -> list[dict]:
     """Patch-set rows (CONTRACTS.md columns that UNIT reads, plus ids)."""
     return [{"patch_id": f"{kind}-{i:04d}", "kind": kind, "height": a.shape[-2],
              "width": a.shape[-1], "pixels": encode_pixels(a[0])} for i, a in enumerate(arr)]
+
+
+def nets(seed: int = 0) -> tuple[UNIT, Discriminators]:
+    """The smoke profile's UNIT and discriminators, initialised from one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    return UNIT(ARCH, generator=g), Discriminators(ARCH, generator=g)
