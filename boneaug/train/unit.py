@@ -949,6 +949,19 @@ def _check_sets(config: UnitConfig, lesion: ray.data.Dataset, normal: ray.data.D
             {"lesion_n": n_lesion, "normal_n": n_normal, "patch_size": size})
 
 
+def _run_params(config: UnitConfig, data: dict[str, Any], workers: Workers, run_uri: str,
+                critic: dict[str, Any] | None) -> dict[str, Any]:
+    """The MLflow params of a UNIT run: the config, the patch sets, the workers, the critic."""
+    return {
+        "unit": config.model_dump(), "data": data, "num_workers": workers.num_workers,
+        "per_worker_batch": max(1, config.batch_size // workers.num_workers),
+        "use_gpu": workers.use_gpu, "run_uri": run_uri,
+        "critic": ({k: critic[k]
+                    for k in ("width", "size", "threshold", "accuracy", "heldout_auc")}
+                   | {"source_n": len(critic["source"])}) if critic else "none",
+    }
+
+
 def fit_unit(
     config: UnitConfig,
     lesion: ray.data.Dataset,
@@ -989,16 +1002,9 @@ def fit_unit(
     critic = None if quality_sets is None else _quality_critic(config, quality_sets,
                                                                 critic_config)
     uri = tracking.tracking_uri(publish.tracking)
-    params = {
-        "unit": config.model_dump(), "data": data, "num_workers": workers.num_workers,
-        "per_worker_batch": max(1, config.batch_size // workers.num_workers),
-        "use_gpu": workers.use_gpu, "run_uri": publish.run_uri,
-        "critic": ({k: critic[k]
-                    for k in ("width", "size", "threshold", "accuracy", "heldout_auc")}
-                   | {"source_n": len(critic["source"])}) if critic else "none",
-    }
     name = publish.name("unit", publish.run_uri)
-    with tracking.start_run(publish.experiment, name, params,
+    with tracking.start_run(publish.experiment, name,
+                            _run_params(config, data, workers, publish.run_uri, critic),
                             tracking=_Tracking(tracking_uri=uri),
                             run_id=publish.mlflow_run_id) as run:
         loop = UnitLoop(
