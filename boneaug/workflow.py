@@ -393,6 +393,7 @@ class _Arm:
     seed: int
     trained: dict[float, dict[str, Any]]
     candidates: dict[str, Any]
+    baseline: dict[str, Any]  # the same seed's: what the arm is at a t that keeps no candidate
 
     @property
     def best_t(self) -> float:
@@ -402,7 +403,11 @@ class _Arm:
 def _train_arm(config: BoneaugConfig, run: str, body_part: str, fracture: str, arm: _Arm,
                thresholds: tuple[float, ...], primary: bool) -> _Arm:
     """`arm` with one DRN per t trained on the real data plus its candidates scoring >= t; the
-    UNIT and transfer arms of the primary seed are registered (boneaug-drn-<part>-aug)."""
+    UNIT and transfer arms of the primary seed are registered (boneaug-drn-<part>-aug). A t
+    that keeps no candidate trains nothing: the DRN would be the seed's baseline bit for bit
+    (the same rows, the same seed), so the arm takes the baseline's model and predictions (a
+    weak baseline, e.g. femur's 32 positives, passes no blend at t 0.70 or 0.90: each such t
+    would retrain the baseline, minutes apiece)."""
     from boneaug.augment.pipeline import select_augmented
     from boneaug.eval.report import ModelMeta, import_predictions
 
@@ -413,17 +418,24 @@ def _train_arm(config: BoneaugConfig, run: str, body_part: str, fracture: str, a
     for t in thresholds:
         selected = select_augmented(arm.candidates["candidates"], t)
         name = f"drn-{variant.key}-t{t:.2f}-s{seed}"
-        trained[t] = stage(
-            run, name, [config.drn, config.image, arm.candidates, t, fracture, seed],
-            lambda selected=selected, name=name: {
-                **train_drn(config, run, drn_publish(run, name, f"boneaug/{body_part}/augment",
-                                                     registered), augmented=selected,
-                            init_from=fracture, seed=seed),
-                "samples": selected.num_rows})
+        if selected.num_rows == 0:
+            print(f"[{name}] no candidate scores >= {t:.2f}: the arm is baseline-s{seed}",
+                  flush=True)
+            trained[t] = arm.baseline | {"samples": 0}
+        else:
+            trained[t] = stage(
+                run, name, [config.drn, config.image, arm.candidates, t, fracture, seed],
+                lambda selected=selected, name=name: {
+                    **train_drn(config, run, drn_publish(run, name,
+                                                         f"boneaug/{body_part}/augment",
+                                                         registered), augmented=selected,
+                                init_from=fracture, seed=seed),
+                    "samples": selected.num_rows})
         import_predictions(run, f"{variant.key}-t{t:.2f}-s{seed}", ModelMeta(
             type=variant.type, t=t, augmented_samples=trained[t]["samples"],
-            model_name=registered, model_version=trained[t]["version"], body_part=body_part,
-            baseline=False, seed=seed), trained[t]["predictions"])
+            model_name=registered if selected.num_rows else f"boneaug-drn-{body_part}",
+            model_version=trained[t]["version"], body_part=body_part, baseline=False,
+            seed=seed), trained[t]["predictions"])
     return replace(arm, trained=trained)
 
 
@@ -518,8 +530,8 @@ def run_body_part(
             scored = score_stage(config, run, variant.key, blended[variant.key],
                                  _scorer(variant, seed, baseline, scorers or {}), seed)
             grid = thresholds if primary else (result.chosen[variant.key],)
-            arm = _train_arm(config, run, body_part, fracture, _Arm(variant, seed, {}, scored),
-                             grid, primary)
+            arm = _train_arm(config, run, body_part, fracture,
+                             _Arm(variant, seed, {}, scored, baseline), grid, primary)
             if primary:
                 _publish_arm(config, data_uri, run, body_part, arm, baseline, result)
         if primary:

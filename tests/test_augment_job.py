@@ -143,14 +143,18 @@ def test_augment_tibia_smoke_on_a_ray_head(ray_head: dict[str, str], tmp_path: P
         assert float(provenance["t"]) == chosen and "score" in provenance
     # the seeds repeat the classifier trainings only: one UNIT, one blend per arm; the first
     # seed searches the t grid, the second trains each arm at the t the first one chose
+    # (an arm at a t that keeps no candidate is its seed's baseline and trains nothing)
     stages = {p.stem for p in (run / "stages").glob("*.json")}
+    as_baseline = {line.split("]")[0].lstrip("[") for line in out.splitlines()
+                   if "no candidate scores >=" in line}
     assert {"unit", "blend-aug", "blend-copy_paste", "blend-oracle", "baseline-s0",
-            "baseline-s1", "score-oracle-s1", "drn-oracle-t0.30-s0",
-            "drn-oracle-t0.90-s0"} <= stages
+            "baseline-s1", "score-oracle-s1"} <= stages
+    assert {"drn-oracle-t0.30-s0", "drn-oracle-t0.90-s0"} <= stages | as_baseline
+    assert not stages & as_baseline
     chosen_t = {line.split("] ")[0].split("[")[-1]: line.split("validation: ")[1][:4]
                 for line in out.splitlines() if "t chosen on validation" in line}
     assert set(chosen_t) == {"aug", "copy_paste", "oracle"}
-    assert {s for s in stages if s.startswith("drn-") and s.endswith("-s1")} == \
+    assert {s for s in stages | as_baseline if s.startswith("drn-") and s.endswith("-s1")} == \
         {f"drn-{key}-t{t}-s1" for key, t in chosen_t.items()}
     blended = storage.read_parquet(str(run / "augmented" / "oracle" / "blended"))
     for seed in (0, 1):  # each seed's baseline pseudo-labels the same blends

@@ -51,3 +51,34 @@ def test_reproduce_runs_the_body_parts_asked_and_says_why_tibia_needs_humerus() 
         job.parse_body_parts("tibia")
     with pytest.raises(SystemExit, match="unknown radius; choose from humerus, tibia, femur"):
         job.parse_body_parts("humerus,radius")
+
+
+def test_an_arm_at_a_t_that_keeps_no_candidate_is_the_seeds_baseline_and_trains_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from boneaug.config import load_config
+    from boneaug.eval.report import read_predictions
+    from boneaug.workflow import ARMS, _Arm, _train_arm
+
+    (tmp_path / "candidates").mkdir()
+    pq.write_table(pa.table({"image_id": ["b", "a"], "score": [0.40, 0.65]}),
+                   tmp_path / "candidates" / "part-0.parquet")
+    pq.write_table(pa.table({"image_id": ["x", "y", "z"], "split": ["val", "test", "test"],
+                             "label": [1, 0, 1], "score": [0.9, 0.2, 0.7]}),
+                   tmp_path / "baseline.parquet")
+    baseline = {"model": "models:/boneaug-drn-femur/4", "version": "4", "val_auc": 0.69,
+                "predictions": str(tmp_path / "baseline.parquet")}
+    run = str(tmp_path / "run")
+    arm = _train_arm(load_config("smoke"), run, "femur", "models:/boneaug-drn-fracture/1",
+                     _Arm(ARMS["oracle"], 2, {}, {"candidates": str(tmp_path / "candidates")},
+                          baseline), (0.70, 0.90), False)
+
+    assert arm.trained == {0.70: baseline | {"samples": 0}, 0.90: baseline | {"samples": 0}}
+    assert not (tmp_path / "run" / "stages").exists()  # no DRN trained
+    assert "[drn-oracle-t0.90-s2] no candidate scores >= 0.90: the arm is baseline-s2" in \
+        capsys.readouterr().out
+    ids, labels, scores = read_predictions(run, "oracle-t0.70-s2")["test"]
+    assert list(ids) == ["y", "z"] and list(scores) == pytest.approx([0.2, 0.7])
