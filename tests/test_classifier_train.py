@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -31,17 +30,6 @@ from boneaug.train.classifier import (
 from boneaug.train.distributed import Publish, Workers
 
 H, W = 64, 32
-
-
-@pytest.fixture()
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is faster, and stays fast on a shared 2-core machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def bone_image(rng: np.random.Generator, lesion: bool, h: int = H, w: int = W) -> np.ndarray:

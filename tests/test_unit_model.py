@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,14 +21,7 @@ from boneaug.models.unit import (
 TINY = UnitArch(width=8, n_res=2, n_shared=1, disc_width=8, disc_layers=3, disc_scales=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _ids(module: torch.nn.Module) -> set[int]:
