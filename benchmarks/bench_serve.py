@@ -4,12 +4,12 @@ anchor).
 One local-profile synthetic tibia radiograph (1024x512 DICOM, MONOCHROME1 12-bit, from
 boneaug.synth), local-profile UNIT translator and DRN scorer (seed-initialised: weights do not
 change the cost) registered in a temporary sqlite MLflow. The service runs on a local Ray with
-one replica per deployment (0.5 CPU each) on 127.0.0.1; clients are threads with one HTTP session
-each. The anchor runs exactly what a request runs, in this process with no Ray and no HTTP:
+one replica (0.5 CPU; both models run in it) on 127.0.0.1; clients are threads with one HTTP
+session each. The anchor runs exactly what a request runs, in this process with no Ray and no HTTP:
 decode_radiograph -> synthesise (crop, translate, blend, fit, score) -> encode_result (derived
 DICOM) + the two patch PNGs + base64, with the same concurrency (threads).
 
-    .venv/bin/python benchmarks/bench_serve.py [--requests 24] [--concurrency 1 8 32]
+    .venv/bin/python benchmarks/bench_serve.py [--requests 96] [--concurrency 1 8 32]
 
 Columns: p50/p99 latency (ms) and requests/s, service and anchor; `x p50` = service p50 / anchor
 p50 (the per-request serving overhead as a ratio), `x req/s` = service req/s / anchor req/s.
@@ -119,7 +119,7 @@ def measure(call: Callable[[int], None], requests: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=24,
+    parser.add_argument("--requests", type=int, default=96,
                         help="requests per level (at least 3x concurrency)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     args = parser.parse_args()
@@ -192,7 +192,7 @@ def main() -> None:
 
     print(f"\nPOST /v1/lesions, 1024x512 DICOM in, derived DICOM out, local profile "
           f"(UNIT {config.patches.size}px, DRN {config.image.height}x{config.image.width}), "
-          f"1 replica each at 0.5 CPU, {os.cpu_count()} cores\n")
+          f"1 replica at 0.5 CPU, {os.cpu_count()} cores\n")
     print_table(["concurrency", "requests", "serve p50 ms", "serve p99 ms", "serve req/s",
                  "in-proc p50 ms", "in-proc p99 ms", "in-proc req/s", "x p50", "x req/s"], rows)
 

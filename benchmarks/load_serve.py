@@ -1,7 +1,7 @@
 """A bounded locust load on POST /v1/lesions, with a model switch under it: 0 failed requests.
 
 The service is deployed as `serve deploy serve/config.yaml` deploys it (the declarative config
-handed to the Serve controller; one replica per deployment on 2 cores), on 127.0.0.1, with the
+handed to the Serve controller; one replica on 2 cores), on 127.0.0.1, with the
 local-profile UNIT and DRN of bench_serve.py registered in a temporary sqlite MLflow under alias
 `champion`. Locust (headless, its own process: it patches the standard library with gevent)
 runs `--users` clients for `--seconds`. At `--switch-at` seconds, new versions of both models
@@ -149,7 +149,7 @@ def main() -> None:
         by_version[key] = by_version.get(key, 0) + 1
 
     print(f"\nPOST /v1/lesions under locust: {args.users} users for {args.seconds} s "
-          f"({wall:.0f} s wall), 1024x512 DICOM in, PNG out, local profile, 1 replica each, "
+          f"({wall:.0f} s wall), 1024x512 DICOM in, PNG out, local profile, 1 replica, "
           f"{os.cpu_count()} cores\n")
     failures = int(stats["failures"])
     print_table(["", "requests", "failures", "req/s", "p50 ms", "p95 ms", "p99 ms"], [

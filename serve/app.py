@@ -1,17 +1,19 @@
 """Ray Serve app: synthesise a lesion on an uploaded radiograph (translate + blend + score).
 
-    HTTP -> Api (FastAPI ingress: auth, limits, decode, crop, blend, encode)
-              -> Translator (UNIT h -> l, @serve.batch)   boneaug-unit-<body_part>@alias
-              -> Scorer     (DRN probability, @serve.batch) boneaug-drn-<body_part>@alias
+    HTTP -> Api (one deployment, autoscaled; each replica does all of it):
+              FastAPI ingress: auth, limits, decode, crop, blend, encode
+              translate_batch (UNIT h -> l, @serve.batch)   boneaug-unit-<body_part>@alias
+              score_batch     (DRN probability, @serve.batch) boneaug-drn-<body_part>@alias
 
 Routes: POST /v1/lesions, POST /v1/score, POST /v1/preview, GET /v1/models (bearer token);
 GET /healthz and GET / (the demo page) without a token; /docs and /openapi.json need the token
 unless the ingress's user_config says `public_docs: true`.
 
-Models come from the MLflow registry by name + alias, named in each model deployment's
-`user_config` (`schemas.ModelsConfig`). `reconfigure` loads the new models and swaps them in
-atomically, so `serve deploy` with a changed user_config (another alias, or `revision` bumped after
-an alias moved) switches models without restarting replicas or failing a request.
+Models come from the MLflow registry by name + alias, named in the deployment's `user_config`
+(`translator` and `scorer`, each a `schemas.ModelsConfig`). `reconfigure` loads the new models and
+swaps them in atomically, so `serve deploy` with a changed user_config (another alias, or
+`revision` bumped after an alias moved) switches models without restarting replicas or failing a
+request.
 
 Auth: the bearer token is read from the environment variable BONEAUG_API_TOKEN of the replica
 process (set it on every node before `ray start`, e.g. from a secret store); it is never in code or
@@ -41,7 +43,6 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 from boneaug import serving, tracking
 from boneaug.config import BodyPart, BoneaugConfig, TrackingConfig, load_config
@@ -70,17 +71,17 @@ DOCS_PATHS = frozenset({"/docs", "/openapi.json"})
 
 
 # ---------------------------------------------------------------------------------------------
-# model deployments
+# models (each replica holds its own; see Api)
 
 
 @dataclass(frozen=True)
 class ModelOutput:
-    """One request's answer from a model deployment: values, or why there are none."""
+    """One request's answer from a model: values, or why there are none."""
 
     values: np.ndarray | None = None
     name: str = ""
     version: str = ""
-    error: str | None = None  # "not_served" | "no_model" | "bad_input"
+    error: str | None = None  # "not_served" | "no_model" | "model_error"
     message: str = ""
     tags: dict[str, str] = field(default_factory=dict)  # of the registered version that answered
 
@@ -94,8 +95,9 @@ class _Loaded:
     tags: dict[str, str]  # the registered version's, read at every reconfigure
 
 
-class _RegistryModels:
-    """Models by body part, loaded from the MLflow registry on every `reconfigure`.
+class RegistryModels:
+    """One kind of model (the translator or the scorer) by body part, loaded from the MLflow
+    registry on every `reconfigure`.
 
     A reconfigure resolves every alias, loads what changed, then swaps the whole dict in one
     assignment; a body part whose new model fails to load keeps its previous one (the error is
@@ -103,19 +105,15 @@ class _RegistryModels:
     (`ModelOutput.error`), never raised through the batch, so one bad batch cannot kill a replica.
     """
 
-    kind: str = "model"
-    run: Callable[[Any, np.ndarray, str], np.ndarray]
-
-    def __init__(self) -> None:
+    def __init__(self, kind: str, run: Callable[[Any, np.ndarray], np.ndarray]) -> None:
+        self.kind, self._run = kind, run
         self._loaded: dict[str, _Loaded] = {}
         self._errors: dict[str, str] = {}
         self._lock = threading.Lock()  # one reconfigure at a time; requests never wait on it
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        config = ModelsConfig.model_validate(user_config)
+    def reconfigure(self, config: ModelsConfig) -> None:
         with self._lock:
             self._reload(config)
-        self._set_batching(config)
 
     def _reload(self, config: ModelsConfig) -> None:
         import torch
@@ -145,9 +143,6 @@ class _RegistryModels:
         self._loaded = loaded  # atomic swap: a batch holds the dict it started with
         self._errors = errors
 
-    def _set_batching(self, config: ModelsConfig) -> None:  # overridden per batched method
-        pass
-
     def check_health(self) -> None:
         if not self._loaded:
             raise RuntimeError(
@@ -156,12 +151,9 @@ class _RegistryModels:
     def models(self) -> dict[str, dict[str, str]]:
         return {bp: {"name": m.name, "version": m.version} for bp, m in self._loaded.items()}
 
-    def replica(self) -> str:
-        """This replica's id (ops and tests: a config update reconfigures, it does not restart)."""
-        return serve.get_replica_context().replica_id.unique_id
-
-    async def _run_batch(self, requests: list[tuple[str, np.ndarray]]) -> list[ModelOutput]:
-        """Group a batch by (body part, input shape), run each group once, answer each request."""
+    async def run_batch(self, requests: list[tuple[str, np.ndarray]]) -> list[ModelOutput]:
+        """Group a batch of (body part, (1, 1, H, W) array) by body part and shape, run each group
+        once, answer each request."""
         loaded = self._loaded
         outputs: list[ModelOutput | None] = [None] * len(requests)
         groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
@@ -172,17 +164,13 @@ class _RegistryModels:
                 outputs[i] = ModelOutput(error=reason, message=(
                     f"the {self.kind} serves no model for body part {body_part!r}; "
                     f"served: {sorted(loaded) or 'none'}"))
-            elif not isinstance(array, np.ndarray) or array.ndim != 4 or array.shape[:2] != (1, 1):
-                outputs[i] = ModelOutput(error="bad_input",
-                                         message=f"expected a (1, 1, H, W) array, got "
-                                         f"{getattr(array, 'shape', type(array).__name__)}")
             else:
                 groups.setdefault((body_part, array.shape), []).append(i)
         for (body_part, _), indices in groups.items():
             model = loaded[body_part]
             stacked = np.concatenate([requests[i][1] for i in indices], axis=0)  # (B, 1, H, W)
             try:
-                values = await asyncio.to_thread(type(self).run, model.model, stacked)
+                values = await asyncio.to_thread(self._run, model.model, stacked)
             except Exception as exc:  # noqa: BLE001 - answer each request (503), keep the replica
                 log.exception("%s: %s %s failed on a batch of %d", self.kind, model.name,
                               model.version, len(indices))
@@ -196,55 +184,6 @@ class _RegistryModels:
                 outputs[i] = ModelOutput(values=values[j:j + 1], name=model.name,
                                          version=model.version, tags=model.tags)
         return [o for o in outputs if o is not None]
-
-
-_MODEL_OPTIONS: dict[str, Any] = dict(
-    ray_actor_options={"num_cpus": 0.5},
-    autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 4,
-                        "upscale_delay_s": 10, "downscale_delay_s": 120},
-    max_ongoing_requests=16,
-    health_check_period_s=10,
-    health_check_timeout_s=30,
-    graceful_shutdown_timeout_s=20,
-)
-
-
-@serve.deployment(name="Translator", **_MODEL_OPTIONS)
-class Translator(_RegistryModels):
-    """UNIT h -> l: (1, 1, S, S) patches in [0, 1] -> translated patches, batched."""
-
-    kind = "translator"
-    run = staticmethod(serving.run_translator)
-
-    def _set_batching(self, config: ModelsConfig) -> None:
-        self.translate_batch.set_max_batch_size(config.max_batch_size)
-        self.translate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
-
-    async def translate(self, body_part: str, patch: np.ndarray) -> ModelOutput:
-        return await self.translate_batch((body_part, patch))
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def translate_batch(self, requests: list[tuple[str, np.ndarray]]) -> list[ModelOutput]:
-        return await self._run_batch(requests)
-
-
-@serve.deployment(name="Scorer", **_MODEL_OPTIONS)
-class Scorer(_RegistryModels):
-    """DRN lesion probability of (1, 1, H, W) classifier-size images, batched."""
-
-    kind = "scorer"
-    run = staticmethod(serving.run_scorer)
-
-    def _set_batching(self, config: ModelsConfig) -> None:
-        self.score_batch.set_max_batch_size(config.max_batch_size)
-        self.score_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
-
-    async def score(self, body_part: str, image: np.ndarray) -> ModelOutput:
-        return await self.score_batch((body_part, image))
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def score_batch(self, requests: list[tuple[str, np.ndarray]]) -> list[ModelOutput]:
-        return await self._run_batch(requests)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,25 +378,64 @@ BodyPartField = Annotated[BodyPart, Form(description="which bone (selects models
     ray_actor_options={"num_cpus": 0.5},
     autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 4,
                         "upscale_delay_s": 10, "downscale_delay_s": 120},
-    max_ongoing_requests=8,  # each request may hold a 25 Mpx image: bounds replica memory
+    # Requests beyond the router's limit wait in the proxy, which retries with a back-off and
+    # leaves the replica idle: at 8, 32 clients got 8.3 req/s where 8 got 17.3. They wait in the
+    # replica instead, which works on `max_concurrent_images` of them at once (memory)
+    max_ongoing_requests=64,
     health_check_period_s=10,
+    health_check_timeout_s=30,
     graceful_shutdown_timeout_s=20,
 )
 @serve.ingress(api)
 class Api:
-    def __init__(self, translator: DeploymentHandle, scorer: DeploymentHandle) -> None:
+    """The service: HTTP, decode, crop, blend, encode, and the two models, in one replica.
+
+    The models run here, batched per kind (`@serve.batch`), not in deployments of their own:
+    a call to another deployment cost ~12 ms (routing and the batch wait) around a UNIT or DRN
+    call of ~10 ms on 2 cores, which made a /v1/lesions request 2x the same work in-process.
+    Replicas scale as a whole (autoscaling; `num_gpus` gives each a GPU share).
+    """
+
+    def __init__(self) -> None:
         configure_gate(token=require_token(os.environ))
-        self._translator = translator
-        self._scorer = scorer
+        self._translator = RegistryModels("translator", serving.run_translator)
+        self._scorer = RegistryModels("scorer", serving.run_scorer)
         self._page = read_page()
         self._service = ServiceConfig()
         self._config: BoneaugConfig = load_config(self._service.profile)
+        self._working = asyncio.Semaphore(self._service.max_concurrent_images)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         service = ServiceConfig.model_validate(user_config)
         self._config = load_config(service.profile)
+        self._translator.reconfigure(service.translator)
+        self._scorer.reconfigure(service.scorer)
+        for batched, models in ((self.translate_batch, service.translator),
+                                (self.score_batch, service.scorer)):
+            batched.set_max_batch_size(models.max_batch_size)
+            batched.set_batch_wait_timeout_s(models.batch_wait_timeout_s)
+        if service.max_concurrent_images != self._service.max_concurrent_images:
+            self._working = asyncio.Semaphore(service.max_concurrent_images)
         self._service = service
         configure_gate(max_upload_bytes=service.max_upload_bytes, public_docs=service.public_docs)
+
+    def check_health(self) -> None:
+        self._translator.check_health()
+        self._scorer.check_health()
+
+    def replica(self) -> str:
+        """This replica's id (ops and tests: a config update reconfigures, it does not restart)."""
+        return serve.get_replica_context().replica_id.unique_id
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def translate_batch(self, requests: list[tuple[str, np.ndarray]]) -> list[ModelOutput]:
+        """UNIT h -> l of (1, 1, S, S) patches in [0, 1]."""
+        return await self._translator.run_batch(requests)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def score_batch(self, requests: list[tuple[str, np.ndarray]]) -> list[ModelOutput]:
+        """DRN lesion probability of (1, 1, H, W) classifier-size images."""
+        return await self._scorer.run_batch(requests)
 
     @property
     def _limits(self) -> serving.Limits:
@@ -489,12 +467,7 @@ class Api:
 
     @api.get("/v1/models", response_model=ModelsResponse, responses=ERRORS, tags=["models"])
     async def models(self, _auth: Auth) -> ModelsResponse:
-        try:
-            translator, scorer = await asyncio.wait_for(asyncio.gather(
-                self._translator.models.remote(), self._scorer.models.remote()),
-                self._service.model_timeout_s)
-        except Exception as exc:  # noqa: BLE001 - a model deployment is down: the service's fault
-            raise _unavailable(exc) from exc
+        translator, scorer = self._translator.models(), self._scorer.models()
         return ModelsResponse(
             translator={bp: ModelVersion(**m) for bp, m in translator.items()},
             scorer={bp: ModelVersion(**m) for bp, m in scorer.items()},
@@ -503,17 +476,19 @@ class Api:
 
     @api.post("/v1/preview", response_model=PreviewResponse, responses=ERRORS, tags=["images"])
     async def preview(self, _auth: Auth, file: UploadField) -> PreviewResponse:
-        image = await self._decode(file)
-        png = await asyncio.to_thread(serving.encode_png, image.pixels, bits=8)
+        async with self._working:
+            image = await self._decode(file)
+            png = await asyncio.to_thread(serving.encode_png, image.pixels, bits=8)
         return PreviewResponse(rows=image.shape[0], columns=image.shape[1], kind=image.kind,
                                png=_b64(png))
 
     @api.post("/v1/score", response_model=ScoreResponse, responses=ERRORS, tags=["lesions"])
     async def score(self, _auth: Auth, file: UploadField,
                     body_part: BodyPartField) -> ScoreResponse:
-        image = await self._decode(file)
-        fitted = await asyncio.to_thread(serving.fit_pad, image.pixels, self._score_hw)
-        out = await self._call(self._scorer.score.remote(body_part, fitted[None, None]))
+        async with self._working:
+            image = await self._decode(file)
+            fitted = await asyncio.to_thread(serving.fit_pad, image.pixels, self._score_hw)
+            out = await self._call(self.score_batch((body_part, fitted[None, None])))
         return ScoreResponse(body_part=body_part, probability=float(out.values.reshape(-1)[0]),
                              model=out.name, version=out.version)
 
@@ -538,14 +513,15 @@ class Api:
             description="also return an 8-bit PNG of the result")] = False,
     ) -> LesionResponse:
         requested = serving.parse_box(box)
-        image = await self._decode(file)
-        fmt = output_format or image.kind
-        serving.check_format(image, fmt)  # before the models run
-        blend_n = float(n if n is not None else self._config.augment.blend_n)
-        result, answers = await self._synthesise(image.pixels, requested, body_part, n=blend_n,
-                                                 seed=seed)
-        return await asyncio.to_thread(self._lesion_response, image, result, fmt, body_part,
-                                       answers, n=blend_n, preview=preview)
+        async with self._working:
+            image = await self._decode(file)
+            fmt = output_format or image.kind
+            serving.check_format(image, fmt)  # before the models run
+            blend_n = float(n if n is not None else self._config.augment.blend_n)
+            result, answers = await self._synthesise(image.pixels, requested, body_part,
+                                                     n=blend_n, seed=seed)
+            return await asyncio.to_thread(self._lesion_response, image, result, fmt, body_part,
+                                           answers, n=blend_n, preview=preview)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -560,16 +536,15 @@ class Api:
     async def _synthesise(self, image: np.ndarray, box: serving.Box | None, body_part: str, *,
                           n: float, seed: int) -> tuple[serving.LesionResult,
                                                         tuple[ModelOutput, ModelOutput]]:
-        """`serving.synthesise`'s steps, with the two model calls going to the deployments."""
+        """`serving.synthesise`'s steps, with the two model calls batched across requests."""
         recipe = serving.Recipe.from_config(self._config, body_part, n=n)
         chosen, crop, patch = await asyncio.to_thread(serving.place_and_cut, image, box, recipe,
                                                       rng=np.random.default_rng(seed))
-        translator = await self._call(self._translator.translate.remote(body_part,
-                                                                        patch[None, None]))
-        translated = np.array(translator.values[0, 0])  # a writable copy of the object store's
+        translator = await self._call(self.translate_batch((body_part, patch[None, None])))
+        translated = translator.values[0, 0]
         blended, fitted = await asyncio.to_thread(serving.blend_and_fit, image, translated, crop,
                                                   recipe)
-        scorer = await self._call(self._scorer.score.remote(body_part, fitted[None, None]))
+        scorer = await self._call(self.score_batch((body_part, fitted[None, None])))
         probability = float(scorer.values.reshape(-1)[0])
         return (serving.LesionResult(chosen, crop, patch, translated, blended, probability),
                 (translator, scorer))
@@ -598,28 +573,19 @@ class Api:
             passes_threshold=result.probability >= threshold, models=models,
         )
 
-    async def _call(self, response: Any) -> ModelOutput:
-        """Await a model deployment's answer; map its failures to 422/503."""
+    async def _call(self, answer: Awaitable[ModelOutput]) -> ModelOutput:
+        """Await a batched model call's answer; map its failures to 422/503."""
         timeout = self._service.model_timeout_s
         try:
-            out = await asyncio.wait_for(response, timeout)
+            out = await asyncio.wait_for(answer, timeout)
         except TimeoutError as exc:
-            response.cancel()
             raise serving.RequestError("model_timeout", f"a model call took over {timeout} s; "
                                        "retry later", status=503) from exc
-        except Exception as exc:  # noqa: BLE001 - replica died or unreachable: the service's fault
-            log.error("model call failed: %s", exc)
-            raise _unavailable(exc) from exc
         if out.error == "not_served":
             raise serving.RequestError("body_part_not_served", out.message)
         if out.error is not None:
             raise serving.RequestError(out.error, out.message, status=503)
         return out
-
-
-def _unavailable(exc: Exception) -> serving.RequestError:
-    return serving.RequestError("model_unavailable", "a model deployment is unavailable: "
-                                f"{type(exc).__name__}", status=503)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -633,18 +599,14 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> serve.Application
     scaling: dict[str, Any] = ({} if a.num_replicas is None
                                else {"num_replicas": a.num_replicas, "autoscaling_config": None})
 
-    def models(kind: str, alias: str) -> dict[str, Any]:
-        refs = {bp: ModelRef(name=f"boneaug-{kind}-{bp}", alias=alias) for bp in a.body_parts}
-        return ModelsConfig(models=refs, tracking_uri=a.tracking_uri).model_dump(
-            mode="json", exclude_none=True)
+    def models(kind: str, alias: str) -> ModelsConfig:
+        return ModelsConfig(models={bp: ModelRef(name=f"boneaug-{kind}-{bp}", alias=alias)
+                                    for bp in a.body_parts}, tracking_uri=a.tracking_uri)
 
-    translator = Translator.options(user_config=models("unit", a.translator_alias),
-                                    ray_actor_options=actor, **scaling).bind()
-    scorer = Scorer.options(user_config=models("drn", a.scorer_alias), ray_actor_options=actor,
-                            **scaling).bind()
-    service = ServiceConfig(profile=a.profile).model_dump(mode="json")
-    return Api.options(user_config=service, ray_actor_options={"num_cpus": a.num_cpus},
-                       **scaling).bind(translator, scorer)
+    service = ServiceConfig(profile=a.profile, translator=models("unit", a.translator_alias),
+                            scorer=models("drn", a.scorer_alias))
+    return Api.options(user_config=service.model_dump(mode="json", exclude_none=True),
+                       ray_actor_options=actor, **scaling).bind()
 
 
 app = build_app()

@@ -16,20 +16,18 @@ def one_part_config(body_part: str, *, token: str, tracking_uri: str, revision: 
                     api: dict[str, Any] | None = None,
                     env_vars: dict[str, str] | None = None) -> dict[str, Any]:
     """config.yaml's application serving `body_part` from the registry at `tracking_uri` (alias
-    champion), one replica per deployment, the bearer `token` in its environment; `revision`
-    for the model deployments, `api` merged into the Api deployment's user_config."""
+    champion), one replica, the bearer `token` in its environment; `revision` for both models,
+    `api` merged into the user_config."""
     app = copy.deepcopy(yaml.safe_load(CONFIG_YAML.read_text())["applications"][0])
     app["runtime_env"] = {"env_vars": {"BONEAUG_API_TOKEN": token, **(env_vars or {})}}
-    for deployment in app["deployments"]:
-        deployment["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
-        user = deployment["user_config"]
-        if deployment["name"] in ("Translator", "Scorer"):
-            kind = "unit" if deployment["name"] == "Translator" else "drn"
-            user["models"] = {body_part: {"name": f"boneaug-{kind}-{body_part}",
-                                          "alias": "champion"}}
-            user.update(tracking_uri=tracking_uri, revision=revision)
-        else:
-            user.update(api or {})
+    (deployment,) = app["deployments"]
+    deployment["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
+    user = deployment["user_config"]
+    for key, kind in (("translator", "unit"), ("scorer", "drn")):
+        user[key].update(models={body_part: {"name": f"boneaug-{kind}-{body_part}",
+                                             "alias": "champion"}},
+                         tracking_uri=tracking_uri, revision=revision)
+    user.update(api or {})
     return {"applications": [app]}
 
 

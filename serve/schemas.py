@@ -56,7 +56,8 @@ class ModelRef(_Strict):
 
 
 class ModelsConfig(_Strict):
-    """`user_config` of the Translator and Scorer deployments: which model serves which body part.
+    """One kind of model in the ingress's `user_config` (`translator`, `scorer`): which model
+    serves which body part, and how its calls are batched.
 
     A config update with different content makes every replica load the new models, then swap
     them in atomically (no restart, no failed request). Moving an alias in the registry is seen
@@ -70,7 +71,10 @@ class ModelsConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto",
                                                    description="auto: cuda when Ray gave a GPU")
     max_batch_size: int = Field(8, ge=1, le=256)
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1)
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, le=1, description="wait this long for a batch to fill. 0: run what has "
+                                     "queued; under load the calls queue while a batch runs, "
+                                     "so batches still form, and one call alone waits for none")
 
     @classmethod
     def default(cls, kind: Literal["unit", "drn"]) -> ModelsConfig:
@@ -78,11 +82,19 @@ class ModelsConfig(_Strict):
 
 
 class ServiceConfig(_Strict):
-    """`user_config` of the HTTP ingress: the profile that sizes patches and classifier input,
-    and the limits on what a client may send."""
+    """`user_config` of the service's deployment: the profile that sizes patches and classifier
+    input, the models, and the limits on what a client may send."""
 
     profile: ProfileName = Field("local",
                                  description="must match the profile the models were trained in")
+    translator: ModelsConfig = Field(default_factory=lambda: ModelsConfig.default("unit"),
+                                     description="UNIT h -> l by body part")
+    scorer: ModelsConfig = Field(default_factory=lambda: ModelsConfig.default("drn"),
+                                 description="DRN lesion probability by body part")
+    max_concurrent_images: int = Field(
+        8, ge=1, description="requests a replica decodes and processes at once (each may hold a "
+                             "max_image_pixels image); the others wait in the replica, holding "
+                             "only their upload")
     max_upload_bytes: int = Field(32 * 2**20, ge=1024, description="larger bodies get 413")
     max_image_side: int = Field(6144, ge=16)
     max_image_pixels: int = Field(25_000_000, ge=256)
@@ -111,7 +123,7 @@ class AppArgs(_Strict):
                                      description="else MLFLOW_TRACKING_URI on the replicas' nodes")
     num_cpus: float = Field(0.5, gt=0)
     num_gpus: float = Field(0.0, ge=0,
-                            description="per model replica; 0.5 shares one GPU by two")
+                            description="per replica; 0.5 shares one GPU by two")
     num_replicas: int | None = Field(None, ge=1,
                                      description="fixed replicas instead of autoscaling")
 
@@ -182,7 +194,7 @@ class PreviewResponse(BaseModel):
 class ModelsResponse(BaseModel):
     translator: dict[str, ModelVersion]
     scorer: dict[str, ModelVersion]
-    body_parts: list[str] = Field(description="body parts both deployments serve")
+    body_parts: list[str] = Field(description="body parts with a translator and a scorer")
 
 
 class HealthResponse(BaseModel):

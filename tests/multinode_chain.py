@@ -9,10 +9,9 @@ A head with no CPUs (so no work can land on it by default) and two worker nodes 
 tibia chain of the smoke profile with its cohort, runs and reports on S3 (the moto server of the
 test): synthesis, ingest and patches (Ray Data), UNIT on 2 Ray Train workers of 1.5 CPUs (one fits
 a node), fracture pre-training and the baseline and augmented DRNs, blends, pseudo-labels and
-the report. Then the Serve app with 2 replicas per deployment loads the registered models and
-answers. OUT_JSON gets
-the nodes and, from Ray's own state API, the node of every Train worker, Data task and Serve
-replica, plus the report's URI.
+the report. Then the Serve app with 2 replicas (each runs both models) loads the registered
+models and answers. OUT_JSON gets the nodes and, from Ray's own state API, the node of every
+Train worker, Data task and Serve replica, plus the report's URI.
 """
 
 from __future__ import annotations

@@ -36,9 +36,9 @@ def test_the_chain_runs_on_two_worker_nodes_with_storage_on_s3_only(
     # Ray Data's tasks ran on both worker nodes, none on the CPU-less head
     data_nodes = set().union(*map(set, seen["data_tasks"].values()))
     assert data_nodes == workers, seen["data_tasks"]
-    # every deployment's two replicas on two nodes; the request went through
+    # the service's two replicas (each with both models) on two nodes; the request went through
     replicas = seen["serve_replicas"]
-    assert {name.rsplit(":", 1)[-1] for name in replicas} == {"Api", "Translator", "Scorer"}
+    assert {name.rsplit(":", 1)[-1] for name in replicas} == {"Api"}
     assert all(len(nodes) == 2 and head not in nodes for nodes in replicas.values()), replicas
     assert seen["healthz"] == 200
     assert seen["models"]["translator"]["tibia"]["name"] == "boneaug-unit-tibia"

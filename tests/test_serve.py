@@ -95,24 +95,26 @@ def test_decode_png_8_and_16_bit_and_box_parsing(image: np.ndarray) -> None:
 
 
 def test_check_health_raises_until_a_model_loads(service: Service) -> None:
-    """A model replica, in-process: unhealthy with no model, healthy once one loads."""
-    from serve.app import Translator
+    """A replica's models, in-process: unhealthy with no model, healthy once one loads."""
+    from serve.app import RegistryModels
+    from serve.schemas import ModelsConfig
 
-    replica = Translator.func_or_class()
+    models = RegistryModels("translator", serving.run_translator)
     with pytest.raises(RuntimeError, match="no model loaded"):
-        replica.check_health()
+        models.check_health()
     uri = service.registry.uri
-    replica.reconfigure({"models": {"tibia": {"name": "boneaug-unit-absent"}}, "tracking_uri": uri})
+    models.reconfigure(ModelsConfig.model_validate(
+        {"models": {"tibia": {"name": "boneaug-unit-absent"}}, "tracking_uri": uri}))
     with pytest.raises(RuntimeError, match="boneaug-unit-absent"):
-        replica.check_health()
-    replica.reconfigure({"models": {"tibia": {"name": "boneaug-unit-tibia", "version": "1"}},
-                         "tracking_uri": uri})
-    replica.check_health()
-    assert replica.models() == {"tibia": {"name": "boneaug-unit-tibia", "version": "1"}}
+        models.check_health()
+    models.reconfigure(ModelsConfig.model_validate(
+        {"models": {"tibia": {"name": "boneaug-unit-tibia", "version": "1"}},
+         "tracking_uri": uri}))
+    models.check_health()
+    assert models.models() == {"tibia": {"name": "boneaug-unit-tibia", "version": "1"}}
     with pytest.raises(Exception, match="one of alias or version, not both"):
-        replica.reconfigure(
+        ModelsConfig.model_validate(
             {"models": {"tibia": {"name": "x", "alias": "champion", "version": "1"}}})
-    replica.check_health()  # a rejected config leaves the loaded models serving
 
 
 def test_token_is_required_to_start() -> None:
@@ -126,20 +128,20 @@ def test_token_is_required_to_start() -> None:
 
 
 def test_request_errors_answer_with_their_status_reason_and_message() -> None:
-    """One error type for every route: a client's bad input is a 422, a model deployment that
-    cannot answer a 503, both as the documented ErrorResponse body and never a traceback."""
+    """One error type for every route: a client's bad input is a 422, a model that cannot
+    answer a 503, both as the documented ErrorResponse body and never a traceback."""
     import asyncio
     import json
 
-    from serve.app import _unavailable, _unservable
+    from serve.app import _unservable
 
     for exc, status in ((serving.RequestError("bad_box", "box 'x' must be ..."), 422),
-                        (_unavailable(TimeoutError()), 503),
+                        (serving.RequestError("model_error", "the scorer failed: ValueError",
+                                              status=503), 503),
                         (serving.RequestError("model_timeout", "took over 30 s", status=503), 503)):
         response = asyncio.run(_unservable(None, exc))  # type: ignore[arg-type]
         assert response.status_code == status
         assert json.loads(response.body) == {"reason": exc.reason, "message": exc.message}
-    assert _unavailable(TimeoutError()).message.endswith("TimeoutError")
 
 
 def test_config_yaml_in_sync_with_code(tmp_path: Path) -> None:
@@ -158,7 +160,7 @@ def test_config_yaml_in_sync_with_code(tmp_path: Path) -> None:
         "serve/config.yaml is stale: regenerate it (see its header)")
     assert shipped["http_options"]["request_timeout_s"] > 0
     deployments = {d["name"]: d for d in built[0]["deployments"]}
-    assert set(deployments) == {"Translator", "Scorer", "Api"}
+    assert set(deployments) == {"Api"}  # the models run in its replicas (see serve.app.Api)
     for d in deployments.values():
         assert d["ray_actor_options"]["num_cpus"] == 0.5
         assert d["autoscaling_config"]["min_replicas"] >= 1
@@ -435,8 +437,8 @@ def test_model_switch_by_alias_without_downtime(service: Service, image: np.ndar
 
     upload = png_bytes(image)
     fields = {"body_part": BODY_PART, "box": "50,100,78,128", "format": "png"}
-    translator = serve.get_deployment_handle("Translator", app_name="boneaug")
-    replica_before = translator.replica.remote().result(timeout_s=30)
+    replica = serve.get_deployment_handle("Api", app_name="boneaug")
+    replica_before = replica.replica.remote().result(timeout_s=30)
     seen: list[tuple[int, str]] = []
     stop = threading.Event()
 
@@ -463,8 +465,8 @@ def test_model_switch_by_alias_without_downtime(service: Service, image: np.ndar
             "unit", train_translator(service.registry.config, iterations=1, seed=11),
             alias="champion")
         config = copy.deepcopy(service.config)
-        next(d for d in config["applications"][0]["deployments"]
-             if d["name"] == "Translator")["user_config"]["revision"] = 1
+        (deployment,) = config["applications"][0]["deployments"]
+        deployment["user_config"]["translator"]["revision"] = 1
         t0 = time.monotonic()
         service.apply(config)
         while time.monotonic() - t0 < 60:
@@ -483,4 +485,4 @@ def test_model_switch_by_alias_without_downtime(service: Service, image: np.ndar
     assert versions[0] == "1" and versions[-1] == new_version == "2"
     assert versions == sorted(versions)  # once switched, never back
     # reconfigured, not restarted
-    assert translator.replica.remote().result(timeout_s=30) == replica_before
+    assert replica.replica.remote().result(timeout_s=30) == replica_before
