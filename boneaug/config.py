@@ -184,6 +184,9 @@ class UnitConfig(_Section):
     lr: float = Field(1e-4, gt=0)
     disc_lr: float | None = Field(None, gt=0, description="D's learning rate (None: lr, as "
                                                           "published; higher: TTUR)")
+    disc_steps: int = Field(
+        1, ge=1, description="D updates per G update, each on its own pair of batches (the "
+                             "extra ones translated without gradients); 1 as published")
     beta1: float = 0.5
     beta2: float = 0.999
     weight_decay: float = 1e-4

@@ -150,6 +150,29 @@ def test_d_step_moves_only_d_and_g_step_only_g_against_the_updated_d() -> None:
     assert changed > len(g0) // 2
 
 
+def test_disc_steps_step_d_once_per_extra_batch_pair_and_g_once() -> None:
+    def steps(optimizer: torch.optim.Optimizer) -> set[int]:
+        return {int(state["step"]) for state in optimizer.state.values()}
+
+    unit, dis = nets()
+    optimizers = make_optimizers(unit, dis, SMOKE)
+    extra = [_batch(seed=3), _batch(seed=5)]
+    train_iteration(unit, dis, *_batch(), weights=FULL, optimizers=optimizers, extra_d=extra)
+    assert steps(optimizers.d) == {3} and steps(optimizers.g) == {1}
+    d_after = [p.detach().clone() for p in dis.parameters()]
+
+    unit, dis = nets()  # the same start, one D step: the extra ones moved D further
+    optimizers = make_optimizers(unit, dis, SMOKE)
+    train_iteration(unit, dis, *_batch(), weights=FULL, optimizers=optimizers)
+    assert any(not torch.equal(a, b) for a, b in zip(d_after, dis.parameters(), strict=True))
+
+    unit, dis = nets()  # no adversarial term: no D to train, extra batches or not
+    optimizers = make_optimizers(unit, dis, SMOKE)
+    train_iteration(unit, dis, *_batch(), weights=replace(FULL, gan=0.0), optimizers=optimizers,
+                    extra_d=extra)
+    assert steps(optimizers.d) == set() and steps(optimizers.g) == {1}
+
+
 def test_a_few_iterations_on_a_tiny_batch_lower_the_reconstruction_loss() -> None:
     unit, dis = nets(seed=2)
     config = SMOKE.model_copy(update={"lr": 1e-3})

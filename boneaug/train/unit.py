@@ -50,7 +50,7 @@ import io
 import logging
 import math
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -302,6 +302,10 @@ def make_optimizers(unit: nn.Module, dis: nn.Module, config: UnitConfig) -> Opti
                       torch.optim.lr_scheduler.StepLR(d, config.lr_step, LR_GAMMA))
 
 
+# what an extra D step needs from G: the translations only
+TRANSLATIONS = ForwardPlan(recon=False, cross=True, cycle_encode=False, cycle_decode=False)
+
+
 def train_iteration(
     unit: nn.Module,
     dis: nn.Module,
@@ -312,11 +316,19 @@ def train_iteration(
     optimizers: Optimizers,
     generator: torch.Generator | None = None,
     augment: Augment | None = None,
+    extra_d: Sequence[tuple[Tensor, Tensor]] = (),
 ) -> dict[str, Tensor]:
     """One UNIT iteration (G forward once, D step, G step, schedulers); detached losses.
-    `augment` (DiffAugment) transforms every batch D sees, in both steps."""
+    `augment` (DiffAugment) transforms every batch D sees, in both steps. `extra_d`: more
+    (healthy, lesion) batch pairs, one D step each before the iteration's own (unit.disc_steps),
+    on translations made without gradients."""
     unit.train()
     dis.train()
+    if weights.gan > 0:
+        for y_h, y_l in extra_d:
+            with torch.no_grad(), autocast(y_h.device):
+                fakes = unit(y_h, y_l, plan=TRANSLATIONS, noise=True, generator=generator)
+            d_step(dis, fakes, y_h, y_l, weights=weights, optimizer=optimizers.d, augment=augment)
     out = generate(unit, x_h, x_l, weights=weights, generator=generator)
     losses = d_step(dis, out, x_h, x_l, weights=weights, optimizer=optimizers.d, augment=augment)
     losses |= g_step(dis, out, x_h, x_l, weights=weights, optimizer=optimizers.g, augment=augment)
@@ -754,8 +766,10 @@ def _train_worker(train_loop_config: dict[str, Any]) -> dict[str, Any] | None:
         x_h, x_l = next(streams["normal"]), next(streams["lesion"])
         if side is not None:
             side.keep_samples(x_h, x_l)
+        extra = [(next(streams["normal"]), next(streams["lesion"]))
+                 for _ in range(config.disc_steps - 1)]
         meter.add(train_iteration(unit_w, dis_w, x_h, x_l, weights=weights, optimizers=optimizers,
-                                  generator=noise, augment=augment))
+                                  generator=noise, augment=augment, extra_d=extra))
         if it % config.log_every == 0 or it == end:
             last = {f"loss/{k}": v for k, v in meter.reduce().items()}
             last["lr"] = optimizers.g.param_groups[0]["lr"]
