@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 KINDS = ("lesion", "normal", "source")
 GROUPS_PER_TASK = 16  # source images read and cut per Ray Data task
+PATCHES_PER_FILE = 2048  # cut patches per write task: one file per set and task (at most
+# ~270 MB of 256^2 paper patches); per cut block, 45 blocks wrote ~130 small files in 5 s
 META_COLUMNS = ["image_id", "key", "split", "label", "confounders", "stored_boxes", "stored_rows",
                 "stored_columns", "scale", "pad_x", "pad_y", "descriptor"]
 PATCH_SCHEMA = pa.schema([
@@ -87,8 +89,8 @@ class CutBatch:
 
 
 class WriteKept:
-    """Ray Data callable: a block of cut patches -> its kept rows of each set written as one file
-    under ``<patches_uri>/<kind>`` (named by the block's first patch, so a retried task rewrites
+    """Ray Data callable: a batch of cut patches -> its kept rows of each set written as one file
+    under ``<patches_uri>/<kind>`` (named by the batch's first patch, so a retried task rewrites
     it), and how many rows each file got. One pass writes all three sets."""
 
     def __init__(self, patches_uri: str, keep: dict[str, list[str]]) -> None:
@@ -184,7 +186,7 @@ def make_patch_sets(
     keep = {"lesion": set(lesion_ids), "normal": set(normal_ids), "source": set(clean["source"])}
 
     writes = cut.map_batches(WriteKept(patches_uri, {k: sorted(v) for k, v in keep.items()}),
-                             batch_size=None, batch_format="pyarrow").to_pandas()
+                             batch_size=PATCHES_PER_FILE, batch_format="pyarrow").to_pandas()
     got = writes.groupby("kind")["rows"].sum().to_dict()
     if any(got.get(kind, 0) != len(keep[kind]) for kind in KINDS):
         raise DataError(f"patch sets under {patches_uri}: wrote {got}, expected "
