@@ -184,6 +184,9 @@ class UnitConfig(_Section):
     lr: float = Field(1e-4, gt=0)
     disc_lr: float | None = Field(None, gt=0, description="D's learning rate (None: lr, as "
                                                           "published; higher: TTUR)")
+    # With 3 (standardised, lr 1e-3, width 32) D leaves the constant point in the local game
+    # (held-out real-vs-translated AUC 0.87 at 100 iterations, 0.97-1.00 at the end) and the
+    # l -> h translator removes lesions, but h -> l paints none yet (README): 1 stays the default
     disc_steps: int = Field(
         1, ge=1, description="D updates per G update, each on its own pair of batches (the "
                              "extra ones translated without gradients); 1 as published")
