@@ -30,7 +30,6 @@ import base64
 import hmac
 import logging
 import os
-import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -95,34 +94,38 @@ class _Loaded:
     tags: dict[str, str]  # the registered version's, read at every reconfigure
 
 
-class RegistryModels:
-    """One kind of model (the translator or the scorer) by body part, loaded from the MLflow
-    registry on every `reconfigure`.
+Served = dict[str, _Loaded]  # body part -> model; replaced whole, never changed in place
 
-    A reconfigure resolves every alias, loads what changed, then swaps the whole dict in one
-    assignment; a body part whose new model fails to load keeps its previous one (the error is
-    logged and kept for `check_health`'s message). Failures are answered per request
-    (`ModelOutput.error`), never raised through the batch, so one bad batch cannot kill a replica.
+
+class RegistryModels:
+    """One kind of model (the translator or the scorer) by body part, from the MLflow registry.
+
+    `stage` resolves every alias and loads what changed; `swap` then replaces the whole dict in
+    one assignment. A body part whose new model fails to load keeps its previous one (the error is
+    logged and kept for `check_health`'s message). A request reads `served` once and hands that
+    dict to its batch calls, so it is answered by the models of its start. Failures are answered
+    per request (`ModelOutput.error`), never raised through the batch, so one bad batch cannot
+    kill a replica.
     """
 
     def __init__(self, kind: str, run: Callable[[Any, np.ndarray], np.ndarray]) -> None:
         self.kind, self._run = kind, run
-        self._loaded: dict[str, _Loaded] = {}
+        self.served: Served = {}
         self._errors: dict[str, str] = {}
-        self._lock = threading.Lock()  # one reconfigure at a time; requests never wait on it
 
-    def reconfigure(self, config: ModelsConfig) -> None:
-        with self._lock:
-            self._reload(config)
+    def swap(self, staged: tuple[Served, dict[str, str]]) -> None:
+        self.served, self._errors = staged
 
-    def _reload(self, config: ModelsConfig) -> None:
+    def stage(self, config: ModelsConfig) -> tuple[Served, dict[str, str]]:
+        """The models `config` names, loading only what changed, and the errors of those that
+        would not load; nothing served changes."""
         import torch
 
         device = config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         tracking.configure(TrackingConfig(tracking_uri=config.tracking_uri))
-        loaded = {bp: m for bp, m in self._loaded.items() if bp in config.models}
+        loaded = {bp: m for bp, m in self.served.items() if bp in config.models}
         errors: dict[str, str] = {}
         for body_part, ref in config.models.items():
             try:
@@ -140,35 +143,32 @@ class RegistryModels:
             except Exception as exc:  # noqa: BLE001 - keep serving what loads; report the rest
                 errors[body_part] = f"{ref.uri}: {type(exc).__name__}: {exc}"
                 log.error("%s: cannot load %s for %s: %s", self.kind, ref.uri, body_part, exc)
-        self._loaded = loaded  # atomic swap: a batch holds the dict it started with
-        self._errors = errors
+        return loaded, errors
 
     def check_health(self) -> None:
-        if not self._loaded:
+        if not self.served:
             raise RuntimeError(
                 f"{self.kind}: no model loaded; errors: {self._errors or 'none recorded'}")
 
     def models(self) -> dict[str, dict[str, str]]:
-        return {bp: {"name": m.name, "version": m.version} for bp, m in self._loaded.items()}
+        return {bp: {"name": m.name, "version": m.version} for bp, m in self.served.items()}
 
-    async def run_batch(self, requests: list[tuple[str, np.ndarray]]) -> list[ModelOutput]:
-        """Group a batch of (body part, (1, 1, H, W) array) by body part and shape, run each group
-        once, answer each request."""
-        loaded = self._loaded
+    async def run_batch(self, requests: list[tuple[Served, str, np.ndarray]]) -> list[ModelOutput]:
+        """Group a batch of (the request's `served`, body part, (1, 1, H, W) array) by model and
+        shape, run each group once, answer each request."""
         outputs: list[ModelOutput | None] = [None] * len(requests)
-        groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
-        for i, (body_part, array) in enumerate(requests):
-            model = loaded.get(body_part)
+        groups: dict[tuple[int, tuple[int, ...]], tuple[_Loaded, list[int]]] = {}
+        for i, (served, body_part, array) in enumerate(requests):
+            model = served.get(body_part)
             if model is None:
-                reason = "no_model" if not loaded else "not_served"
+                reason = "no_model" if not served else "not_served"
                 outputs[i] = ModelOutput(error=reason, message=(
                     f"the {self.kind} serves no model for body part {body_part!r}; "
-                    f"served: {sorted(loaded) or 'none'}"))
+                    f"served: {sorted(served) or 'none'}"))
             else:
-                groups.setdefault((body_part, array.shape), []).append(i)
-        for (body_part, _), indices in groups.items():
-            model = loaded[body_part]
-            stacked = np.concatenate([requests[i][1] for i in indices], axis=0)  # (B, 1, H, W)
+                groups.setdefault((id(model), array.shape), (model, []))[1].append(i)
+        for model, indices in groups.values():
+            stacked = np.concatenate([requests[i][2] for i in indices], axis=0)  # (B, 1, H, W)
             try:
                 values = await asyncio.to_thread(self._run, model.model, stacked)
             except Exception as exc:  # noqa: BLE001 - answer each request (503), keep the replica
@@ -408,8 +408,10 @@ class Api:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         service = ServiceConfig.model_validate(user_config)
         self._config = load_config(service.profile)
-        self._translator.reconfigure(service.translator)
-        self._scorer.reconfigure(service.scorer)
+        # both kinds load before either is swapped: a request never meets a half-made switch
+        staged = self._translator.stage(service.translator), self._scorer.stage(service.scorer)
+        self._translator.swap(staged[0])
+        self._scorer.swap(staged[1])
         for batched, models in ((self.translate_batch, service.translator),
                                 (self.score_batch, service.scorer)):
             batched.set_max_batch_size(models.max_batch_size)
@@ -428,12 +430,14 @@ class Api:
         return serve.get_replica_context().replica_id.unique_id
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-    async def translate_batch(self, requests: list[tuple[str, np.ndarray]]) -> list[ModelOutput]:
+    async def translate_batch(self, requests: list[tuple[Served, str, np.ndarray]]
+                              ) -> list[ModelOutput]:
         """UNIT h -> l of (1, 1, S, S) patches in [0, 1]."""
         return await self._translator.run_batch(requests)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-    async def score_batch(self, requests: list[tuple[str, np.ndarray]]) -> list[ModelOutput]:
+    async def score_batch(self, requests: list[tuple[Served, str, np.ndarray]]
+                          ) -> list[ModelOutput]:
         """DRN lesion probability of (1, 1, H, W) classifier-size images."""
         return await self._scorer.run_batch(requests)
 
@@ -488,7 +492,8 @@ class Api:
         async with self._working:
             image = await self._decode(file)
             fitted = await asyncio.to_thread(serving.fit_pad, image.pixels, self._score_hw)
-            out = await self._call(self.score_batch((body_part, fitted[None, None])))
+            out = await self._call(self.score_batch((self._scorer.served, body_part,
+                                                     fitted[None, None])))
         return ScoreResponse(body_part=body_part, probability=float(out.values.reshape(-1)[0]),
                              model=out.name, version=out.version)
 
@@ -537,14 +542,16 @@ class Api:
                           n: float, seed: int) -> tuple[serving.LesionResult,
                                                         tuple[ModelOutput, ModelOutput]]:
         """`serving.synthesise`'s steps, with the two model calls batched across requests."""
+        translators, scorers = self._translator.served, self._scorer.served  # one switch state
         recipe = serving.Recipe.from_config(self._config, body_part, n=n)
         chosen, crop, patch = await asyncio.to_thread(serving.place_and_cut, image, box, recipe,
                                                       rng=np.random.default_rng(seed))
-        translator = await self._call(self.translate_batch((body_part, patch[None, None])))
+        translator = await self._call(self.translate_batch((translators, body_part,
+                                                             patch[None, None])))
         translated = translator.values[0, 0]
         blended, fitted = await asyncio.to_thread(serving.blend_and_fit, image, translated, crop,
                                                   recipe)
-        scorer = await self._call(self.score_batch((body_part, fitted[None, None])))
+        scorer = await self._call(self.score_batch((scorers, body_part, fitted[None, None])))
         probability = float(scorer.values.reshape(-1)[0])
         return (serving.LesionResult(chosen, crop, patch, translated, blended, probability),
                 (translator, scorer))

@@ -103,13 +103,15 @@ def test_check_health_raises_until_a_model_loads(service: Service) -> None:
     with pytest.raises(RuntimeError, match="no model loaded"):
         models.check_health()
     uri = service.registry.uri
-    models.reconfigure(ModelsConfig.model_validate(
-        {"models": {"tibia": {"name": "boneaug-unit-absent"}}, "tracking_uri": uri}))
+    models.swap(models.stage(ModelsConfig.model_validate(
+        {"models": {"tibia": {"name": "boneaug-unit-absent"}}, "tracking_uri": uri})))
     with pytest.raises(RuntimeError, match="boneaug-unit-absent"):
         models.check_health()
-    models.reconfigure(ModelsConfig.model_validate(
+    staged = models.stage(ModelsConfig.model_validate(
         {"models": {"tibia": {"name": "boneaug-unit-tibia", "version": "1"}},
          "tracking_uri": uri}))
+    assert models.models() == {}  # staged, not served yet
+    models.swap(staged)
     models.check_health()
     assert models.models() == {"tibia": {"name": "boneaug-unit-tibia", "version": "1"}}
     with pytest.raises(Exception, match="one of alias or version, not both"):
