@@ -11,6 +11,7 @@ from boneaug.config import BoneaugConfig
 from boneaug.data.arrays import decode_pixels
 from boneaug.data.ingest import classification_filter, ingest
 from boneaug.data.patch_sets import KINDS, load_patch_array, make_patch_sets
+from boneaug.data.patches import near_duplicate_pairs
 
 pytestmark = pytest.mark.slow
 
@@ -113,6 +114,10 @@ def test_patch_sets_have_spec_2_properties_and_provenance(
                             smoke_config.patches.size)
     assert lesion.dtype == np.float32 and 0 <= lesion.min() and lesion.max() <= 1
     assert storage.read_manifest(storage.join(run, "patches"))["written"] == summary.written
+    # near-duplicates are counted over the patches written, not the candidates cut
+    assert summary.near_duplicates == {
+        kind: near_duplicate_pairs((p["image_id"], p["crop"]) for p in rows)
+        for kind, rows in sets.items()}
 
 
 def test_an_object_that_cannot_be_read_is_a_reject_not_a_crash(

@@ -11,12 +11,15 @@ from boneaug.data.patches import (
     ImageMeta,
     Placement,
     balance,
+    box_iou,
     crop_resize,
     descriptor,
     keep_by_intensity,
     map_box,
+    near_duplicate_pairs,
     nearest,
     plan_patches,
+    spread_crops,
     square_crop,
 )
 from boneaug.errors import DataError
@@ -195,3 +198,50 @@ def test_many_lesion_images_leave_negatives_for_augmentation_sources() -> None:
     plan = plan_patches(images, s=2, n=10, target_per_class=40, rng=np.random.default_rng(0))
     assert len(plan.normal) == 60 and len(plan.translation_negatives) <= 60
     assert len(plan.source) >= 140
+
+
+def test_box_iou_of_equal_disjoint_and_half_overlapping_boxes() -> None:
+    assert box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+    assert box_iou((0, 0, 10, 10), (10, 0, 20, 10)) == 0.0  # touching edges share no pixel
+    assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+
+
+def test_near_duplicates_are_overlapping_crops_of_one_image_only() -> None:
+    tasks = [("a", (0, 0, 10, 10)), ("a", (1, 1, 11, 11)),  # IoU 0.68: a pair
+             ("a", (6, 6, 16, 16)),  # IoU 0.09 and 0.14 with the two above: none
+             ("b", (0, 0, 10, 10))]  # the same crop, another image: never a pair
+    assert near_duplicate_pairs(tasks) == 1
+    assert near_duplicate_pairs(tasks, iou=0.05) == 3
+    assert near_duplicate_pairs([]) == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=image_and_box(), s=st.sampled_from([1.0, 1.5, 2.0]), k=st.integers(1, 5),
+       seed=st.integers(0, 2**31))
+def test_spread_crops_follow_the_s_rule_and_one_is_square_crop(case, s: float, k: int,
+                                                                 seed: int) -> None:
+    (height, width), box = case
+    crops = spread_crops(box, (height, width), s, k, np.random.default_rng(seed))
+    assert len(crops) == k
+    side = square_crop(box, (height, width), s, np.random.default_rng(seed))
+    for x0, y0, x1, y1 in crops:
+        assert x1 - x0 == y1 - y0 == side[2] - side[0]  # the s rule's side
+        assert 0 <= x0 <= box[0] and 0 <= y0 <= box[1] and x1 >= box[2] and y1 >= box[3]
+        assert x1 <= width and y1 <= height
+    if k == 1:  # the same draw as before spreading existed: k = 1 plans are unchanged
+        assert crops == [side]
+
+
+def test_spread_crops_of_one_lesion_overlap_less_than_independent_draws() -> None:
+    box, hw = (500, 500, 540, 540), (2000, 2000)
+    spread = independent = 0
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        independent += near_duplicate_pairs(("a", square_crop(box, hw, 2.0, rng)) for _ in range(3))
+        spread += near_duplicate_pairs(("a", c) for c in spread_crops(box, hw, 2.0, 3, rng))
+    assert spread < 0.6 * independent
+    # the 41 allowed x starts (460 ... 500) in thirds [0, 13), [13, 27), [27, 41): one crop each
+    for seed in range(20):
+        starts = sorted(c[0] - 460 for c in spread_crops(box, hw, 2.0, 3,
+                                                         np.random.default_rng(seed)))
+        assert 0 <= starts[0] < 13 <= starts[1] < 27 <= starts[2] < 41

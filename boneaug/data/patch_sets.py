@@ -25,7 +25,16 @@ import pyarrow.compute as pc
 from boneaug import storage
 from boneaug.config import BodyPartPatches
 from boneaug.data.arrays import decode_pixels, encode_pixels
-from boneaug.data.patches import CropTask, ImageMeta, Placement, balance, crop_resize, plan_patches
+from boneaug.data.patches import (
+    NEAR_DUPLICATE_IOU,
+    CropTask,
+    ImageMeta,
+    Placement,
+    balance,
+    crop_resize,
+    near_duplicate_pairs,
+    plan_patches,
+)
 from boneaug.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -127,6 +136,7 @@ class PatchSummary:
     candidates: dict[str, int]
     dropped_low_intensity: dict[str, int]
     written: dict[str, int]
+    near_duplicates: dict[str, int]  # same-image crop pairs with IoU >= NEAR_DUPLICATE_IOU
     seconds: float
     patches_per_s: float = field(init=False)
 
@@ -140,7 +150,8 @@ class PatchSummary:
             f"  from {self.images} train images ({self.lesion_images} with lesions, "
             f"{self.translation_negatives} negatives for translation, {self.source_images} "
             f"sources); cut {self.candidates}, dropped (mean < threshold) "
-            f"{self.dropped_low_intensity}"
+            f"{self.dropped_low_intensity}; near-duplicate pairs (same image, crop IoU >= "
+            f"{NEAR_DUPLICATE_IOU}) {self.near_duplicates}"
         )
 
 
@@ -200,6 +211,10 @@ def make_patch_sets(
         candidates={k: len(ids[k]) for k in KINDS},
         dropped_low_intensity={k: len(ids[k]) - len(clean[k]) for k in ("normal", "source")},
         written={k: len(keep[k]) for k in KINDS},
+        near_duplicates={kind: near_duplicate_pairs((t.image_id, t.crop) for t in tasks
+                                                    if t.patch_id in keep[kind])
+                         for kind, tasks in zip(KINDS, (plan.lesion, plan.normal, plan.source),
+                                                strict=True)},
         seconds=time.perf_counter() - start,
     )
     storage.publish_manifest(patches_uri, {"stage": "patches", "body_part": body_part, "seed": seed,
