@@ -18,9 +18,11 @@ p50 (the per-request serving overhead as a ratio), `x req/s` = service req/s / a
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import os
 import secrets
+import shutil
 import socket
 import sys
 import tempfile
@@ -142,6 +144,7 @@ def main() -> None:
     print(f"anchor done (torch threads {torch.get_num_threads()})", flush=True)
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # its sqlite MLflow and uploads
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"  # replicas inherit it
     tracking.configure(TrackingConfig())
     register(config, translator, scorer)

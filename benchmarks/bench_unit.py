@@ -139,12 +139,13 @@ def main() -> None:
     peak = gemm_peak_gflops()
 
     paper, local = load_config("paper"), load_config("local")
-    cases = [("paper (width 64)", paper.unit, 1)] + (
-        [] if args.skip_b8 else [("paper (width 64)", paper.unit, 8)])
-    cases.append(("local profile", local.unit, local.unit.batch_size))
+    cases = [("paper (width 64)", paper.unit, 1, 64)] + (
+        [] if args.skip_b8 else [("paper (width 64)", paper.unit, 8, 64)])
+    cases.append((f"local profile ({local.patches.size} px)", local.unit, local.unit.batch_size,
+                  local.patches.size))
     rows = []
-    for name, config, batch in cases:
-        m = measure(config, batch, 64, args.iters)
+    for name, config, batch, size in cases:
+        m = measure(config, batch, size, args.iters)
         images = 2 * batch  # one healthy and one lesion patch per batch element
         anchor = REFERENCE.get(batch) if name.startswith("paper") else None
         anchor_s = (anchor[1] + anchor[2]) / 2 if anchor else None
@@ -171,7 +172,8 @@ def main() -> None:
         rows,
     )
     print("\nimages = 2 x batch per iteration (a healthy and a lesion patch per element), "
-          "both sides;\n64x64 patches, 1 channel; the local profile has no published anchor.")
+          "both sides;\n1 channel, 64x64 patches for the paper network (the anchor's crops); the "
+          "local profile has no published anchor.")
 
 
 if __name__ == "__main__":

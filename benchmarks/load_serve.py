@@ -20,9 +20,11 @@ failed or the new models never answered.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -78,6 +80,7 @@ def main() -> None:
     config = load_config("local")
     upload = radiograph_dicom(config)
     workdir = Path(tempfile.mkdtemp(prefix="load-serve-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # its sqlite MLflow and uploads
     (workdir / "radiograph.dcm").write_bytes(upload)
 
     anchor = in_process(config, *build_models(config))

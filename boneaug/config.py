@@ -163,9 +163,7 @@ class UnitConfig(_Section):
     disc_scales: int = Field(3, ge=1)
     # D_l alone on the local tibia patches (real lesion vs normal, a quarter of the images held
     # out, 1600 steps): held-out AUC 0.59 as published (lr 1e-4), 0.65 at lr 1e-3, 0.63
-    # standardised at 1e-4, 0.85 standardised at 1e-3. In the UNIT game (500 iterations, local)
-    # the standardised D at 1e-3 still ended at the constant point (D loss 0.94-0.99 for 2
-    # scales) and the translations stayed texture, so neither is a profile default yet
+    # standardised at 1e-4, 0.85 standardised at 1e-3; the local profile uses it (see there)
     disc_standardize: bool = Field(
         False, description="D sees each patch standardised (zero mean, unit sd); the published "
                            "D does not")
@@ -185,8 +183,8 @@ class UnitConfig(_Section):
     disc_lr: float | None = Field(None, gt=0, description="D's learning rate (None: lr, as "
                                                           "published; higher: TTUR)")
     # With 3 (standardised, lr 1e-3, width 32) D leaves the constant point in the local game
-    # (held-out real-vs-translated AUC 0.87 at 100 iterations, 0.97-1.00 at the end) and the
-    # l -> h translator removes lesions, but h -> l paints none yet (README): 1 stays the default
+    # (held-out real-vs-translated AUC 0.87 at 100 iterations, 0.97-1.00 at the end): the
+    # local profile's setting
     disc_steps: int = Field(
         1, ge=1, description="D updates per G update, each on its own pair of batches (the "
                              "extra ones translated without gradients); 1 as published")
@@ -433,21 +431,35 @@ _PROFILES: dict[str, dict[str, Any]] = {
         },
         "image": {"height": 256, "width": 128},
         "patches": {
-            "size": 64,
+            # 32, not 64: the lesion crops span 58-162 stored pixels (5-95 %, tibia), 15-40 at
+            # the classifier's 4x-pooled input, so a 32-px patch keeps what the classifier can
+            # see, and an iteration of UNIT costs 2.4x less
+            "size": 32,
             "body_parts": {
                 "humerus": {"s": 2, "n": 10, "translation_patches": 268},
                 "tibia": {"s": 1, "n": 7, "translation_patches": 214},
                 "femur": {"s": 2, "n": 10, "translation_patches": 96},
             },
         },
-        # width 32 / 4 res blocks took 1.9 s an iteration on 2 cores (1500 iterations: 47 min,
-        # beyond the 15-minute budget of a local UNIT run); this one takes ~0.45 s. On the local
-        # tibia patches the quality gain peaked early and fell with more iterations (+0.16 at 250,
-        # +0.10 at 500, +0.03 at 1000), so 500 iterations lose nothing and save 4-5 minutes
+        # A UNIT that paints lesions on 2 cores (issue 18; tibia patch sets of a make demo, judged
+        # by the phantom critic, which nothing here trains or selects on):
+        # - as published (D lr 1e-4, disc_steps 1, recon/cycle 100), D stays at the constant
+        #   point (held-out real-vs-translated AUC 0.5-0.6) and G reproduces its input plus
+        #   texture: the critic calls 0.31 of the translated sources lesion (untranslated
+        #   0.12, real lesion patches 0.77) at 64 px, 500 iterations; DiffAugment 0.28;
+        # - D standardised, width 32, lr 1e-3, 3 steps per G step learns (AUC 0.87 -> 1.00),
+        #   and then G removes lesions (l -> h 0.08-0.33) but at 64 px does not paint them:
+        #   h -> l 0.30-0.44 after 1000-1500 iterations, whatever G's lr (1e-4 to 1e-3) or the
+        #   GAN weight (10, 30) with recon/cycle 10;
+        # - the same game at 32 px paints rimmed lucent ovals: the critic (on the translations
+        #   upsampled to 64, where real lesions downsampled and upsampled score 0.81 and
+        #   sources 0.18) calls 0.59 / 0.80 of the translated sources lesion after 500 / 1000
+        #   iterations (seed 1) and 0.84 after 3000 (seed 0)
         "unit": {
-            "width": 16, "n_res": 2, "n_shared": 1, "disc_width": 16, "disc_layers": 3,
-            "disc_scales": 2, "batch_size": 8, "iterations": 500, "checkpoint_every": 125,
-            "log_every": 25, "sample_every": 125,
+            "width": 16, "n_res": 2, "n_shared": 1, "disc_width": 32, "disc_layers": 3,
+            "disc_scales": 2, "disc_standardize": True, "disc_lr": 1e-3, "disc_steps": 3,
+            "lr": 1e-3, "lambda_recon": 10.0, "lambda_cyc": 10.0, "batch_size": 8,
+            "iterations": 1500, "checkpoint_every": 250, "log_every": 50, "sample_every": 250,
         },
         # The paper's fine-tuning (stages 7-8 and the head at lr 1e-4) does not learn here:
         # train loss -0.7 %, val AUC +0.001 over 6 epochs, test scores of two seeds correlated
