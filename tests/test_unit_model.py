@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -179,6 +181,24 @@ def test_translator_maps_unit_interval_deterministically_and_checks_sizes() -> N
     for bad in ("sideways", "h2", "2l", "h2x"):
         with pytest.raises(ValueError, match="h2l"):
             unit.translator(bad)
+
+
+def test_a_translator_that_keeps_exposure_gives_its_input_mean_and_sd_and_the_same_pattern(
+) -> None:
+    kept = dataclasses.replace(TINY, keep_exposure=True)
+    free = UNIT(TINY, generator=torch.Generator().manual_seed(0)).translator("h2l")
+    unit = UNIT(kept, generator=torch.Generator().manual_seed(0))
+    translator = unit.translator("h2l")
+    x = 0.3 + 0.4 * torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y, y_free = translator(x), free(x)
+    torch.testing.assert_close(y.mean((-2, -1)), x.mean((-2, -1)))
+    torch.testing.assert_close(y.std((-2, -1)), x.std((-2, -1)), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(y_free.mean((-2, -1)), x.mean((-2, -1)), atol=1e-3)
+    # the same weights draw the same pattern: the two differ by a gain and offset per image
+    for a, b in zip(y, y_free, strict=True):
+        assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.9999
+    assert translator.spec["arch"]["keep_exposure"] is True  # the registry rebuilds it
 
 
 def test_initialisation_follows_the_reference_and_is_seeded() -> None:

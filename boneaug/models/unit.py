@@ -64,6 +64,7 @@ class UnitArch:
     disc_layers: int = 4
     disc_scales: int = 3
     disc_standardize: bool = False  # D sees each image standardised (zero mean, unit sd)
+    keep_exposure: bool = False  # a translation keeps its input's per-image mean and sd
 
     def __post_init__(self) -> None:
         checks = {
@@ -377,7 +378,8 @@ class UNIT(nn.Module):
         source, _, target = direction.partition("2")
         if source not in domains or target not in domains:
             raise ValueError(f"direction must be 'h2l', 'l2h', 'h2h' or 'l2l', got {direction!r}")
-        translator = Translator(domains[source][0], domains[target][1])
+        translator = Translator(domains[source][0], domains[target][1],
+                                keep_exposure=self.arch.keep_exposure)
         # what a registry needs to rebuild it (boneaug.models.specs): weights are stored alone
         translator.spec = {"kind": "unit_translator", "arch": asdict(self.arch),
                            "direction": direction}
@@ -385,13 +387,20 @@ class UNIT(nn.Module):
 
 
 class Translator(nn.Module):
-    """x (B, C, H, W) in [0, 1] -> G(E(x)) in [0, 1], no latent noise (what gets registered)."""
+    """x (B, C, H, W) in [0, 1] -> G(E(x)) in [0, 1], no latent noise (what gets registered).
 
-    def __init__(self, encoder: Encoder, decoder: Decoder) -> None:
+    With `keep_exposure` the output takes its input's mean and sd (per image and channel): a
+    standardised D is blind to them, so nothing in the game pins them, and G drifts (the local
+    tibia UNIT shifted the mean by 0.10 of the range on average), which blending turns into
+    grey squares. The drawn pattern is unchanged (the phantom critic's calls stay 0.80).
+    """
+
+    def __init__(self, encoder: Encoder, decoder: Decoder, *, keep_exposure: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.multiple = encoder.multiple
+        self.keep_exposure = keep_exposure
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[-1] % self.multiple or x.shape[-2] % self.multiple:
@@ -400,7 +409,16 @@ class Translator(nn.Module):
                 f"got shape {tuple(x.shape)}: resize patches to the training patch size"
             )
         y = self.decoder(self.encoder(x * 2 - 1))
+        if self.keep_exposure:
+            y = match_moments(y, x * 2 - 1)
         return (y + 1) * 0.5
+
+
+def match_moments(y: Tensor, reference: Tensor, eps: float = 1e-6) -> Tensor:
+    """`y` shifted and scaled to `reference`'s mean and sd, per image and channel."""
+    mean_y, sd_y = y.mean((-2, -1), keepdim=True), y.std((-2, -1), keepdim=True)
+    mean_r, sd_r = reference.mean((-2, -1), keepdim=True), reference.std((-2, -1), keepdim=True)
+    return (y - mean_y) / (sd_y + eps) * sd_r + mean_r
 
 
 # ---- discriminators ---------------------------------------------------------------------------
