@@ -39,7 +39,12 @@ def _fingerprint(parts: Any) -> str:
 
 
 def stage(run_uri: str, name: str, inputs: Any, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run `fn` unless <run>/stages/<name>.json holds a result for the same `inputs`."""
+    """Run `fn` unless <run>/stages/<name>.json holds a result for the same `inputs`.
+
+    The result carries `made_from`, the fingerprint of those inputs: a later stage whose inputs
+    hold this result then reruns when this one was remade, even where the remade result reads
+    the same (a re-blend writes as many candidates to the same URI; before, the scores and the
+    DRNs of the old blends were reused after a new UNIT)."""
     uri = storage.join(run_uri, "stages", f"{name}.json")
     fingerprint = _fingerprint(inputs)
     if storage.exists(uri):
@@ -49,7 +54,7 @@ def stage(run_uri: str, name: str, inputs: Any, fn: Callable[[], dict[str, Any]]
             return done["result"]
     print(f"[{name}] running ...", flush=True)
     start = time.perf_counter()
-    result = fn()
+    result = fn() | {"made_from": fingerprint}
     seconds = time.perf_counter() - start
     storage.write_text(uri, json.dumps({"fingerprint": fingerprint, "seconds": seconds,
                                         "result": result}, indent=2, default=str))

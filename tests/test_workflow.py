@@ -14,12 +14,36 @@ def test_stage_reuses_results_for_the_same_inputs_and_reruns_on_change(tmp_path:
         calls.append(1)
         return {"value": len(calls)}
 
+    def value(inputs: object, name: str = "step") -> int:
+        return stage(run, name, inputs, work)["value"]
+
     run = str(tmp_path / "run")
-    assert stage(run, "step", {"lr": 1e-4}, work) == {"value": 1}
-    assert stage(run, "step", {"lr": 1e-4}, work) == {"value": 1}  # reused, not recomputed
+    assert value({"lr": 1e-4}) == 1
+    assert value({"lr": 1e-4}) == 1  # reused, not recomputed
     assert len(calls) == 1
-    assert stage(run, "step", {"lr": 2e-4}, work) == {"value": 2}  # inputs changed: recomputed
-    assert stage(run, "other", {"lr": 2e-4}, work) == {"value": 3}  # stages are independent
+    assert value({"lr": 2e-4}) == 2  # inputs changed: recomputed
+    assert value({"lr": 2e-4}, "other") == 3  # stages are independent
+
+
+def test_a_stage_reruns_when_a_stage_it_reads_was_remade_with_the_same_looking_result(
+    tmp_path: Path,
+) -> None:
+    # a re-blend after a new translator writes as many candidates to the same place: the scores
+    # read from it must be remade, not reused
+    run = str(tmp_path / "run")
+    scored: list[dict] = []
+
+    def blend(translator: str) -> dict:
+        return stage(run, "blend", [translator], lambda: {"uri": "blended", "count": 455})
+
+    def score(blended: dict) -> dict:
+        return stage(run, "score", [blended], lambda: scored.append(blended) or {"n": len(scored)})
+
+    first = blend("unit/1")
+    assert score(first)["n"] == 1 and score(blend("unit/1"))["n"] == 1  # reused downstream
+    second = blend("unit/2")
+    assert (second["uri"], second["count"]) == (first["uri"], first["count"])
+    assert score(second)["n"] == 2  # remade
 
 
 def test_a_failed_stage_records_nothing(tmp_path: Path) -> None:
@@ -33,7 +57,7 @@ def test_a_failed_stage_records_nothing(tmp_path: Path) -> None:
     except RuntimeError:
         pass
     assert not (tmp_path / "run" / "stages" / "step.json").exists()
-    assert stage(run, "step", 1, lambda: {"ok": 1}) == {"ok": 1}
+    assert stage(run, "step", 1, lambda: {"ok": 1})["ok"] == 1
 
 
 def test_reproduce_runs_the_body_parts_asked_and_says_why_tibia_needs_humerus() -> None:
