@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -42,17 +43,20 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
     if ray.is_initialized():  # one Ray instance at a time on this machine
         ray.shutdown()
     temp = tmp_path_factory.mktemp("ray")
-    # the head's PATH decides which `python` runs the job's entrypoint: this venv's
-    env = {**os.environ, "RAY_AUTH_MODE": "token",
+    # the head's PATH decides which `python` runs the job's entrypoint: this venv's. `ray start`
+    # with token auth needs a token to exist (only ray.init() makes one): on a fresh machine
+    # ~/.ray/auth_token is absent and the head refuses to start, so this head gets its own
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "MLFLOW_TRACKING_URI": f"sqlite:///{temp / 'mlflow.db'}",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     port, dash = _free_port(), _free_port()
-    subprocess.run(
+    started = subprocess.run(
         [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
          f"--temp-dir={temp}", "--include-dashboard=true"],
-        check=True, env=env, capture_output=True, timeout=120,
+        env=env, capture_output=True, text=True, timeout=120,
     )
+    assert started.returncode == 0, f"ray start --head failed:\n{started.stderr[-3000:]}"
     # the driver joins the head's cluster directly (as `ray job submit` runs it on the head); the
     # job agent of a fresh head on a loaded 2-core machine can refuse submissions for minutes
     from ray.util import get_node_ip_address

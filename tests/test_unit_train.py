@@ -334,7 +334,8 @@ def test_translate_patches_is_batched_deterministic_and_restores_the_model() -> 
     a = translate_patches(translator, src, batch_size=2)
     b = translate_patches(translator, src, batch_size=64)
     assert a.shape == src.shape and a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    # oneDNN picks its convolution kernels by batch shape: equal up to float rounding
+    np.testing.assert_allclose(a, b, atol=1e-5)
     assert translator.training  # mode restored
     assert translate_patches(translator, src[:0]).shape == (0, 1, S, S)
     # the input is the caller's: out-of-range values are clamped in a copy, and a read-only
