@@ -439,8 +439,15 @@ _PROFILES: dict[str, dict[str, Any]] = {
             # the classifier's 4x-pooled input, so a 32-px patch keeps what the classifier can
             # see, and an iteration of UNIT costs 2.4x less
             "size": 32,
+            # Humerus at s = 1 (the paper's rule allows s in {1, 2}; Table 1 used 2): at 32 px a
+            # crop twice the lesion's size shows it in a few of 16 patches, the box itself in
+            # most, and only then does UNIT learn the shape. Measured on the local humerus cohort
+            # (279 lesion patches, 1500 iterations, the phantom critic judging): at s = 2 the
+            # translations show no oval; at s = 1 the critic calls 0.77 of the translated sources
+            # lesion (untranslated 0.16, real lesion patches 0.86) and the grid shows rimmed
+            # lucent ovals. Femur keeps s = 2, as the paper states for it
             "body_parts": {
-                "humerus": {"s": 2, "n": 10, "translation_patches": 268},
+                "humerus": {"s": 1, "n": 10, "translation_patches": 268},
                 "tibia": {"s": 1, "n": 7, "translation_patches": 214},
                 "femur": {"s": 2, "n": 10, "translation_patches": 96},
             },
