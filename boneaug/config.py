@@ -472,8 +472,7 @@ _PROFILES: dict[str, dict[str, Any]] = {
         "unit": {
             "width": 16, "n_res": 2, "n_shared": 1, "disc_width": 32, "disc_layers": 3,
             "disc_scales": 2, "disc_standardize": True, "keep_exposure": True, "disc_lr": 1e-3,
-            "disc_steps": 3,
-            "lr": 1e-3, "lambda_recon": 10.0, "lambda_cyc": 10.0, "batch_size": 8,
+            "disc_steps": 3, "lr": 1e-3, "lambda_recon": 10.0, "lambda_cyc": 10.0, "batch_size": 8,
             "iterations": 1500, "checkpoint_every": 250, "log_every": 50, "sample_every": 250,
         },
         # The paper's fine-tuning (stages 7-8 and the head at lr 1e-4) does not learn here:

@@ -608,11 +608,19 @@ def _train_critic(config: BoneaugConfig, run: str, body_part: str,
     from boneaug.eval.quality import CriticConfig
 
     settings = config.patches.body_parts[body_part]  # type: ignore[index]
+    start = time.monotonic()
+    print(f"[critic] rendering {config.eval.critic_pairs} phantom pairs (with and without a "
+          f"lesion) ...", flush=True)
     pairs = pc.paired_patches(config.synth, body_part, n=config.eval.critic_pairs,
                               size=config.patches.size, s=settings.s, workers=2)
+    print(f"[critic] {len(pairs.lesion)} pairs in {time.monotonic() - start:.0f} s; training "
+          f"{config.eval.critic_steps} steps, twice (the held-out check, then all pairs) ...",
+          flush=True)
     critic, heldout = pc.train_phantom_critic(
         pairs, CriticConfig(steps=config.eval.critic_steps, holdout=0.0, seed=config.eval.seed,
                             max_blur=pc.MAX_BLUR))
+    print(f"[critic] trained ({time.monotonic() - start:.0f} s); validating on the run's patch "
+          f"sets{' and translators' if translators else ''} ...", flush=True)
     sets = {k: load_patch_array(storage.join(run, "patches", k)) for k in ("lesion", "normal")}
     validation = pc.validate(
         critic, heldout_pair_auc=heldout, lesion=sets["lesion"], normal=sets["normal"],
