@@ -33,7 +33,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=not args.quiet,
     )
-    print(summary)
+    print(summary.describe())
     return 0
 
 

@@ -17,7 +17,13 @@ from PIL import Image
 from boneaug import storage
 from boneaug.config import BoneaugConfig, SynthConfig, load_config
 from boneaug.errors import ConfigError
-from boneaug.synth.cohort import ANNOTATION_SCHEMA, generate_cohort, plan_body_part, plan_fractures
+from boneaug.synth.cohort import (
+    ANNOTATION_SCHEMA,
+    CohortSummary,
+    generate_cohort,
+    plan_body_part,
+    plan_fractures,
+)
 from boneaug.synth.dicom_out import DicomIdentity, encode_dicom
 from boneaug.synth.preview import contact_sheet, display_pixels
 from boneaug.synth.render import render_image
@@ -210,6 +216,19 @@ def test_counts_splits_and_patients(cohort, synth) -> None:
     assert not (splits["val"] & splits["test"])
     for r in lesion_rows:
         assert (r["label"] == 1) == bool(r["boxes"]) == (r["conspicuity"] is not None)
+
+
+def test_the_summary_reads_as_counts_per_split() -> None:
+    summary = CohortSummary(
+        out_uri="/tmp/c", counts={"humerus": {"train": {0: 25, 1: 8}, "test": {0: 8, 1: 4}}},
+        clean_counts={"humerus": {"train": {0: 24, 1: 8}, "test": {0: 8, 1: 4}}},
+        fracture_counts={"train": {0: 30, 1: 10}}, images=85, seconds=2.0, images_per_s=42.5,
+        workers=2)
+    assert summary.describe().splitlines() == [
+        "wrote 85 images to /tmp/c in 2.0 s (42.5 img/s, 2 worker(s)); lesion:non-lesion per "
+        "split",
+        "  humerus: test 4:8  train 8:25  (without confounders: test 4:8  train 8:24)",
+        "  fracture corpus (fracture:none): train 10:30"]
 
 
 def test_annotation_table_follows_the_contract(cohort) -> None:

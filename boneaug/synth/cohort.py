@@ -123,6 +123,23 @@ class CohortSummary:
     images_per_s: float = 0.0
     workers: int = 1
 
+    def describe(self) -> str:
+        """Lines for a person: lesion:non-lesion images per split and body part (all, then those
+        without confounders, which the classification sets keep), the fracture corpus, speed."""
+        def splits(by_split: dict[str, dict[int, int]]) -> str:
+            return "  ".join(f"{split} {c.get(1, 0)}:{c.get(0, 0)}"
+                             for split, c in sorted(by_split.items()))
+
+        lines = [f"wrote {self.images} images to {self.out_uri} in {self.seconds:.1f} s "
+                 f"({self.images_per_s:.1f} img/s, {self.workers} worker(s)); "
+                 f"lesion:non-lesion per split"]
+        for part, by_split in self.counts.items():
+            lines.append(f"  {part}: {splits(by_split)}"
+                         f"  (without confounders: {splits(self.clean_counts.get(part, {}))})")
+        if self.fracture_counts:
+            lines.append(f"  fracture corpus (fracture:none): {splits(self.fracture_counts)}")
+        return "\n".join(lines)
+
 
 # ------------------------------------------------------------------------------------ planning
 
