@@ -1,13 +1,16 @@
-"""Shared by the benchmarks: a loopback S3 server, the machine's GEMM peak, table printing."""
+"""Shared by the benchmarks: a loopback S3 server, a scratch directory, the machine's GEMM peak,
+table printing."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -40,6 +43,14 @@ def moto_server() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A fresh temporary directory, removed when the benchmark's process exits (its sqlite MLflow
+    and uploads would otherwise stay behind on every run)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def best_seconds(fn: Callable[[], object], repeats: int, device: str = "cpu") -> float:

@@ -18,14 +18,11 @@ p50 (the per-request serving overhead as a ratio), `x req/s` = service req/s / a
 from __future__ import annotations
 
 import argparse
-import atexit
 import base64
 import os
 import secrets
-import shutil
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `serve` is a top-level package of the repository, not installed
 
-from _common import print_table  # noqa: E402
+from _common import print_table, scratch_dir  # noqa: E402
 
 BODY_PART = "tibia"
 
@@ -143,8 +140,7 @@ def main() -> None:
     anchor_rows = {c: measure(lambda i: anchor(upload, i), n, c) for c, n in levels}
     print(f"anchor done (torch threads {torch.get_num_threads()})", flush=True)
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # its sqlite MLflow and uploads
+    workdir = scratch_dir("bench-serve-")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"  # replicas inherit it
     tracking.configure(TrackingConfig())
     register(config, translator, scorer)

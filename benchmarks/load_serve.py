@@ -20,15 +20,12 @@ failed or the new models never answered.
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `serve` is a top-level package of the repository, not installed
 
-from _common import print_table  # noqa: E402
+from _common import print_table, scratch_dir  # noqa: E402
 from bench_serve import (  # noqa: E402
     BODY_PART,
     build_models,
@@ -79,8 +76,7 @@ def main() -> None:
 
     config = load_config("local")
     upload = radiograph_dicom(config)
-    workdir = Path(tempfile.mkdtemp(prefix="load-serve-"))
-    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # its sqlite MLflow and uploads
+    workdir = scratch_dir("load-serve-")
     (workdir / "radiograph.dcm").write_bytes(upload)
 
     anchor = in_process(config, *build_models(config))
