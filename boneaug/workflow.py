@@ -218,7 +218,16 @@ def train_drn(config: BoneaugConfig, run: str, publish: Publish, *, augmented: A
         image_size=(config.image.height, config.image.width),
     )
     return {"model": result.model_uri, "version": result.model_version,
-            "val_auc": result.best_val_auc, "predictions": result.predictions_uri}
+            "val_auc": result.best_val_auc, "predictions": result.predictions_uri,
+            "train_losses": list(result.train_losses), "val_aucs": list(result.val_aucs),
+            "kept_epoch": result.best_epoch}
+
+
+def training_history(trained: dict[str, Any]) -> dict[str, Any]:
+    """A `train_drn` result's per-epoch history, as `ModelMeta` fields for the report (none
+    from a stage stored before the history was)."""
+    return {"train_losses": trained.get("train_losses", ()),
+            "val_aucs": trained.get("val_aucs", ()), "kept_epoch": trained.get("kept_epoch")}
 
 
 def unit_model(config: BoneaugConfig, data: str, run: str, body_part: str) -> str:
@@ -440,7 +449,7 @@ def _train_arm(config: BoneaugConfig, run: str, body_part: str, fracture: str, a
             type=variant.type, t=t, augmented_samples=trained[t]["samples"],
             model_name=registered if selected.num_rows else f"boneaug-drn-{body_part}",
             model_version=trained[t]["version"], body_part=body_part, baseline=False,
-            seed=seed), trained[t]["predictions"])
+            seed=seed, **training_history(trained[t])), trained[t]["predictions"])
     return replace(arm, trained=trained)
 
 
@@ -525,12 +534,13 @@ def run_body_part(
         import_predictions(run, f"baseline-s{seed}", ModelMeta(
             type="Baseline", t=None, augmented_samples=0, model_name=f"boneaug-drn-{body_part}",
             model_version=baseline["version"], body_part=body_part, baseline=True, seed=seed,
-            positives=positives), baseline["predictions"])
+            positives=positives, **training_history(baseline)), baseline["predictions"])
         for multiple in (m for m in plan.learning_curve if primary or m <= 1):
             lc = learning_curve_stage(config, run, body_part, fracture, seed, multiple)
             import_predictions(run, f"lc-{multiple:g}-s{seed}", ModelMeta(
                 type="Learning curve", augmented_samples=0, body_part=body_part, seed=seed,
-                positives=lc["positives"], learning_curve=True), lc["predictions"])
+                positives=lc["positives"], learning_curve=True, **training_history(lc)),
+                lc["predictions"])
         for variant in plan.variants:
             scored = score_stage(config, run, variant.key, blended[variant.key],
                                  _scorer(variant, seed, baseline, scorers or {}), seed)

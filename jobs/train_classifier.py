@@ -21,6 +21,7 @@ from boneaug.workflow import (
     fracture_model,
     stage,
     train_drn,
+    training_history,
 )
 
 
@@ -53,7 +54,8 @@ def main() -> None:
     report_run = storage.join(run, "classifier", name)
     import_predictions(report_run, key, ModelMeta(**meta, model_name=registered,
                                                   model_version=result["version"],
-                                                  body_part=part, baseline=True),
+                                                  body_part=part, baseline=True,
+                                                  **training_history(result)),
                        result["predictions"])
     print(render_report_from_predictions(report_run, config.eval))
     print(f"registered: {result['model']} (val AUC {result['val_auc']:.3f}); "

@@ -180,9 +180,9 @@ def test_a_run_whose_train_loss_ends_no_lower_than_it_began_counts_as_diverged(
 ) -> None:
     state = TrainState()
     for epoch, loss in enumerate(losses):
-        state.update(epoch, 0.5, latest=True)
-        state.record_loss(loss)
+        state.update(epoch, 0.5, latest=True, loss=loss)
     assert state.diverged is diverged
+    assert state.train_losses == losses and state.val_aucs == [0.5] * len(losses)
     assert TrainState(**asdict(state)).diverged is diverged  # it survives a checkpoint
 
 
@@ -321,7 +321,9 @@ def test_fracture_pretraining_then_two_worker_finetuning_registers_and_reloads(
     run = client.get_run(result.mlflow_run_id)
     assert run.data.params["drn.arch"] == config.arch and run.data.params["data.train_pos"] == "6"
     assert run.data.params["pos_weight"] == "2.0"
-    assert len(client.get_metric_history(run.info.run_id, "val_auc")) == result.epochs_run
+    logged = sorted(client.get_metric_history(run.info.run_id, "val_auc"), key=lambda m: m.step)
+    assert len(logged) == result.epochs_run == len(result.train_losses)  # the manifest's history
+    assert result.val_aucs == pytest.approx([m.value for m in logged])
     assert run.data.tags["predictions_uri"] == result.predictions_uri
     assert storage.list_files(storage.join(run_uri, "ray"), suffix="state.pt")
 
@@ -335,6 +337,7 @@ def test_fracture_pretraining_then_two_worker_finetuning_registers_and_reloads(
     longer = fit_classifier(config, data, publish=replace(publish, alias=None), workers=two,
                             init_from=pre.model_uri, image_size=(H, W), epochs=3)
     assert longer.epochs_run == 3 and longer.model_version == "2"
+    assert longer.train_losses[:2] == result.train_losses  # the history survives the resume
     assert longer.best_val_auc >= result.best_val_auc
     history = client.get_metric_history(longer.mlflow_run_id, "val_auc")
     assert [m.step for m in history] == [2]  # only the new epoch was trained

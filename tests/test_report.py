@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy.stats import spearmanr
 
 from boneaug import storage
 from boneaug.config import EvalConfig
@@ -546,7 +547,8 @@ def test_an_old_index_without_seeds_still_renders(tmp_path: Path) -> None:
     index_path = tmp_path / "old/predictions/index.json"
     index = json.loads(index_path.read_text())
     for entry in index["models"].values():
-        for name in ("seed", "positives", "learning_curve"):
+        for name in ("seed", "positives", "learning_curve", "train_losses", "val_aucs",
+                     "kept_epoch"):
             del entry[name]
     index_path.write_text(json.dumps(index))
     assert read_index(run)["aug90"] == META["aug90"]
@@ -556,6 +558,7 @@ def test_an_old_index_without_seeds_still_renders(tmp_path: Path) -> None:
     assert table.name == "humerus" and table.train_seed == 0
     assert metrics["parts"][0]["learning_curve"] == [] and metrics["parts"][0]["bands"] is None
     assert "Learning curve" not in md and "conspicuity" not in md
+    assert "fine-tuning" not in md and "Spearman" not in md  # one seed, no history stored
     assert "AUC mean ± sd (n seeds)" not in md  # one seed: the paper's layout, as before
     assert "| Augmented | t = 0.90 (val " in md  # two t: the validation choice is shown
     # a metrics.json table written before the new fields still loads
@@ -582,3 +585,21 @@ def test_a_second_baseline_for_a_seed_names_both(tmp_path: Path) -> None:
     data.store(run, conspicuity=False)
     with pytest.raises(DataError, match="training seed 1: needs exactly one .* found none"):
         render_report_from_predictions(run, CONFIG)
+
+
+def test_the_baselines_fine_tuning_and_their_agreement_between_seeds(tmp_path: Path) -> None:
+    data = MultiSeed()
+    data.meta["baseline-s0"] = dataclasses.replace(  # kept the best epoch, the second of three
+        data.meta["baseline-s0"], train_losses=(0.8, 0.6, 0.5), val_aucs=(0.6, 0.7, 0.65),
+        kept_epoch=1)
+    md, metrics, run = _render(tmp_path, data)  # seed 1's baseline has no history stored
+    training = metrics["parts"][0]["training"]
+    assert [r["seed"] for r in training["seeds"]] == [0]
+    row = training["seeds"][0]
+    assert (row["epochs"], row["kept_epoch"]) == (3, 2)
+    assert row["loss_fall"] == pytest.approx(0.25) and row["val_rise"] == pytest.approx(0.1)
+    assert "| 0 | 3 | 2 | 0.800 -> 0.600 (25 %) | 0.600 -> 0.700 (+0.100) |" in md
+    rho = spearmanr(data.preds["baseline-s0"][3], data.preds["baseline-s1"][3]).statistic
+    assert training["agreement"] == [{"seed_a": 0, "seed_b": 1, "spearman": pytest.approx(rho)}]
+    assert f"seeds 0 and 1: {rho:.2f}." in md
+    assert read_index(run)["baseline-s0"].train_losses == (0.8, 0.6, 0.5)  # stored, read back

@@ -24,12 +24,17 @@ index.json:
                                 "t": 0.9 | null, "augmented_samples": 1412,
                                 "model_name": "boneaug-drn-humerus-aug", "model_version": "3",
                                 "body_part": "humerus", "baseline": false,
-                                "seed": 0, "positives": 120 | null, "learning_curve": false}, ...}}
+                                "seed": 0, "positives": 120 | null, "learning_curve": false,
+                                "train_losses": [0.78, ...], "val_aucs": [0.67, ...],
+                                "kept_epoch": 11 | null}, ...}}
 
 seed (default 0) is the classifier's training seed; positives (default null) the number of real
 training positives the model saw; learning_curve (default false) marks a model of the learning
 curve (the baseline trained on fewer or more real positives), shown in the learning-curve table and
-figure, not in the main table. Files without these fields load as seed 0, no learning curve.
+figure, not in the main table. train_losses and val_aucs (default empty) are the classifier's
+per-epoch history and kept_epoch (0-based) the epoch whose weights were scored: the report shows
+how each seed's baseline moved from epoch 1 to it, and how alike the seeds' baselines rank the
+test images (Spearman). Files without these fields load as seed 0, no learning curve, no history.
 
 model_key is a file-name-safe id ([A-Za-z0-9._-], e.g. "aug-t0.90-s1"). Exactly one model per
 (body part, seed) has "baseline": true (with "positives" set it is the 100 % point of the learning
@@ -147,6 +152,9 @@ class ModelMeta:
     seed: int = 0
     positives: int | None = None
     learning_curve: bool = False
+    train_losses: tuple[float, ...] = ()  # per training epoch (empty: not recorded)
+    val_aucs: tuple[float, ...] = ()
+    kept_epoch: int | None = None  # 0-based epoch of the weights kept and scored
 
 
 @dataclass(frozen=True)
@@ -308,6 +316,42 @@ class BandInput(NamedTuple):
 
 
 @dataclass(frozen=True)
+class SeedTraining:
+    """How one baseline's fine-tuning went, from epoch 1 to the epoch whose weights it kept."""
+
+    seed: int
+    epochs: int
+    kept_epoch: int  # 1-based
+    first_loss: float
+    kept_loss: float
+    first_val_auc: float
+    kept_val_auc: float
+
+    @property
+    def loss_fall(self) -> float:
+        """Fraction by which the train loss fell from epoch 1 to the kept epoch."""
+        return 1.0 - self.kept_loss / self.first_loss
+
+    @property
+    def val_rise(self) -> float:
+        return self.kept_val_auc - self.first_val_auc
+
+
+class SeedAgreement(NamedTuple):
+    seed_a: int
+    seed_b: int
+    spearman: float  # rank correlation of the two baselines' test scores
+
+
+@dataclass(frozen=True)
+class TrainingHealth:
+    """Does the baseline learn, and does it learn the same thing whatever the training seed?"""
+
+    seeds: tuple[SeedTraining, ...]
+    agreement: tuple[SeedAgreement, ...]
+
+
+@dataclass(frozen=True)
 class PartReport:
     """A body part's report: one table per training seed (ascending) and the aggregates."""
 
@@ -317,6 +361,7 @@ class PartReport:
     chosen: tuple[ChosenSummary, ...]
     curve: tuple[CurvePoint, ...]
     bands: BandTable | None = None
+    training: TrainingHealth | None = None
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -679,11 +724,37 @@ def _band_lineup(
     return lineup
 
 
+def _seed_training(seed: int, meta: ModelMeta) -> SeedTraining | None:
+    losses, aucs = list(meta.train_losses), list(meta.val_aucs)
+    if not losses or len(aucs) != len(losses):
+        return None  # a model trained before the history was recorded
+    kept = len(losses) - 1 if meta.kept_epoch is None else meta.kept_epoch
+    return SeedTraining(seed=seed, epochs=len(losses), kept_epoch=kept + 1,
+                        first_loss=losses[0], kept_loss=losses[kept],
+                        first_val_auc=aucs[0], kept_val_auc=aucs[kept])
+
+
+def training_health(baselines: Mapping[int, tuple[ModelMeta, np.ndarray]]) -> TrainingHealth:
+    """Per training seed, how its baseline's train loss and val AUC moved from epoch 1 to the
+    kept epoch; between every two seeds, the Spearman correlation of their baselines' test
+    scores (`baselines`: seed -> (its meta, its (N,) test scores, images in the same order))."""
+    from scipy.stats import spearmanr
+
+    seeds = sorted(baselines)
+    runs = (_seed_training(s, baselines[s][0]) for s in seeds)
+    agreement = tuple(
+        SeedAgreement(a, b, float(spearmanr(baselines[a][1], baselines[b][1]).statistic))
+        for i, a in enumerate(seeds) for b in seeds[i + 1:])
+    return TrainingHealth(seeds=tuple(r for r in runs if r is not None), agreement=agreement)
+
+
 def summarize_part(
-    tables: Sequence[Table], *, min_gain: float = MIN_GAIN, bands: BandInput | None = None
+    tables: Sequence[Table], *, min_gain: float = MIN_GAIN, bands: BandInput | None = None,
+    training: TrainingHealth | None = None,
 ) -> PartReport:
     """A body part's aggregates from its per-seed tables (and, with `bands`, its test scores and
-    conspicuity): arms, validation-chosen t, learning curve, AUC by conspicuity band."""
+    conspicuity): arms, validation-chosen t, learning curve, AUC by conspicuity band; `training`
+    (the baselines' `training_health`) is carried as is."""
     ordered = tuple(_sorted_tables(tables))
     arms = summarize_arms(ordered)
     chosen = choose_t(ordered, min_gain=min_gain)
@@ -692,6 +763,7 @@ def summarize_part(
         body_part=ordered[0].body_part, tables=ordered, arms=arms, chosen=chosen,
         curve=curve if _has_curve(ordered, curve) else (),
         bands=None if bands is None else conspicuity_bands(bands, _band_lineup(arms, chosen)),
+        training=training,
     )
 
 
@@ -1046,6 +1118,31 @@ def _curve_lines(part: PartReport, png: str | None) -> list[str]:
     return lines
 
 
+def _training_lines(training: TrainingHealth) -> list[str]:
+    """The baselines' fine-tuning: did the train loss fall and the val AUC rise from epoch 1 to
+    the kept weights, and do two training seeds rank the test images alike?"""
+    lines: list[str] = []
+    if training.seeds:
+        lines += [
+            "Baseline fine-tuning, per training seed: the train loss and val AUC of epoch 1 and of "
+            "the epoch whose weights were kept.",
+            "",
+            "| Seed | Epochs | Kept epoch | Train loss: epoch 1 -> kept (fall) | "
+            "Val AUC: epoch 1 -> kept (rise) |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [f"| {r.seed} | {r.epochs} | {r.kept_epoch} | {r.first_loss:.3f} -> "
+                  f"{r.kept_loss:.3f} ({r.loss_fall * 100:.0f} %) | {r.first_val_auc:.3f} -> "
+                  f"{r.kept_val_auc:.3f} ({r.val_rise:+.3f}) |" for r in training.seeds]
+        lines.append("")
+    if training.agreement:
+        pairs = ", ".join(f"seeds {a.seed_a} and {a.seed_b}: {a.spearman:.2f}"
+                          for a in training.agreement)
+        lines += [f"Baselines' test scores, Spearman correlation between training seeds: {pairs}.",
+                  ""]
+    return lines
+
+
 def _band_label(band: tuple[float, float], last: bool) -> str:
     lo, hi = band
     return f"[{lo:g}, {hi:.1f}]" if last else f"[{lo:g}, {hi:g})"
@@ -1097,6 +1194,8 @@ def part_markdown(
         lines += _curve_lines(part, figures.get("learning_curve"))
     if part.bands is not None:
         lines += _band_lines(part.bands)
+    if part.training is not None:
+        lines += _training_lines(part.training)
     if paper is not None:
         lines += _paper_comparison(lowest, paper)
     if figures.get("roc"):
@@ -1440,7 +1539,14 @@ def _part_json(part: PartReport) -> dict[str, Any]:
         "chosen": [dataclasses.asdict(c) for c in part.chosen],
         "learning_curve": [dataclasses.asdict(p) for p in part.curve],
         "bands": None if part.bands is None else dataclasses.asdict(part.bands),
+        "training": None if part.training is None else _training_json(part.training),
     }
+
+
+def _training_json(training: TrainingHealth) -> dict[str, Any]:
+    return {"seeds": [dataclasses.asdict(r) | {"loss_fall": r.loss_fall, "val_rise": r.val_rise}
+                      for r in training.seeds],
+            "agreement": [a._asdict() for a in training.agreement]}
 
 
 def write_part_reports(
@@ -1502,7 +1608,8 @@ def read_index(run_uri: str) -> dict[str, ModelMeta]:
             raise DataError(
                 f"{uri}: model {key!r} has unknown fields {sorted(unknown)} or no 'type'"
             )
-        out[key] = _checked_meta(uri, key, ModelMeta(**entry))
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()}
+        out[key] = _checked_meta(uri, key, ModelMeta(**fields))
     return out
 
 
@@ -1751,8 +1858,11 @@ def _evaluate_part(
                         title=title, body_part=part)
         for seed, ks in groups.items()
     ]
+    training = training_health({seed: (index[ks[0]], predictions[ks[0]][3])
+                                for seed, ks in groups.items()})
     report = summarize_part(tables, min_gain=min_gain,
-                            bands=_band_input(test_ids, predictions, conspicuity))
+                            bands=_band_input(test_ids, predictions, conspicuity),
+                            training=training)
     lowest = _main_view(report.tables[0])
     return report, roc_curves({row.key: predictions[row.key] for row in lowest.rows})
 

@@ -56,7 +56,7 @@ import math
 import tempfile
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -299,19 +299,14 @@ class TrainState:
     best_epoch: int = -1
     epochs_since_best: int = 0
     stopped: bool = False
-    first_loss: float = math.nan  # train loss of the run's first epoch
-    last_loss: float = math.nan  # of its latest
-
-    def record_loss(self, train_loss: float) -> None:
-        if math.isnan(self.first_loss):
-            self.first_loss = train_loss
-        self.last_loss = train_loss
+    train_losses: list[float] = field(default_factory=list)  # per finished epoch
+    val_aucs: list[float] = field(default_factory=list)
 
     @property
     def diverged(self) -> bool:
         """The train loss ended no lower than it started: the run fell apart (seen: a network
         whose output went constant at lr 1e-3, its val AUC 0.52), rather than learned."""
-        return self.epoch > 0 and self.last_loss >= self.first_loss
+        return len(self.train_losses) > 1 and self.train_losses[-1] >= self.train_losses[0]
 
     def update(self, epoch: int, auc: float, *, latest: bool = False,
                loss: float | None = None) -> bool:
@@ -319,8 +314,9 @@ class TrainState:
         the one kept: the best so far, or with `latest` (``DrnConfig.checkpoint == "last"``)
         every epoch (``best_*`` then describe the kept, last model)."""
         self.epoch = epoch
+        self.val_aucs.append(auc)
         if loss is not None:
-            self.record_loss(loss)
+            self.train_losses.append(loss)
         if latest or auc > self.best_auc:  # NaN never wins
             self.best_auc, self.best_epoch, self.epochs_since_best = auc, epoch, 0
             return True
@@ -398,10 +394,13 @@ class ClassifierResult:
     best_weights_uri: str
     mlflow_run_id: str
     run_uri: str
+    train_losses: tuple[float, ...] = ()  # per epoch run (manifests before them: empty)
+    val_aucs: tuple[float, ...] = ()
 
     @classmethod
     def from_manifest(cls, content: Mapping[str, Any]) -> ClassifierResult:
-        return cls(**{k: content[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v
+                      for k, v in content.items() if k in cls.__dataclass_fields__})
 
 
 def load_best_model(result_or_uri: ClassifierResult | str, config: DrnConfig) -> DRN:
@@ -673,7 +672,7 @@ def _warn_if_diverged(loop: DrnLoop, state: TrainState) -> None:
     if state.diverged:
         log.warning("[drn] %s diverged: train loss %.3f at epoch 1, %.3f at epoch %d (val AUC "
                     "%.3f); the published model is likely useless: lower drn.lr / drn.head_lr",
-                    loop.run_name, state.first_loss, state.last_loss, state.epoch + 1,
+                    loop.run_name, state.train_losses[0], state.train_losses[-1], state.epoch + 1,
                     state.best_auc)
 
 
@@ -731,6 +730,8 @@ def _publish(
         "best_weights_uri": best_uri,
         "mlflow_run_id": loop.mlflow_run_id,
         "run_uri": run_uri,
+        "train_losses": state.train_losses,
+        "val_aucs": state.val_aucs,
     }
     storage.publish_manifest(run_uri, content, endpoint_url=endpoint)
     return content
