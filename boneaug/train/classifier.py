@@ -582,7 +582,8 @@ def _restore(saved: Mapping[str, Any] | None, net: nn.Module, steps: TrainSteps,
     steps.schedule.load_state_dict(saved["scheduler"])
     if steps.ema is not None and saved.get("ema") is not None:
         steps.ema.load_state_dict(saved["ema"])
-    state = TrainState(**saved["state"])
+    known = TrainState.__dataclass_fields__  # a checkpoint written before the loss history
+    state = TrainState(**{k: v for k, v in saved["state"].items() if k in known})
     log.info("rank %d resumed after epoch %d (best val AUC %.4f)", rank, state.epoch,
              state.best_auc)
     return state, saved["best_model"]
