@@ -92,7 +92,7 @@ def main() -> None:
         results, startup = {}, {}
         for cpus in (1, 2):
             t0 = time.perf_counter()
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
             ray.data.DataContext.get_current().enable_progress_bars = False
             t_init = time.perf_counter() - t0
             seconds = []

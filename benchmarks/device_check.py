@@ -95,8 +95,8 @@ def ray_unit_smoke(out: Path, device: torch.device, seconds_budget: float) -> di
     rows = [{"height": size, "width": size,
              "pixels": encode_pixels(rng.random((size, size), dtype=np.float32))}
             for _ in range(64)]
-    ray.init(num_cpus=2, num_gpus=int(device.type == "cuda"), include_dashboard=False,
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=2, num_gpus=int(device.type == "cuda"),
+             include_dashboard=False, log_to_driver=False)
     try:
         t0 = time.perf_counter()
         result = fit_unit(

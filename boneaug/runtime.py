@@ -129,7 +129,12 @@ def init_ray(num_cpus: int | None = None) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else num_cpus)
+        # never a cluster found on this machine otherwise (a `ray start` head, or a stale
+        # /tmp/ray/ray_current_cluster that one left): without RAY_ADDRESS the job runs locally
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            ray.init(address="local", num_cpus=num_cpus)
     quiet_ray()
 
 
