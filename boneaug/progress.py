@@ -21,6 +21,7 @@ from typing import Any
 VERBOSE_VAR = "BONEAUG_VERBOSE"  # exported, so Ray workers started afterwards see it too
 RAY_LOGGERS = ("ray.train", "ray.tune", "ray.air", "ray.serve", "ray.util")
 DRIVER_LOG = "boneaug-driver-ray.log"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # a job's log lines
 
 
 def set_verbose(verbose: bool) -> None:
@@ -179,4 +180,5 @@ def _session_logs(ray: Any) -> str | None:
     return path if os.path.isdir(path) else None
 
 
-__all__ = ["Progress", "interactive", "quiet_ray", "set_verbose", "train_logging", "verbose"]
+__all__ = ["LOG_FORMAT", "Progress", "interactive", "quiet_ray", "set_verbose", "train_logging",
+           "verbose"]

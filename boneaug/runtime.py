@@ -14,7 +14,7 @@ from pathlib import Path
 
 from boneaug import storage
 from boneaug.config import BODY_PARTS, PROFILES, BoneaugConfig, load_config
-from boneaug.progress import quiet_ray, set_verbose
+from boneaug.progress import LOG_FORMAT, quiet_ray, set_verbose
 
 
 def job_parser(description: str, *, body_part: bool = True,
@@ -86,8 +86,7 @@ def absolute(uri: str) -> str:
 
 def setup(args: argparse.Namespace) -> tuple[BoneaugConfig, str, str]:
     """(config, data URI, run URI) from the common arguments; logging configured."""
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     set_verbose(getattr(args, "verbose", False))
     config = load_config(args.profile, args.config)
     if config.storage.s3_endpoint_url:  # storage.s3_endpoint reads it, here and in workers

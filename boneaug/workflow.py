@@ -21,8 +21,9 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from boneaug import storage, tracking
@@ -45,21 +46,121 @@ def stage(run_uri: str, name: str, inputs: Any, fn: Callable[[], dict[str, Any]]
     hold this result then reruns when this one was remade, even where the remade result reads
     the same (a re-blend writes as many candidates to the same URI; before, the scores and the
     DRNs of the old blends were reused after a new UNIT)."""
-    uri = storage.join(run_uri, "stages", f"{name}.json")
     fingerprint = _fingerprint(inputs)
+    done = _reused(run_uri, name, fingerprint)
+    if done is not None:
+        return done
+    print(f"[{name}] running ...", flush=True)
+    start = time.perf_counter()
+    return _record(run_uri, name, fingerprint, fn(), start)
+
+
+def _stage_uri(run_uri: str, name: str) -> str:
+    return storage.join(run_uri, "stages", f"{name}.json")
+
+
+def _reused(run_uri: str, name: str, fingerprint: str) -> dict[str, Any] | None:
+    """The stored result of stage `name` when it was made from inputs of this `fingerprint`."""
+    uri = _stage_uri(run_uri, name)
     if storage.exists(uri):
         done = json.loads(storage.read_bytes(uri))
         if done.get("fingerprint") == fingerprint:
             print(f"[{name}] reused ({uri})", flush=True)
-            return done["result"]
-    print(f"[{name}] running ...", flush=True)
-    start = time.perf_counter()
-    result = fn() | {"made_from": fingerprint}
+            return dict(done["result"])
+    return None
+
+
+def _record(run_uri: str, name: str, fingerprint: str, result: dict[str, Any],
+            start: float) -> dict[str, Any]:
+    """Store stage `name`'s `result` (begun at perf_counter `start`) and return it."""
+    result = result | {"made_from": fingerprint}
     seconds = time.perf_counter() - start
-    storage.write_text(uri, json.dumps({"fingerprint": fingerprint, "seconds": seconds,
-                                        "result": result}, indent=2, default=str))
+    storage.write_text(_stage_uri(run_uri, name), json.dumps(
+        {"fingerprint": fingerprint, "seconds": seconds, "result": result}, indent=2,
+        default=str))
     print(f"[{name}] done in {seconds:.0f} s", flush=True)
     return result
+
+
+@dataclass(frozen=True)
+class Training:
+    """One classifier training of the chain as a stage: its name, the inputs that decide its
+    reuse, and the training itself under a config (`train_stages` hands it one with fewer
+    threads when it trains beside others)."""
+
+    name: str
+    inputs: Any
+    train: Callable[[BoneaugConfig], dict[str, Any]]
+
+
+def train_stages(config: BoneaugConfig, run: str,
+                 trainings: Sequence[Training]) -> dict[str, dict[str, Any]]:
+    """Independent `trainings` as stages (reused when done before); returns name -> result.
+
+    In Train's local mode (compute.num_workers 0) up to compute.concurrent_trainings of them
+    train at once, each in its own Ray task with an equal share of compute.torch_threads: the
+    local DRN's small convolutions use a second core poorly (a step takes 0.222 s on one thread,
+    0.196 s on two), so two one-thread trainings side by side finish far sooner than the same
+    two one after the other. With Train workers each training spreads over the workers instead,
+    one after the other.
+    """
+    results: dict[str, dict[str, Any]] = {}
+    pending = []
+    for training in trainings:
+        done = _reused(run, training.name, _fingerprint(training.inputs))
+        if done is None:
+            pending.append(training)
+        else:
+            results[training.name] = done
+    compute = config.compute
+    slots = min(len(pending), compute.concurrent_trainings if compute.num_workers == 0 else 1)
+    if slots > 1:
+        return results | _train_side_by_side(config, run, pending, slots)
+    for training in pending:
+        results[training.name] = stage(run, training.name, training.inputs,
+                                       partial(training.train, config))
+    return results
+
+
+def _train_side_by_side(config: BoneaugConfig, run: str, trainings: Sequence[Training],
+                        slots: int) -> dict[str, dict[str, Any]]:
+    """`trainings` as Ray tasks, `slots` at a time, each with its share of the threads. The
+    tasks hold no CPU of Ray's: the Ray Data tasks that feed them need the cluster's CPUs (as
+    `worker_resources` keeps one for them), and `slots` bounds how many train at once."""
+    import ray
+
+    threads = max(1, (config.compute.torch_threads or slots) // slots)
+    shared = config.model_copy(update={
+        "compute": config.compute.model_copy(update={"torch_threads": threads})})
+    task = ray.remote(num_cpus=0, max_retries=0)(_train_in_task)
+    queue, running = list(trainings), {}
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        while queue or running:
+            while queue and len(running) < slots:
+                training = queue.pop(0)
+                print(f"[{training.name}] running (beside {len(running)} other training(s), "
+                      f"{threads} thread(s) each) ...", flush=True)
+                running[task.remote(training.train, shared)] = (training, time.perf_counter())
+            [ready], _ = ray.wait(list(running), num_returns=1)
+            training, start = running.pop(ready)
+            results[training.name] = _record(run, training.name,
+                                             _fingerprint(training.inputs), ray.get(ready), start)
+    finally:  # a failed training stops the others: its error is what the job reports
+        for ref in running:
+            ray.cancel(ref, force=True)
+    return results
+
+
+def _train_in_task(train: Callable[[BoneaugConfig], dict[str, Any]],
+                   config: BoneaugConfig) -> dict[str, Any]:
+    """One training inside a Ray task, logging its epochs as the driver would."""
+    from boneaug.progress import LOG_FORMAT, quiet_ray
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    quiet_ray()
+    tracking.configure(config.tracking)
+    return train(config)
 
 
 @dataclass(frozen=True)
@@ -288,15 +389,23 @@ def patches_stage(config: BoneaugConfig, data: str, run: str, body_part: str) ->
     return stage(run, "patches", [config.patches, config.augment.max_source_images], go)
 
 
-def baseline_stage(config: BoneaugConfig, run: str, body_part: str, fracture: str,
-                   seed: int | None = None) -> dict[str, Any]:
+def baseline_training(config: BoneaugConfig, run: str, body_part: str, fracture: str,
+                      seed: int | None = None) -> Training:
     """The baseline DRN (no augmentation) at training seed `seed` (default: the config's),
     fine-tuned from the fracture model; registered as boneaug-drn-<body_part>."""
     seed = config.drn.seed if seed is None else seed
-    return stage(run, f"baseline-s{seed}", [config.drn, config.image, fracture, seed],
-                 lambda: train_drn(config, run, drn_publish(
-                     run, f"drn-baseline-s{seed}", f"boneaug/{body_part}/train_classifier",
-                     f"boneaug-drn-{body_part}"), augmented=None, init_from=fracture, seed=seed))
+    publish = drn_publish(run, f"drn-baseline-s{seed}", f"boneaug/{body_part}/train_classifier",
+                          f"boneaug-drn-{body_part}")
+    return Training(f"baseline-s{seed}", [config.drn, config.image, fracture, seed],
+                    lambda cfg: train_drn(cfg, run, publish, augmented=None, init_from=fracture,
+                                          seed=seed))
+
+
+def baseline_stage(config: BoneaugConfig, run: str, body_part: str, fracture: str,
+                   seed: int | None = None) -> dict[str, Any]:
+    """`baseline_training`, trained (or reused) on its own."""
+    training = baseline_training(config, run, body_part, fracture, seed)
+    return train_stages(config, run, [training])[training.name]
 
 
 def translator_spec(config: BoneaugConfig, data: str, run: str, body_part: str,
@@ -364,18 +473,21 @@ def candidates_stage(config: BoneaugConfig, data: str, run: str, key: str, unit_
     return score_stage(config, run, key, blended, scorer_uri, config.drn.seed)
 
 
-def learning_curve_stage(config: BoneaugConfig, run: str, body_part: str, fracture: str,
-                         seed: int, multiple: float) -> dict[str, Any]:
+def learning_curve_training(config: BoneaugConfig, run: str, body_part: str, fracture: str,
+                            seed: int, multiple: float) -> Training:
     """The baseline trained on `multiple` x the real training positives: a share of them
     (< 1), or all of them plus extra ones from the cohort's "extra" split (> 1)."""
-    positives = train_positives(run)
-    extra = round((multiple - 1.0) * positives) if multiple > 1 else 0
     name = f"lc-{multiple:g}-s{seed}"
-    result = stage(run, name, [config.drn, config.image, fracture, seed, multiple],
-                   lambda: train_drn(config, run, drn_publish(
-                       run, f"drn-{name}", f"boneaug/{body_part}/learning_curve"),
-                       augmented=None, init_from=fracture, seed=seed, positives=multiple))
-    return result | {"positives": max(1, round(min(multiple, 1.0) * positives)) + extra}
+    publish = drn_publish(run, f"drn-{name}", f"boneaug/{body_part}/learning_curve")
+    return Training(name, [config.drn, config.image, fracture, seed, multiple],
+                    lambda cfg: train_drn(cfg, run, publish, augmented=None, init_from=fracture,
+                                          seed=seed, positives=multiple))
+
+
+def curve_positives(positives: int, multiple: float) -> int:
+    """How many real training positives a learning-curve point at `multiple` trains on."""
+    extra = round((multiple - 1.0) * positives) if multiple > 1 else 0
+    return max(1, round(min(multiple, 1.0) * positives)) + extra
 
 
 def train_positives(run: str) -> int:
@@ -414,43 +526,53 @@ class _Arm:
         return max(self.trained, key=lambda t: self.trained[t]["val_auc"])
 
 
-def _train_arm(config: BoneaugConfig, run: str, body_part: str, fracture: str, arm: _Arm,
-               thresholds: tuple[float, ...], primary: bool) -> _Arm:
-    """`arm` with one DRN per t trained on the real data plus its candidates scoring >= t; the
-    UNIT and transfer arms of the primary seed are registered (boneaug-drn-<part>-aug). A t
-    that keeps no candidate trains nothing: the DRN would be the seed's baseline bit for bit
-    (the same rows, the same seed), so the arm takes the baseline's model and predictions (a
-    weak baseline, e.g. femur's 32 positives, passes no blend at t 0.70 or 0.90: each such t
-    would retrain the baseline, minutes apiece)."""
+def _train_arms(config: BoneaugConfig, run: str, body_part: str, fracture: str,
+                arms: Sequence[tuple[_Arm, tuple[float, ...]]], primary: bool) -> list[_Arm]:
+    """Each of `arms` with one DRN per t of its grid, trained on the real data plus its
+    candidates scoring >= t (all arms' DRNs side by side as `train_stages` allows); the UNIT and
+    transfer arms of the primary seed are registered (boneaug-drn-<part>-aug). A t that keeps
+    no candidate trains nothing: the DRN would be the seed's baseline bit for bit (the same
+    rows, the same seed), so the arm takes the baseline's model and predictions (a weak
+    baseline, e.g. femur's 32 positives, passes no blend at t 0.70 or 0.90: each such t would
+    retrain the baseline, minutes apiece)."""
     from boneaug.augment.pipeline import select_augmented
     from boneaug.eval.report import ModelMeta, import_predictions
 
-    variant, seed = arm.variant, arm.seed
-    registered = (f"boneaug-drn-{body_part}-aug" if primary and variant.arm == "unit"
-                  else None)
-    trained: dict[float, dict[str, Any]] = {}
-    for t in thresholds:
-        selected = select_augmented(arm.candidates["candidates"], t)
-        name = f"drn-{variant.key}-t{t:.2f}-s{seed}"
-        if selected.num_rows == 0:
-            print(f"[{name}] no candidate scores >= {t:.2f}: the arm is baseline-s{seed}",
-                  flush=True)
-            trained[t] = arm.baseline | {"samples": 0}
-        else:
-            trained[t] = stage(
-                run, name, [config.drn, config.image, arm.candidates, t, fracture, seed],
-                lambda selected=selected, name=name: {
-                    **train_drn(config, run, drn_publish(run, name,
-                                                         f"boneaug/{body_part}/augment",
-                                                         registered), augmented=selected,
-                                init_from=fracture, seed=seed),
-                    "samples": selected.num_rows})
-        import_predictions(run, f"{variant.key}-t{t:.2f}-s{seed}", ModelMeta(
-            type=variant.type, t=t, augmented_samples=trained[t]["samples"],
-            model_name=registered if selected.num_rows else f"boneaug-drn-{body_part}",
-            model_version=trained[t]["version"], body_part=body_part, baseline=False,
-            seed=seed, **training_history(trained[t])), trained[t]["predictions"])
-    return replace(arm, trained=trained)
+    def registered(variant: Variant) -> str | None:
+        return f"boneaug-drn-{body_part}-aug" if primary and variant.arm == "unit" else None
+
+    trainings, samples = [], {}
+    for arm, grid in arms:
+        variant, seed = arm.variant, arm.seed
+        for t in grid:
+            selected = select_augmented(arm.candidates["candidates"], t)
+            name = f"drn-{variant.key}-t{t:.2f}-s{seed}"
+            samples[name] = selected.num_rows
+            if selected.num_rows == 0:
+                print(f"[{name}] no candidate scores >= {t:.2f}: the arm is baseline-s{seed}",
+                      flush=True)
+                continue
+            publish = drn_publish(run, name, f"boneaug/{body_part}/augment", registered(variant))
+            trainings.append(Training(
+                name, [config.drn, config.image, arm.candidates, t, fracture, seed],
+                lambda cfg, publish=publish, selected=selected, seed=seed: {
+                    **train_drn(cfg, run, publish, augmented=selected, init_from=fracture,
+                                seed=seed), "samples": selected.num_rows}))
+    results = train_stages(config, run, trainings)
+    done = []
+    for arm, grid in arms:
+        variant, seed = arm.variant, arm.seed
+        trained: dict[float, dict[str, Any]] = {}
+        for t in grid:
+            name = f"drn-{variant.key}-t{t:.2f}-s{seed}"
+            trained[t] = results[name] if samples[name] else arm.baseline | {"samples": 0}
+            import_predictions(run, f"{variant.key}-t{t:.2f}-s{seed}", ModelMeta(
+                type=variant.type, t=t, augmented_samples=trained[t]["samples"],
+                model_name=registered(variant) if samples[name] else f"boneaug-drn-{body_part}",
+                model_version=trained[t]["version"], body_part=body_part, baseline=False,
+                seed=seed, **training_history(trained[t])), trained[t]["predictions"])
+        done.append(replace(arm, trained=trained))
+    return done
 
 
 def _publish_arm(config: BoneaugConfig, data: str, run: str, body_part: str, arm: _Arm,
@@ -529,24 +651,30 @@ def run_body_part(
     positives = train_positives(run)
     for seed in seeds:
         primary = seed == seeds[0]
-        baseline = baseline_stage(config, run, body_part, fracture, seed)
+        multiples = [m for m in plan.learning_curve if primary or m <= 1]
+        trained = train_stages(config, run, [
+            baseline_training(config, run, body_part, fracture, seed),
+            *(learning_curve_training(config, run, body_part, fracture, seed, m)
+              for m in multiples)])
+        baseline = trained[f"baseline-s{seed}"]
         result.baselines[seed] = baseline["model"]
         import_predictions(run, f"baseline-s{seed}", ModelMeta(
             type="Baseline", t=None, augmented_samples=0, model_name=f"boneaug-drn-{body_part}",
             model_version=baseline["version"], body_part=body_part, baseline=True, seed=seed,
             positives=positives, **training_history(baseline)), baseline["predictions"])
-        for multiple in (m for m in plan.learning_curve if primary or m <= 1):
-            lc = learning_curve_stage(config, run, body_part, fracture, seed, multiple)
+        for multiple in multiples:
+            lc = trained[f"lc-{multiple:g}-s{seed}"]
             import_predictions(run, f"lc-{multiple:g}-s{seed}", ModelMeta(
                 type="Learning curve", augmented_samples=0, body_part=body_part, seed=seed,
-                positives=lc["positives"], learning_curve=True, **training_history(lc)),
-                lc["predictions"])
+                positives=curve_positives(positives, multiple), learning_curve=True,
+                **training_history(lc)), lc["predictions"])
+        arms = []
         for variant in plan.variants:
             scored = score_stage(config, run, variant.key, blended[variant.key],
                                  _scorer(variant, seed, baseline, scorers or {}), seed)
             grid = thresholds if primary else (result.chosen[variant.key],)
-            arm = _train_arm(config, run, body_part, fracture,
-                             _Arm(variant, seed, {}, scored, baseline), grid, primary)
+            arms.append((_Arm(variant, seed, {}, scored, baseline), grid))
+        for arm in _train_arms(config, run, body_part, fracture, arms, primary):
             if primary:
                 _publish_arm(config, data_uri, run, body_part, arm, baseline, result)
         if primary:

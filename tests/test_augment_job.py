@@ -96,10 +96,11 @@ def _stop_head(temp: Path, port: int) -> None:
 
 def test_augment_tibia_smoke_on_a_ray_head(ray_head: dict[str, str], tmp_path: Path) -> None:
     data, db = tmp_path / "cohort", ray_head["MLFLOW_TRACKING_URI"][len("sqlite:///"):]
-    # the classifiers train in Ray Train's local mode (as the local profile's do): a worker group
-    # per DRN would start 10 of them; the UNIT trains on a worker of the head
+    # the classifiers train in Ray Train's local mode, two at a time in Ray tasks (as the local
+    # profile's do): a worker group per DRN would start 10 of them; the UNIT trains on a worker
+    # of the head
     config = tmp_path / "local_mode.yaml"
-    config.write_text("compute:\n  num_workers: 0\n")
+    config.write_text("compute:\n  num_workers: 0\n  concurrent_trainings: 2\n")
     cmd = [str(BIN / "python"), str(ROOT / "jobs" / "augment_tibia.py"), "--profile", "smoke",
            "--data", str(data), "--synthetic", "--thresholds", "0.3,0.9", "--config", str(config),
            "--arms", "unit,copy_paste,oracle", "--seeds", "0,1"]
@@ -108,6 +109,8 @@ def test_augment_tibia_smoke_on_a_ray_head(ray_head: dict[str, str], tmp_path: P
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| Type | t | Augmented samples | ROC AUC (CI 95 %) |" in out
     assert "[ingest] done" in out and "[unit] done" in out and "t chosen on validation" in out
+    # each seed's arms (3 arms x 2 t, less those t keeping no blend) train two at a time
+    assert "running (beside 1 other training(s), 1 thread(s) each)" in out
     # every arm beside the baseline, and the seeds' mean +- sd and paired differences
     for row in ("| Baseline |", "| Augmented | 0.30 |", "| Copy-paste | 0.90 |", "| Oracle |"):
         assert row in out

@@ -85,7 +85,7 @@ def test_an_arm_at_a_t_that_keeps_no_candidate_is_the_seeds_baseline_and_trains_
 
     from boneaug.config import load_config
     from boneaug.eval.report import read_predictions
-    from boneaug.workflow import ARMS, _Arm, _train_arm
+    from boneaug.workflow import ARMS, _Arm, _train_arms
 
     (tmp_path / "candidates").mkdir()
     pq.write_table(pa.table({"image_id": ["b", "a"], "score": [0.40, 0.65]}),
@@ -96,9 +96,9 @@ def test_an_arm_at_a_t_that_keeps_no_candidate_is_the_seeds_baseline_and_trains_
     baseline = {"model": "models:/boneaug-drn-femur/4", "version": "4", "val_auc": 0.69,
                 "predictions": str(tmp_path / "baseline.parquet")}
     run = str(tmp_path / "run")
-    arm = _train_arm(load_config("smoke"), run, "femur", "models:/boneaug-drn-fracture/1",
-                     _Arm(ARMS["oracle"], 2, {}, {"candidates": str(tmp_path / "candidates")},
-                          baseline), (0.70, 0.90), False)
+    [arm] = _train_arms(load_config("smoke"), run, "femur", "models:/boneaug-drn-fracture/1",
+                        [(_Arm(ARMS["oracle"], 2, {}, {"candidates": str(tmp_path / "candidates")},
+                               baseline), (0.70, 0.90))], False)
 
     assert arm.trained == {0.70: baseline | {"samples": 0}, 0.90: baseline | {"samples": 0}}
     assert not (tmp_path / "run" / "stages").exists()  # no DRN trained
@@ -106,3 +106,71 @@ def test_an_arm_at_a_t_that_keeps_no_candidate_is_the_seeds_baseline_and_trains_
         capsys.readouterr().out
     ids, labels, scores = read_predictions(run, "oracle-t0.70-s2")["test"]
     assert list(ids) == ["y", "z"] and list(scores) == pytest.approx([0.2, 0.7])
+
+
+def _sleeper(name: str, seconds: float) -> object:
+    """A Training that sleeps in its Ray task and says where, when and with what config."""
+    from boneaug.workflow import Training
+
+    def train(config: object) -> dict:
+        import os
+        import time
+
+        start = time.time()
+        time.sleep(seconds)
+        return {"pid": os.getpid(), "threads": config.compute.torch_threads,  # type: ignore[attr-defined]
+                "start": start, "end": time.time()}
+
+    return Training(name, [name, seconds], train)
+
+
+def test_independent_trainings_train_side_by_side_in_ray_tasks_then_are_reused(
+    ray_session: None, tmp_path: Path
+) -> None:
+    import os
+
+    from boneaug.config import load_config
+    from boneaug.workflow import train_stages
+
+    config = load_config("smoke", overrides={"compute": {
+        "num_workers": 0, "torch_threads": 2, "concurrent_trainings": 2}})
+    run = str(tmp_path / "run")
+    trainings = [_sleeper(name, 2.0) for name in ("a", "b", "c")]
+    results = train_stages(config, run, trainings)
+
+    a, b, c = (results[name] for name in "abc")
+    assert {r["threads"] for r in (a, b, c)} == {1}  # the two slots share torch_threads 2
+    assert os.getpid() not in {a["pid"], b["pid"], c["pid"]} and a["pid"] != b["pid"]
+    assert a["start"] < b["end"] and b["start"] < a["end"]  # side by side
+    assert c["start"] >= min(a["end"], b["end"]) - 0.1  # a third waits for a free slot
+    for name in "abc":
+        assert (tmp_path / "run" / "stages" / f"{name}.json").exists()
+    assert train_stages(config, run, trainings) == results  # reused: nothing trains again
+
+    # with Train workers, or one slot, the trainings run in this process, one after the other
+    workers = config.model_copy(update={"compute": config.compute.model_copy(
+        update={"num_workers": 1})})
+    d, e = train_stages(workers, run, [_sleeper("d", 0.1), _sleeper("e", 0.1)]).values()
+    assert d["pid"] == e["pid"] == os.getpid() and d["threads"] == 2 and d["end"] <= e["start"]
+
+
+def test_a_failed_training_stops_the_ones_beside_it_and_records_nothing(
+    ray_session: None, tmp_path: Path
+) -> None:
+    import time
+
+    from boneaug.config import load_config
+    from boneaug.errors import DataError
+    from boneaug.workflow import Training, train_stages
+
+    def bad(config: object) -> dict:
+        raise DataError("train split has no positive rows: check the cohort's labels")
+
+    config = load_config("smoke", overrides={"compute": {"num_workers": 0,
+                                                         "concurrent_trainings": 2}})
+    run = str(tmp_path / "run")
+    start = time.monotonic()
+    with pytest.raises(DataError, match="no positive rows"):
+        train_stages(config, run, [_sleeper("slow", 120.0), Training("bad", ["bad"], bad)])
+    assert time.monotonic() - start < 60  # the slow one was stopped, not waited for
+    assert not (tmp_path / "run" / "stages").exists()
