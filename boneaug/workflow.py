@@ -139,8 +139,8 @@ def _train_side_by_side(config: BoneaugConfig, run: str, trainings: Sequence[Tra
         while queue or running:
             while queue and len(running) < slots:
                 training = queue.pop(0)
-                print(f"[{training.name}] running (beside {len(running)} other training(s), "
-                      f"{threads} thread(s) each) ...", flush=True)
+                print(f"[{training.name}] running ({slots} trainings side by side, {threads} "
+                      f"thread(s) each) ...", flush=True)
                 running[task.remote(training.train, shared)] = (training, time.perf_counter())
             [ready], _ = ray.wait(list(running), num_returns=1)
             training, start = running.pop(ready)

@@ -110,7 +110,7 @@ def test_augment_tibia_smoke_on_a_ray_head(ray_head: dict[str, str], tmp_path: P
     assert "| Type | t | Augmented samples | ROC AUC (CI 95 %) |" in out
     assert "[ingest] done" in out and "[unit] done" in out and "t chosen on validation" in out
     # each seed's arms (3 arms x 2 t, less those t keeping no blend) train two at a time
-    assert "running (beside 1 other training(s), 1 thread(s) each)" in out
+    assert "running (2 trainings side by side, 1 thread(s) each)" in out
     # every arm beside the baseline, and the seeds' mean +- sd and paired differences
     for row in ("| Baseline |", "| Augmented | 0.30 |", "| Copy-paste | 0.90 |", "| Oracle |"):
         assert row in out

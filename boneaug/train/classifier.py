@@ -657,8 +657,8 @@ def _log_epoch(client: Any, loop: DrnLoop, metrics: Mapping[str, float],
         client.log_metric(loop.mlflow_run_id, key, float(metrics[key]),
                           step=int(metrics["epoch"]))
     # a bar on a terminal; else a logged line (Ray Train's patched print would double it)
-    progress.step(f"[drn] epoch {int(metrics['epoch']) + 1}/{loop.epochs}: train loss "
-                  f"{metrics['train_loss']:.4f}, val AUC {metrics['val_auc']:.3f} (best "
+    progress.step(f"[drn] {loop.run_name} epoch {int(metrics['epoch']) + 1}/{loop.epochs}: "
+                  f"train loss {metrics['train_loss']:.4f}, val AUC {metrics['val_auc']:.3f} (best "
                   f"{state.best_auc:.3f}, epoch {state.best_epoch + 1})",
                   loss=metrics["train_loss"], auc=metrics["val_auc"])
 
