@@ -62,6 +62,19 @@ def configure(config: TrackingConfig | None = None) -> str:
     return uri
 
 
+def open_store(config: TrackingConfig | None = None) -> str:
+    """`configure`, then open the store once in this process: a fresh sqlite store creates its
+    tables on first use, and processes that do so at once fail ("duplicate column name"), so a
+    driver opens it before trainings log to it side by side. Returns the URI."""
+    import mlflow
+
+    uri = configure(config)
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.search_experiments(max_results=1)
+    client.search_registered_models(max_results=1)
+    return uri
+
+
 def artifact_location(experiment: str, uri: str | None = None) -> str | None:
     """Where a new experiment keeps its artifacts: beside a sqlite store
     (``<db dir>/mlartifacts/<experiment>``), so they outlive the process's working directory (a

@@ -132,6 +132,7 @@ def _train_side_by_side(config: BoneaugConfig, run: str, trainings: Sequence[Tra
     threads = max(1, (config.compute.torch_threads or slots) // slots)
     shared = config.model_copy(update={
         "compute": config.compute.model_copy(update={"torch_threads": threads})})
+    tracking.open_store(config.tracking)
     task = ray.remote(num_cpus=0, max_retries=0)(_train_in_task)
     queue, running = list(trainings), {}
     results: dict[str, dict[str, Any]] = {}

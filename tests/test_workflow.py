@@ -116,8 +116,11 @@ def _sleeper(name: str, seconds: float) -> object:
         import os
         import time
 
+        from boneaug import tracking
+
         start = time.time()
-        time.sleep(seconds)
+        with tracking.start_run("side-by-side", name, tracking=config.tracking):  # type: ignore[attr-defined]
+            time.sleep(seconds)
         return {"pid": os.getpid(), "threads": config.compute.torch_threads,  # type: ignore[attr-defined]
                 "start": start, "end": time.time()}
 
@@ -132,8 +135,12 @@ def test_independent_trainings_train_side_by_side_in_ray_tasks_then_are_reused(
     from boneaug.config import load_config
     from boneaug.workflow import train_stages
 
-    config = load_config("smoke", overrides={"compute": {
-        "num_workers": 0, "torch_threads": 2, "concurrent_trainings": 2}})
+    # a fresh sqlite store: two processes creating its tables at once fail, so the driver
+    # opens it before the trainings log to it
+    db = tmp_path / "mlflow.db"
+    config = load_config("smoke", overrides={
+        "compute": {"num_workers": 0, "torch_threads": 2, "concurrent_trainings": 2},
+        "tracking": {"tracking_uri": f"sqlite:///{db}"}})
     run = str(tmp_path / "run")
     trainings = [_sleeper(name, 2.0) for name in ("a", "b", "c")]
     results = train_stages(config, run, trainings)
@@ -146,6 +153,11 @@ def test_independent_trainings_train_side_by_side_in_ray_tasks_then_are_reused(
     for name in "abc":
         assert (tmp_path / "run" / "stages" / f"{name}.json").exists()
     assert train_stages(config, run, trainings) == results  # reused: nothing trains again
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    logged = client.search_runs([client.get_experiment_by_name("side-by-side").experiment_id])
+    assert sorted(r.info.run_name for r in logged) == ["a", "b", "c"]
 
     # with Train workers, or one slot, the trainings run in this process, one after the other
     workers = config.model_copy(update={"compute": config.compute.model_copy(
@@ -166,8 +178,9 @@ def test_a_failed_training_stops_the_ones_beside_it_and_records_nothing(
     def bad(config: object) -> dict:
         raise DataError("train split has no positive rows: check the cohort's labels")
 
-    config = load_config("smoke", overrides={"compute": {"num_workers": 0,
-                                                         "concurrent_trainings": 2}})
+    config = load_config("smoke", overrides={
+        "compute": {"num_workers": 0, "concurrent_trainings": 2},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
     run = str(tmp_path / "run")
     start = time.monotonic()
     with pytest.raises(DataError, match="no positive rows"):
