@@ -29,6 +29,10 @@ def set_verbose(verbose: bool) -> None:
     `ray.init`). Quiet, a local Ray's workers and actors (Ray Data's split coordinators among
     them) also keep Ray Data's INFO logs and Ray's deprecation warnings off the terminal."""
     os.environ[VERBOSE_VAR] = "1" if verbose else ""
+    # Ray folds lines of different workers that differ only in digits into one "[repeated 2x
+    # across cluster]": the epoch lines of trainings side by side (their run names differ in t
+    # or seed) would vanish. Read when ray is first imported
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if verbose:
         return
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")

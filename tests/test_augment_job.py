@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -109,8 +110,14 @@ def test_augment_tibia_smoke_on_a_ray_head(ray_head: dict[str, str], tmp_path: P
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| Type | t | Augmented samples | ROC AUC (CI 95 %) |" in out
     assert "[ingest] done" in out and "[unit] done" in out and "t chosen on validation" in out
-    # each seed's arms (3 arms x 2 t, less those t keeping no blend) train two at a time
-    assert "running (2 trainings side by side, 1 thread(s) each)" in out
+    # each seed's arms (3 arms x 2 t, less those t keeping no blend) train two at a time, and
+    # every one of them shows its epochs (Ray's log deduplication would fold lines that differ
+    # in digits only, as their run names do)
+    side_by_side = re.findall(r"\[(drn-[\w.-]+)\] running \(2 trainings side by side, 1 thread",
+                              out)
+    assert side_by_side
+    for name in side_by_side:
+        assert f"{name} epoch 2/2" in out, name
     # every arm beside the baseline, and the seeds' mean +- sd and paired differences
     for row in ("| Baseline |", "| Augmented | 0.30 |", "| Copy-paste | 0.90 |", "| Oracle |"):
         assert row in out
