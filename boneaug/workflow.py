@@ -12,7 +12,8 @@
 Every stage records what it produced under <run>/stages/<name>.json with a fingerprint of its
 inputs and settings; a stage whose fingerprint matches is reused, not recomputed, so re-running a
 job after a crash or a change resumes where the inputs changed. Ray does the heavy lifting inside
-each stage (Ray Data, Ray Train); this module only sequences them.
+each stage (Ray Data, Ray Train); this module sequences them, and runs the classifier trainings
+that do not depend on each other side by side as Ray tasks (`train_stages`).
 """
 
 from __future__ import annotations
