@@ -306,7 +306,7 @@ def train_drn(config: BoneaugConfig, run: str, publish: Publish, *, augmented: A
     stages decide reuse: the trainer always trains (``overwrite``), logging to the config's
     MLflow."""
     from boneaug.data.datasets import classification_splits
-    from boneaug.train.classifier import ClassifierData, fit_classifier
+    from boneaug.train.classifier import ClassifierData, augmented_config, fit_classifier
 
     drn = config.drn if seed is None else config.drn.model_copy(update={"seed": seed})
     extra = round((positives - 1.0) * train_positives(run)) if positives > 1 else 0
@@ -314,6 +314,8 @@ def train_drn(config: BoneaugConfig, run: str, publish: Publish, *, augmented: A
                                    max_train_negatives=drn.max_train_negatives,
                                    seed=drn.data_seed, positive_fraction=min(positives, 1.0),
                                    extra_positives=extra)
+    added = 0 if augmented is None else augmented.num_rows
+    drn = augmented_config(drn, real=splits["train"].count() - added, augmented=added)
     result = fit_classifier(
         drn, ClassifierData(splits["train"], splits["val"], splits["test"]),
         publish=replace(publish, tracking=config.tracking, overwrite=True),

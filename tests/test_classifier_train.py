@@ -430,3 +430,54 @@ def mlflow_client(db: TrackingConfig):  # noqa: ANN201 - a test helper
     import mlflow
 
     return mlflow.MlflowClient(tracking_uri=db.tracking_uri)
+
+
+def test_augmented_config_scales_epochs_to_the_baselines_steps_only_when_asked() -> None:
+    from boneaug.train.classifier import augmented_config
+
+    same = load_config("smoke").drn.model_copy(update={"epochs": 24})
+    steps = same.model_copy(update={"augmented_epochs": "baseline_steps"})
+    assert augmented_config(same, real=668, augmented=261) is same  # the paper: 24 epochs
+    # the humerus oracle's 261 blends beside 668 real rows: 17 epochs of 929 rows, the steps
+    # of 24 epochs of 668
+    assert augmented_config(steps, real=668, augmented=261).epochs == 17
+    assert augmented_config(steps, real=668, augmented=0) is steps
+    assert augmented_config(steps, real=1, augmented=10_000).epochs == 1
+
+
+def test_train_drn_on_augmented_rows_at_baseline_steps_trains_fewer_epochs(
+    ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chain's `train_drn` counts the real rows it kept and scales an augmented DRN's
+    epochs: 24 real + 24 augmented rows take 2 of 4 epochs, the baseline's steps."""
+    import pyarrow as pa
+
+    from boneaug import storage
+    from boneaug.workflow import drn_publish, train_drn
+
+    db = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", db.tracking_uri)
+    run = str(tmp_path / "run")
+    rows = (shard_rows(24, split="train", task="lesion", seed=1)
+            + shard_rows(9, split="val", task="lesion", seed=2)
+            + shard_rows(6, split="test", task="lesion", seed=3))
+    storage.write_parquet(storage.join(run, "images", "part-0.parquet"), pa.Table.from_pylist(rows))
+    storage.publish_manifest(storage.join(run, "images"), {"rows": len(rows)})
+    blends = [r | {"image_id": f"blend-{i:03d}", "label": np.int8(1)}
+              for i, r in enumerate(shard_rows(24, split="train", task="lesion", seed=4))]
+    config = load_config("smoke", overrides={
+        "image": {"height": H, "width": W}, "compute": {"num_workers": 0},
+        "tracking": {"tracking_uri": db.tracking_uri},
+        "drn": {"epochs": 4, "augmented_epochs": "baseline_steps"}})
+    torch.save(build_model(config.drn).state_dict(), tmp_path / "init.pt")
+
+    def epochs(cfg, augmented: pa.Table | None) -> int:  # noqa: ANN001
+        trained = train_drn(cfg, run, drn_publish(run, "drn", "boneaug/test/steps"),
+                            augmented=augmented, init_from=str(tmp_path / "init.pt"), seed=0)
+        return len(trained["train_losses"])
+
+    assert epochs(config, pa.Table.from_pylist(blends)) == 2
+    assert epochs(config, None) == 4  # the baseline itself keeps its epochs
+    same = config.model_copy(update={"drn": config.drn.model_copy(
+        update={"augmented_epochs": "same"})})
+    assert epochs(same, pa.Table.from_pylist(blends)) == 4

@@ -836,6 +836,16 @@ def fit_classifier(
     return ClassifierResult.from_manifest(done)
 
 
+def augmented_config(config: DrnConfig, *, real: int, augmented: int) -> DrnConfig:
+    """What a DRN trained on `real` + `augmented` rows trains with: `config`, or under
+    ``augmented_epochs="baseline_steps"`` its epochs scaled by real / (real + augmented) (at
+    least 1), so it takes as many optimiser steps as the baseline on the `real` rows alone."""
+    if config.augmented_epochs == "same" or augmented <= 0:
+        return config
+    epochs = max(1, round(config.epochs * real / (real + augmented)))
+    return config.model_copy(update={"epochs": epochs})
+
+
 def pretraining_config(config: DrnConfig) -> DrnConfig:
     """What the fracture pre-training trains with: every stage from scratch at ``pretrain_lr``
     under the paper's plateau schedule, whatever the fine-tuning regime (head lr, warm-up,
