@@ -49,8 +49,11 @@ def stage(run_uri: str, name: str, inputs: Any, fn: Callable[[], dict[str, Any]]
     DRNs of the old blends were reused after a new UNIT)."""
     fingerprint = _fingerprint(inputs)
     done = _reused(run_uri, name, fingerprint)
-    if done is not None:
-        return done
+    return done if done is not None else _run(run_uri, name, fingerprint, fn)
+
+
+def _run(run_uri: str, name: str, fingerprint: str,
+         fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     print(f"[{name}] running ...", flush=True)
     start = time.perf_counter()
     return _record(run_uri, name, fingerprint, fn(), start)
@@ -85,9 +88,9 @@ def _record(run_uri: str, name: str, fingerprint: str, result: dict[str, Any],
 
 @dataclass(frozen=True)
 class Training:
-    """One classifier training of the chain as a stage: its name, the inputs that decide its
-    reuse, and the training itself under a config (`train_stages` hands it one with fewer
-    threads when it trains beside others)."""
+    """One training of the chain (a classifier's, or a translator's) as a stage: its name, the
+    inputs that decide its reuse, and the training itself under a config (`train_stages` hands
+    it one with fewer threads when it trains beside others)."""
 
     name: str
     inputs: Any
@@ -106,24 +109,26 @@ def train_stages(config: BoneaugConfig, run: str,
     one after the other.
     """
     results: dict[str, dict[str, Any]] = {}
-    pending = []
+    pending: list[tuple[Training, str]] = []  # with its fingerprint
     for training in trainings:
-        done = _reused(run, training.name, _fingerprint(training.inputs))
+        fingerprint = _fingerprint(training.inputs)
+        done = _reused(run, training.name, fingerprint)
         if done is None:
-            pending.append(training)
+            pending.append((training, fingerprint))
         else:
             results[training.name] = done
     compute = config.compute
     slots = min(len(pending), compute.concurrent_trainings if compute.num_workers == 0 else 1)
     if slots > 1:
         return results | _train_side_by_side(config, run, pending, slots)
-    for training in pending:
-        results[training.name] = stage(run, training.name, training.inputs,
-                                       partial(training.train, config))
+    for training, fingerprint in pending:
+        results[training.name] = _run(run, training.name, fingerprint,
+                                      partial(training.train, config))
     return results
 
 
-def _train_side_by_side(config: BoneaugConfig, run: str, trainings: Sequence[Training],
+def _train_side_by_side(config: BoneaugConfig, run: str,
+                        trainings: Sequence[tuple[Training, str]],
                         slots: int) -> dict[str, dict[str, Any]]:
     """`trainings` as Ray tasks, `slots` at a time, each with its share of the threads. The
     tasks hold no CPU of Ray's: the Ray Data tasks that feed them need the cluster's CPUs (as
@@ -140,14 +145,14 @@ def _train_side_by_side(config: BoneaugConfig, run: str, trainings: Sequence[Tra
     try:
         while queue or running:
             while queue and len(running) < slots:
-                training = queue.pop(0)
+                training, fingerprint = queue.pop(0)
                 print(f"[{training.name}] running ({slots} trainings side by side, {threads} "
                       f"thread(s) each) ...", flush=True)
-                running[task.remote(training.train, shared)] = (training, time.perf_counter())
+                running[task.remote(training.train, shared)] = (training.name, fingerprint,
+                                                                time.perf_counter())
             [ready], _ = ray.wait(list(running), num_returns=1)
-            training, start = running.pop(ready)
-            results[training.name] = _record(run, training.name,
-                                             _fingerprint(training.inputs), ray.get(ready), start)
+            name, fingerprint, start = running.pop(ready)
+            results[name] = _record(run, name, fingerprint, ray.get(ready), start)
     finally:  # a failed training stops the others: its error is what the job reports
         for ref in running:
             ray.cancel(ref, force=True)
@@ -336,44 +341,51 @@ def training_history(trained: dict[str, Any]) -> dict[str, Any]:
 
 
 def unit_model(config: BoneaugConfig, data: str, run: str, body_part: str) -> str:
-    """This body part's UNIT, trained on its translation patch sets and registered; the phantom
-    critic's verdict on its translations is logged when one is registered (an instrument)."""
+    """This body part's UNIT (`unit_training`), trained or reused on its own."""
+    return train_stages(config, run, [unit_training(config, data, run, body_part)])["unit"]["model"]
+
+
+def unit_training(config: BoneaugConfig, data: str, run: str, body_part: str) -> Training:
+    """This body part's UNIT, trained on its translation patch sets and registered, as a stage
+    that can train beside the classifiers; the phantom critic's verdict on its translations is
+    logged when one is registered (an instrument)."""
     patches = patches_stage(config, data, run, body_part)
+    return Training("unit", [config.unit, patches, config.compute.num_workers],
+                    partial(_train_unit, data=data, run=run, body_part=body_part))
 
-    def go() -> dict[str, Any]:
-        from boneaug.data.datasets import patch_dataset
-        from boneaug.data.patch_sets import load_patch_array
-        from boneaug.eval.phantom_critic import registered_critic
-        from boneaug.eval.quality import QualitySets
-        from boneaug.train.unit import fit_unit
 
-        sets = {k: storage.join(run, "patches", k) for k in ("lesion", "normal", "source")}
-        read = {k: patch_dataset(sets[k]) for k in ("lesion", "normal")}
-        quality = QualitySets(lesion=load_patch_array(sets["lesion"]),
-                              normal=load_patch_array(sets["normal"]),
-                              source=load_patch_array(sets["source"]))
-        result = fit_unit(
-            config.unit, read["lesion"], read["normal"],
-            publish=Publish(run, f"boneaug/{body_part}/train_unit",
-                            registered_name=f"boneaug-unit-{body_part}", alias="challenger",
-                            tracking=config.tracking, overwrite=True),
-            workers=Workers.from_config(config, at_least=1), quality_sets=quality,
-            instrument=None if (phantom := registered_critic(body_part)) is None
-            else (phantom.model, phantom.threshold),
-        )
-        trust = ("" if result.critic_heldout_auc is None
-                 else f" (critic held-out AUC {result.critic_heldout_auc:.2f})")
-        print(f"[unit] quality: translated sources called lesion {result.frac_translated:.2f} vs "
-              f"untranslated {result.frac_source:.2f}{trust}", flush=True)
-        if result.instrument:
-            rates = result.instrument
-            print(f"[unit] phantom critic (instrument): translated sources called lesion "
-                  f"{rates['translated']:.2f} vs untranslated {rates['source']:.2f}, real lesion "
-                  f"patches {rates['real_lesion']:.2f}", flush=True)
-        return {"model": f"models:/boneaug-unit-{body_part}/{result.model_version}",
-                "frac_translated": result.frac_translated, "frac_source": result.frac_source}
+def _train_unit(config: BoneaugConfig, *, data: str, run: str, body_part: str) -> dict[str, Any]:
+    from boneaug.data.datasets import patch_dataset
+    from boneaug.data.patch_sets import load_patch_array
+    from boneaug.eval.phantom_critic import registered_critic
+    from boneaug.eval.quality import QualitySets
+    from boneaug.train.unit import fit_unit
 
-    return stage(run, "unit", [config.unit, patches, config.compute.num_workers], go)["model"]
+    sets = {k: storage.join(run, "patches", k) for k in ("lesion", "normal", "source")}
+    read = {k: patch_dataset(sets[k]) for k in ("lesion", "normal")}
+    quality = QualitySets(lesion=load_patch_array(sets["lesion"]),
+                          normal=load_patch_array(sets["normal"]),
+                          source=load_patch_array(sets["source"]))
+    result = fit_unit(
+        config.unit, read["lesion"], read["normal"],
+        publish=Publish(run, f"boneaug/{body_part}/train_unit",
+                        registered_name=f"boneaug-unit-{body_part}", alias="challenger",
+                        tracking=config.tracking, overwrite=True),
+        workers=Workers.from_config(config, at_least=1), quality_sets=quality,
+        instrument=None if (phantom := registered_critic(body_part)) is None
+        else (phantom.model, phantom.threshold),
+    )
+    trust = ("" if result.critic_heldout_auc is None
+             else f" (critic held-out AUC {result.critic_heldout_auc:.2f})")
+    print(f"[unit] quality: translated sources called lesion {result.frac_translated:.2f} vs "
+          f"untranslated {result.frac_source:.2f}{trust}", flush=True)
+    if result.instrument:
+        rates = result.instrument
+        print(f"[unit] phantom critic (instrument): translated sources called lesion "
+              f"{rates['translated']:.2f} vs untranslated {rates['source']:.2f}, real lesion "
+              f"patches {rates['real_lesion']:.2f}", flush=True)
+    return {"model": f"models:/boneaug-unit-{body_part}/{result.model_version}",
+            "frac_translated": result.frac_translated, "frac_source": result.frac_source}
 
 
 def patches_stage(config: BoneaugConfig, data: str, run: str, body_part: str) -> dict[str, Any]:
@@ -643,6 +655,12 @@ def run_body_part(
     ingest_stage(config, data_uri, run, body_part)
     fracture = fracture_model(config, data_uri, out_uri)
     patches_stage(config, data_uri, run, body_part)
+    seed_trainings = partial(_seed_trainings, config, run, body_part, fracture, plan)
+    if any(v.arm == "unit" and v.unit_from is None for v in plan.variants):
+        # the translator does not wait for the classifiers, nor they for it: it trains beside
+        # the first seed's baseline and learning curve (which the seed loop then reuses)
+        train_stages(config, run, [unit_training(config, data_uri, run, body_part),
+                                   *seed_trainings(seeds[0], primary=True)])
     result = BodyPartResult(body_part, run, "", "")
     blended = {}
     for v in plan.variants:
@@ -656,10 +674,7 @@ def run_body_part(
     for seed in seeds:
         primary = seed == seeds[0]
         multiples = [m for m in plan.learning_curve if primary or m <= 1]
-        trained = train_stages(config, run, [
-            baseline_training(config, run, body_part, fracture, seed),
-            *(learning_curve_training(config, run, body_part, fracture, seed, m)
-              for m in multiples)])
+        trained = train_stages(config, run, seed_trainings(seed, primary=primary))
         baseline = trained[f"baseline-s{seed}"]
         result.baselines[seed] = baseline["model"]
         import_predictions(run, f"baseline-s{seed}", ModelMeta(
@@ -687,6 +702,15 @@ def run_body_part(
     result.markdown = render_report_from_predictions(run, config.eval)
     result.report_uri = storage.join(run, "report")
     return result
+
+
+def _seed_trainings(config: BoneaugConfig, run: str, body_part: str, fracture: str, plan: Plan,
+                    seed: int, *, primary: bool) -> list[Training]:
+    """A training seed's baseline and learning-curve points (above 1x for the primary seed
+    only: 2-4x a baseline's cost each)."""
+    return [baseline_training(config, run, body_part, fracture, seed),
+            *(learning_curve_training(config, run, body_part, fracture, seed, m)
+              for m in plan.learning_curve if primary or m <= 1)]
 
 
 def _publish_baseline(config: BoneaugConfig, body_part: str, baseline: dict[str, Any],

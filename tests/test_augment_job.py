@@ -99,7 +99,7 @@ def test_augment_tibia_smoke_on_a_ray_head(ray_head: dict[str, str], tmp_path: P
     data, db = tmp_path / "cohort", ray_head["MLFLOW_TRACKING_URI"][len("sqlite:///"):]
     # the classifiers train in Ray Train's local mode, two at a time in Ray tasks (as the local
     # profile's do): a worker group per DRN would start 10 of them; the UNIT trains on a worker
-    # of the head
+    # of the head, started from a Ray task beside the first baseline
     config = tmp_path / "local_mode.yaml"
     config.write_text("compute:\n  num_workers: 0\n  concurrent_trainings: 2\n")
     cmd = [str(BIN / "python"), str(ROOT / "jobs" / "augment_tibia.py"), "--profile", "smoke",
@@ -116,6 +116,9 @@ def test_augment_tibia_smoke_on_a_ray_head(ray_head: dict[str, str], tmp_path: P
     side_by_side = re.findall(r"\[(drn-[\w.-]+)\] running \(2 trainings side by side, 1 thread",
                               out)
     assert side_by_side
+    # the UNIT trains beside the first seed's baseline, in a Ray task of its own
+    assert "[unit] running (2 trainings side by side, 1 thread(s) each)" in out
+    assert "[baseline-s0] running (2 trainings side by side" in out
     for name in side_by_side:
         assert f"{name} epoch 2/2" in out, name
     # every arm beside the baseline, and the seeds' mean +- sd and paired differences
