@@ -41,6 +41,7 @@ from bench_serve import (  # noqa: E402
     measure,
     radiograph_dicom,
     register,
+    replica_threads,
 )
 
 from serve.deploy import deploy, one_part_config  # noqa: E402
@@ -71,10 +72,14 @@ def main() -> None:
         raise SystemExit(f"--switch-at must lie inside the run (0 < {args.switch_at} < "
                          f"{args.seconds})")
 
+    import torch
+
     from boneaug import tracking
     from boneaug.config import TrackingConfig, load_config
+    from serve.schemas import AppArgs
 
     config = load_config("local")
+    torch.set_num_threads(replica_threads(AppArgs().num_cpus))  # as in config.yaml's replica
     upload = radiograph_dicom(config)
     workdir = scratch_dir("load-serve-")
     (workdir / "radiograph.dcm").write_bytes(upload)
