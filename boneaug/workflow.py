@@ -673,7 +673,7 @@ def run_body_part(
     positives = train_positives(run)
     for seed in seeds:
         primary = seed == seeds[0]
-        multiples = [m for m in plan.learning_curve if primary or m <= 1]
+        multiples = _curve_multiples(plan, primary)
         trained = train_stages(config, run, seed_trainings(seed, primary=primary))
         baseline = trained[f"baseline-s{seed}"]
         result.baselines[seed] = baseline["model"]
@@ -710,7 +710,11 @@ def _seed_trainings(config: BoneaugConfig, run: str, body_part: str, fracture: s
     only: 2-4x a baseline's cost each)."""
     return [baseline_training(config, run, body_part, fracture, seed),
             *(learning_curve_training(config, run, body_part, fracture, seed, m)
-              for m in plan.learning_curve if primary or m <= 1)]
+              for m in _curve_multiples(plan, primary))]
+
+
+def _curve_multiples(plan: Plan, primary: bool) -> list[float]:
+    return [m for m in plan.learning_curve if primary or m <= 1]
 
 
 def _publish_baseline(config: BoneaugConfig, body_part: str, baseline: dict[str, Any],
