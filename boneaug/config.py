@@ -246,11 +246,12 @@ class DrnConfig(_Section):
     warmup_epochs: float = Field(
         0.0, ge=0, description="linear lr warm-up from 0 over this many epochs (cosine only)")
     augmented_epochs: Literal["same", "baseline_steps"] = Field(
-        "same", description="an augmented DRN's epochs: `same` trains `epochs` over the real and "
-                            "augmented rows (the paper: more rows, so more steps than the "
-                            "baseline); `baseline_steps` scales them by real / (real + augmented) "
-                            "rows, to the baseline's number of optimiser steps, so that an arm's "
-                            "gain is its data's and not more training")
+        "same", description="the epochs of a DRN whose training rows are not the baseline's (an "
+                            "augmented arm, a learning-curve point): `same` trains `epochs` over "
+                            "its rows (the paper: more rows, so more steps than the baseline); "
+                            "`baseline_steps` scales them by baseline rows / its rows, to the "
+                            "baseline's number of optimiser steps, so that an arm's or a curve "
+                            "point's difference is its data's and not more or less training")
     checkpoint: Literal["best", "last"] = Field(
         "best", description="the weights kept and published: the epoch with the best val AUC "
                             "(the paper; early stopping applies), or the last epoch's (a "

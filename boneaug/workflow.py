@@ -311,16 +311,20 @@ def train_drn(config: BoneaugConfig, run: str, publish: Publish, *, augmented: A
     stages decide reuse: the trainer always trains (``overwrite``), logging to the config's
     MLflow."""
     from boneaug.data.datasets import classification_splits
-    from boneaug.train.classifier import ClassifierData, augmented_config, fit_classifier
+    from boneaug.train.classifier import ClassifierData, fit_classifier, step_matched
 
     drn = config.drn if seed is None else config.drn.model_copy(update={"seed": seed})
-    extra = round((positives - 1.0) * train_positives(run)) if positives > 1 else 0
+    real = train_positives(run) if positives != 1.0 else 0
+    extra = round((positives - 1.0) * real) if positives > 1 else 0
     splits = classification_splits(run, augmented=augmented,
                                    max_train_negatives=drn.max_train_negatives,
                                    seed=drn.data_seed, positive_fraction=min(positives, 1.0),
                                    extra_positives=extra)
-    added = 0 if augmented is None else augmented.num_rows
-    drn = augmented_config(drn, real=splits["train"].count() - added, augmented=added)
+    rows = splits["train"].count()
+    # the baseline's rows: these without the augmented ones, with all the real positives
+    baseline_rows = (rows - (0 if augmented is None else augmented.num_rows)
+                     - (curve_positives(real, positives) - real if positives != 1.0 else 0))
+    drn = step_matched(drn, rows=rows, baseline_rows=baseline_rows)
     result = fit_classifier(
         drn, ClassifierData(splits["train"], splits["val"], splits["test"]),
         publish=replace(publish, tracking=config.tracking, overwrite=True),

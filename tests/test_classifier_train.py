@@ -432,24 +432,29 @@ def mlflow_client(db: TrackingConfig):  # noqa: ANN201 - a test helper
     return mlflow.MlflowClient(tracking_uri=db.tracking_uri)
 
 
-def test_augmented_config_scales_epochs_to_the_baselines_steps_only_when_asked() -> None:
-    from boneaug.train.classifier import augmented_config
+def test_step_matched_scales_epochs_to_the_baselines_steps_only_when_asked() -> None:
+    from boneaug.train.classifier import step_matched
 
     same = load_config("smoke").drn.model_copy(update={"epochs": 24})
     steps = same.model_copy(update={"augmented_epochs": "baseline_steps"})
-    assert augmented_config(same, real=668, augmented=261) is same  # the paper: 24 epochs
+    assert step_matched(same, rows=929, baseline_rows=668) is same  # the paper: 24 epochs
     # the humerus oracle's 261 blends beside 668 real rows: 17 epochs of 929 rows, the steps
     # of 24 epochs of 668
-    assert augmented_config(steps, real=668, augmented=261).epochs == 17
-    assert augmented_config(steps, real=668, augmented=0) is steps
-    assert augmented_config(steps, real=1, augmented=10_000).epochs == 1
+    assert step_matched(steps, rows=929, baseline_rows=668).epochs == 17
+    # the learning curve's 25 % point (67 of 268 positives beside 400 negatives): 34 epochs
+    assert step_matched(steps, rows=467, baseline_rows=668).epochs == 34
+    assert step_matched(steps, rows=668, baseline_rows=668) is steps
+    assert step_matched(steps, rows=10_001, baseline_rows=1).epochs == 1
+    with pytest.raises(ValueError, match="rows must be > 0"):
+        step_matched(steps, rows=0, baseline_rows=668)
 
 
-def test_train_drn_on_augmented_rows_at_baseline_steps_trains_fewer_epochs(
+def test_train_drn_at_baseline_steps_scales_the_epochs_of_arms_and_curve_points(
     ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The chain's `train_drn` counts the real rows it kept and scales an augmented DRN's
-    epochs: 24 real + 24 augmented rows take 2 of 4 epochs, the baseline's steps."""
+    """The chain's `train_drn` counts the rows it kept and scales the epochs of an augmented DRN
+    and of a learning-curve point to the baseline's steps: 24 real + 24 augmented rows take 2
+    of 4 epochs."""
     import pyarrow as pa
 
     from boneaug import storage
@@ -460,7 +465,9 @@ def test_train_drn_on_augmented_rows_at_baseline_steps_trains_fewer_epochs(
     run = str(tmp_path / "run")
     rows = (shard_rows(24, split="train", task="lesion", seed=1)
             + shard_rows(9, split="val", task="lesion", seed=2)
-            + shard_rows(6, split="test", task="lesion", seed=3))
+            + shard_rows(6, split="test", task="lesion", seed=3)
+            + [r | {"image_id": f"extra-{i:03d}", "label": np.int8(1)}  # the curve's 2x draws
+               for i, r in enumerate(shard_rows(8, split="extra", task="lesion", seed=5))])
     storage.write_parquet(storage.join(run, "images", "part-0.parquet"), pa.Table.from_pylist(rows))
     storage.publish_manifest(storage.join(run, "images"), {"rows": len(rows)})
     blends = [r | {"image_id": f"blend-{i:03d}", "label": np.int8(1)}
@@ -471,13 +478,18 @@ def test_train_drn_on_augmented_rows_at_baseline_steps_trains_fewer_epochs(
         "drn": {"epochs": 4, "augmented_epochs": "baseline_steps"}})
     torch.save(build_model(config.drn).state_dict(), tmp_path / "init.pt")
 
-    def epochs(cfg, augmented: pa.Table | None) -> int:  # noqa: ANN001
+    def epochs(cfg, augmented: pa.Table | None, positives: float = 1.0) -> int:  # noqa: ANN001
         trained = train_drn(cfg, run, drn_publish(run, "drn", "boneaug/test/steps"),
-                            augmented=augmented, init_from=str(tmp_path / "init.pt"), seed=0)
+                            augmented=augmented, init_from=str(tmp_path / "init.pt"), seed=0,
+                            positives=positives)
         return len(trained["train_losses"])
 
     assert epochs(config, pa.Table.from_pylist(blends)) == 2
     assert epochs(config, None) == 4  # the baseline itself keeps its epochs
+    # learning-curve points: 2 of the 8 positives (18 rows) take 5 epochs, all 8 and 8 extra
+    # ones (32 rows) take 3: each about the baseline's 96 row-steps
+    assert epochs(config, None, positives=0.25) == 5
+    assert epochs(config, None, positives=2.0) == 3
     same = config.model_copy(update={"drn": config.drn.model_copy(
         update={"augmented_epochs": "same"})})
     assert epochs(same, pa.Table.from_pylist(blends)) == 4

@@ -836,13 +836,17 @@ def fit_classifier(
     return ClassifierResult.from_manifest(done)
 
 
-def augmented_config(config: DrnConfig, *, real: int, augmented: int) -> DrnConfig:
-    """What a DRN trained on `real` + `augmented` rows trains with: `config`, or under
-    ``augmented_epochs="baseline_steps"`` its epochs scaled by real / (real + augmented) (at
-    least 1), so it takes as many optimiser steps as the baseline on the `real` rows alone."""
-    if config.augmented_epochs == "same" or augmented <= 0:
+def step_matched(config: DrnConfig, *, rows: int, baseline_rows: int) -> DrnConfig:
+    """What a DRN trained on `rows` training rows trains with: `config`, or under
+    ``augmented_epochs="baseline_steps"`` its epochs scaled by baseline_rows / rows (at least 1),
+    so it takes as many optimiser steps as the baseline on its `baseline_rows`: an augmented
+    arm (more rows) trains fewer epochs, a learning-curve point with a share of the positives
+    (fewer rows) more."""
+    if config.augmented_epochs == "same" or rows == baseline_rows:
         return config
-    epochs = max(1, round(config.epochs * real / (real + augmented)))
+    if rows <= 0 or baseline_rows <= 0:
+        raise ValueError(f"rows must be > 0, got {rows} (baseline {baseline_rows})")
+    epochs = max(1, round(config.epochs * baseline_rows / rows))
     return config.model_copy(update={"epochs": epochs})
 
 

@@ -107,15 +107,15 @@ def _threshold_trial(config: BoneaugConfig, context: TrialContext, params: Mappi
 
     from boneaug.augment.pipeline import select_augmented
     from boneaug.data.datasets import classification_splits
-    from boneaug.train.classifier import ClassifierData, augmented_config, fit_classifier
+    from boneaug.train.classifier import ClassifierData, fit_classifier, step_matched
 
     t = float(params["t"])
     selected = select_augmented(context.inputs["candidates"], t)
     splits = classification_splits(context.run_uri, augmented=selected,
                                    max_train_negatives=config.drn.max_train_negatives,
                                    seed=config.drn.data_seed)
-    drn = augmented_config(config.drn, real=splits["train"].count() - selected.num_rows,
-                           augmented=selected.num_rows)
+    rows = splits["train"].count()
+    drn = step_matched(config.drn, rows=rows, baseline_rows=rows - selected.num_rows)
     result = fit_classifier(
         drn, ClassifierData(splits["train"], splits["val"], splits["test"]),
         publish=_trial_publish(context, storage.join(trial_uri, "drn"), trial_uri, run_id),
