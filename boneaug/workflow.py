@@ -644,10 +644,10 @@ def run_body_part(
     pseudo-labelled by that seed's baseline (`scorers`: other body parts' baselines per seed,
     for TL_PL). The first seed searches the t grid (one DRN per variant and
     t) and publishes: aliases, DICOMs, figures. Later seeds train each variant at the t the first
-    seed chose on validation, and the learning curve's points above 1x (2-4x a baseline's cost
-    each) are the first seed's only: seeds measure the training's variance at the chosen
-    setting, and three seeds of the whole grid would take the reproduction past 2.5 h on 2
-    cores.
+    seed chose on validation, and the learning curve's points above 1x (a baseline's cost each
+    under ``augmented_epochs: baseline_steps``, 2-4x it otherwise) are the first seed's only:
+    seeds measure the training's variance at the chosen setting, and three seeds of the whole
+    grid would take the reproduction past 2.5 h on 2 cores.
     """
     from boneaug.eval.report import ModelMeta, import_predictions, render_report_from_predictions
 
@@ -675,32 +675,39 @@ def run_body_part(
     storage.remove(storage.join(run, "predictions"))
     _write_conspicuity(data_uri, run, body_part)
     positives = train_positives(run)
-    for seed in seeds:
-        primary = seed == seeds[0]
-        multiples = _curve_multiples(plan, primary)
-        trained = train_stages(config, run, seed_trainings(seed, primary=primary))
-        baseline = trained[f"baseline-s{seed}"]
-        result.baselines[seed] = baseline["model"]
-        import_predictions(run, f"baseline-s{seed}", ModelMeta(
-            type="Baseline", t=None, augmented_samples=0, model_name=f"boneaug-drn-{body_part}",
-            model_version=baseline["version"], body_part=body_part, baseline=True, seed=seed,
-            positives=positives, **training_history(baseline)), baseline["predictions"])
-        for multiple in multiples:
-            lc = trained[f"lc-{multiple:g}-s{seed}"]
-            import_predictions(run, f"lc-{multiple:g}-s{seed}", ModelMeta(
-                type="Learning curve", augmented_samples=0, body_part=body_part, seed=seed,
-                positives=curve_positives(positives, multiple), learning_curve=True,
-                **training_history(lc)), lc["predictions"])
+    # the primary seed searches the t grid; the later seeds' trainings (baselines and curve,
+    # then each arm at the chosen t) train together, side by side where train_stages allows
+    for group in ([seeds[0]], list(seeds[1:])):
+        if not group:
+            continue
+        primary = group == [seeds[0]]
+        trained = train_stages(config, run, [training for seed in group
+                                             for training in seed_trainings(seed, primary=primary)])
         arms = []
-        for variant in plan.variants:
-            scored = score_stage(config, run, variant.key, blended[variant.key],
-                                 _scorer(variant, seed, baseline, scorers or {}), seed)
-            grid = thresholds if primary else (result.chosen[variant.key],)
-            arms.append((_Arm(variant, seed, {}, scored, baseline), grid))
+        for seed in group:
+            baseline = trained[f"baseline-s{seed}"]
+            result.baselines[seed] = baseline["model"]
+            import_predictions(run, f"baseline-s{seed}", ModelMeta(
+                type="Baseline", t=None, augmented_samples=0,
+                model_name=f"boneaug-drn-{body_part}", model_version=baseline["version"],
+                body_part=body_part, baseline=True, seed=seed, positives=positives,
+                **training_history(baseline)), baseline["predictions"])
+            for multiple in _curve_multiples(plan, primary):
+                lc = trained[f"lc-{multiple:g}-s{seed}"]
+                import_predictions(run, f"lc-{multiple:g}-s{seed}", ModelMeta(
+                    type="Learning curve", augmented_samples=0, body_part=body_part, seed=seed,
+                    positives=curve_positives(positives, multiple), learning_curve=True,
+                    **training_history(lc)), lc["predictions"])
+            for variant in plan.variants:
+                scored = score_stage(config, run, variant.key, blended[variant.key],
+                                     _scorer(variant, seed, baseline, scorers or {}), seed)
+                grid = thresholds if primary else (result.chosen[variant.key],)
+                arms.append((_Arm(variant, seed, {}, scored, baseline), grid))
         for arm in _train_arms(config, run, body_part, fracture, arms, primary):
             if primary:
-                _publish_arm(config, data_uri, run, body_part, arm, baseline, result)
+                _publish_arm(config, data_uri, run, body_part, arm, arm.baseline, result)
         if primary:
+            baseline = trained[f"baseline-s{seeds[0]}"]
             result.models["baseline"] = baseline["model"]
             _publish_baseline(config, body_part, baseline, result, plan.variants)
     result.markdown = render_report_from_predictions(run, config.eval)
@@ -711,7 +718,7 @@ def run_body_part(
 def _seed_trainings(config: BoneaugConfig, run: str, body_part: str, fracture: str, plan: Plan,
                     seed: int, *, primary: bool) -> list[Training]:
     """A training seed's baseline and learning-curve points (above 1x for the primary seed
-    only: 2-4x a baseline's cost each)."""
+    only)."""
     return [baseline_training(config, run, body_part, fracture, seed),
             *(learning_curve_training(config, run, body_part, fracture, seed, m)
               for m in _curve_multiples(plan, primary))]
