@@ -321,9 +321,11 @@ def train_drn(config: BoneaugConfig, run: str, publish: Publish, *, augmented: A
                                    seed=drn.data_seed, positive_fraction=min(positives, 1.0),
                                    extra_positives=extra)
     rows = splits["train"].count()
-    # the baseline's rows: these without the augmented ones, with all the real positives
-    baseline_rows = (rows - (0 if augmented is None else augmented.num_rows)
-                     - (curve_positives(real, positives) - real if positives != 1.0 else 0))
+    # the baseline's rows: these without the augmented rows, and with all the real positives
+    # instead of a curve point's share of them or extra ones
+    baseline_rows = rows - (0 if augmented is None else augmented.num_rows)
+    if positives != 1.0:
+        baseline_rows += real - curve_positives(real, positives)
     drn = step_matched(drn, rows=rows, baseline_rows=baseline_rows)
     result = fit_classifier(
         drn, ClassifierData(splits["train"], splits["val"], splits["test"]),
