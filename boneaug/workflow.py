@@ -518,7 +518,7 @@ def train_positives(run: str) -> int:
 
     from boneaug.data.datasets import image_table
 
-    table = image_table(run)
+    table = image_table(run, columns=["split", "label"])  # no pixels: only counted
     train = pc.equal(table.column("split"), "train")
     return int(pc.sum(pc.and_(train, pc.equal(table.column("label"), 1))).as_py() or 0)
 

@@ -113,6 +113,15 @@ def test_extra_positives_come_from_the_extra_split_and_are_counted(
         classification_splits(run, seed=0, extra_positives=31)
 
 
+def test_train_positives_counts_without_reading_pixels(run: str) -> None:
+    from boneaug.workflow import train_positives
+
+    assert train_positives(run) == 40  # the extra split's 30 are not the cohort's
+    counted = image_table(run, columns=["split", "label"])
+    assert counted.column_names == ["split", "label", "image_id", "task"]
+    assert counted.column("image_id").equals(image_table(run).column("image_id"))
+
+
 def test_the_splits_and_the_feed_do_not_depend_on_the_order_the_shards_were_written(
         tmp_path: Path, ray_session) -> None:
     # ingest writes its shards in whatever order Ray Data's tasks finish: two runs of the same

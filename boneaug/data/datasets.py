@@ -6,6 +6,7 @@ fracture corpus is its own run. Augmented rows join the training split only, nev
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,16 +33,19 @@ are therefore in the object store before training starts (`from_arrow`, or `patc
 materialised read: Ray Data's file listing always asks for a whole CPU)."""
 
 
-def image_table(run_uri: str, *, task: str = "lesion", classification: bool = True) -> pa.Table:
+def image_table(run_uri: str, *, task: str = "lesion", classification: bool = True,
+                columns: Sequence[str] = TRAIN_COLUMNS) -> pa.Table:
     """The finished image shards of a run (confounder images dropped when `classification`), in
     image-id order: the shards come back in the order Ray Data's ingest tasks happened to finish,
     and every seeded draw over these rows (negatives kept, positives subset, training order) must
-    be a function of the rows and the seed alone."""
+    be a function of the rows and the seed alone. `columns`: those to read (e.g. no pixels, to
+    count rows); image_id and task are always read."""
     images_uri = storage.join(run_uri, "images")
     if storage.read_manifest(images_uri) is None:
         raise DataError(f"{images_uri} has no manifest: "
                         "ingestion did not finish (run jobs/ingest.py)")
-    table = storage.read_parquet(images_uri, columns=[*TRAIN_COLUMNS, "confounders"])
+    wanted = [*columns, *(c for c in ("image_id", "task") if c not in columns)]
+    table = storage.read_parquet(images_uri, columns=[*wanted, "confounders"])
     table = table.filter(pc.equal(table.column("task"), task))
     if classification:
         table = table.filter(pc.equal(pc.list_value_length(table.column("confounders")), 0))
