@@ -24,8 +24,11 @@ def main() -> None:
     config, data, run = body_part_job(args, fractures=False)
     result = critic_stage(config, data, run, args.body_part,
                           {uri: uri for uri in args.translator} or None)
-    print(f"registered: {result['model']} (real-patch AUC {result['real_auc']:.3f}, "
-          f"worst lesion-call rise on healthy patches {result['worst_rise']:+.3f})")
+    print(f"registered: {result['model']} (real-patch AUC {result['real_auc']:.3f}, worst "
+          f"lesion-call rise of a perturbation of healthy patches {result['worst_rise']:+.3f})")
+    for uri, rate in result["translated_rates"].items():
+        print(f"translator {uri}: {rate:.3f} of healthy patches called lesion after translation "
+              f"(untouched {result['healthy_rate']:.3f})")
 
 
 if __name__ == "__main__":

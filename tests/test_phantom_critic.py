@@ -62,8 +62,12 @@ def test_the_critic_learns_the_lesion_and_ignores_label_free_changes(pairs) -> N
     assert v.real_auc > 0.6
     assert set(v.perturbed_rates) == set(perturbations())
     assert v.translated_rates["identity"] == pytest.approx(v.healthy_rate)
-    assert v.worst_rise == max(r - v.healthy_rate for r in
-                               [*v.perturbed_rates.values(), *v.translated_rates.values()])
+    assert v.worst_rise == max(r - v.healthy_rate for r in v.perturbed_rates.values())
+    lesions = validate(critic, heldout_pair_auc=heldout, lesion=pairs.lesion[half:],
+                       normal=pairs.healthy[half:],
+                       translators={"paints lesions": lambda x: pairs.lesion[half:]})
+    assert lesions.translated_rates["paints lesions"] > lesions.healthy_rate + 0.2
+    assert lesions.worst_rise == v.worst_rise  # a lesion painter is no false alarm
 
 
 def test_the_registered_critic_comes_back_with_its_cut_or_none(
