@@ -186,6 +186,22 @@ def test_a_run_whose_train_loss_ends_no_lower_than_it_began_counts_as_diverged(
     assert TrainState(**asdict(state)).diverged is diverged  # it survives a checkpoint
 
 
+@pytest.mark.parametrize(("aucs", "latest", "unlearned"), [
+    ([0.689, 0.70, 0.66, 0.623], True, True),  # the scarce humerus baseline of seed 2
+    ([0.688, 0.70, 0.74, 0.776], True, False),  # its seed 0, which learned
+    ([0.80, 0.75, 0.70], False, True),  # best-checkpointing keeps epoch 1: nothing learned
+    ([0.7], True, False),  # one epoch: nothing to compare
+])
+def test_a_run_whose_kept_model_validates_no_better_than_epoch_one_counts_as_unlearned(
+    aucs: list[float], latest: bool, unlearned: bool
+) -> None:
+    state = TrainState()
+    for epoch, auc in enumerate(aucs):
+        state.update(epoch, auc, latest=latest, loss=1.0 - 0.1 * epoch)  # the loss falls
+    assert state.unlearned is unlearned and not state.diverged
+    assert TrainState(**asdict(state)).unlearned is unlearned  # it survives a checkpoint
+
+
 def test_cosine_schedule_warms_up_then_decays_each_group_to_zero() -> None:
     config = DrnConfig(width_mult=0.125, epochs=4, pretrain_epochs=1, lr=1e-3, head_lr=4e-3,
                        schedule="cosine", warmup_epochs=1)

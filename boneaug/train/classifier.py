@@ -308,6 +308,13 @@ class TrainState:
         whose output went constant at lr 1e-3, its val AUC 0.52), rather than learned."""
         return len(self.train_losses) > 1 and self.train_losses[-1] >= self.train_losses[0]
 
+    @property
+    def unlearned(self) -> bool:
+        """The kept model validates no better than epoch 1's: the training taught it nothing
+        that shows on validation (seen: a 67-positive humerus baseline whose val AUC went 0.689
+        -> 0.623 while its train loss fell 11 %, which `diverged` does not catch)."""
+        return len(self.val_aucs) > 1 and not self.best_auc > self.val_aucs[0]
+
     def update(self, epoch: int, auc: float, *, latest: bool = False,
                loss: float | None = None) -> bool:
         """Record epoch `epoch`'s val AUC (and train `loss`); True when this epoch's model is now
@@ -669,12 +676,16 @@ def _mlflow_client(loop: DrnLoop) -> Any:
     return MlflowClient(tracking_uri=loop.tracking_uri, registry_uri=loop.tracking_uri)
 
 
-def _warn_if_diverged(loop: DrnLoop, state: TrainState) -> None:
+def _warn_if_failed(loop: DrnLoop, state: TrainState) -> None:
     if state.diverged:
         log.warning("[drn] %s diverged: train loss %.3f at epoch 1, %.3f at epoch %d (val AUC "
                     "%.3f); the published model is likely useless: lower drn.lr / drn.head_lr",
                     loop.run_name, state.train_losses[0], state.train_losses[-1], state.epoch + 1,
                     state.best_auc)
+    elif state.unlearned:
+        log.warning("[drn] %s did not learn: val AUC %.3f at epoch 1, %.3f for the kept model "
+                    "(epoch %d); compare it with another training seed before trusting it",
+                    loop.run_name, state.val_aucs[0], state.best_auc, state.best_epoch + 1)
 
 
 def _publish(
@@ -715,12 +726,14 @@ def _publish(
             registered_name=loop.registered_name, alias=loop.alias,
         )
         mlflow.set_tags({"predictions_uri": predictions_uri, "best_weights_uri": best_uri,
-                         "diverged": str(state.diverged).lower()})
+                         "diverged": str(state.diverged).lower(),
+                         "unlearned": str(state.unlearned).lower()})
         mlflow.log_metrics({"best_val_auc": state.best_auc, "best_epoch": state.best_epoch})
-    _warn_if_diverged(loop, state)
+    _warn_if_failed(loop, state)
     registered = loop.registered_name
     content = {
         "diverged": state.diverged,
+        "unlearned": state.unlearned,
         "best_val_auc": state.best_auc,
         "best_epoch": state.best_epoch,
         "epochs_run": state.epoch + 1,
