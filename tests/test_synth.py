@@ -3,6 +3,7 @@ MONOCHROME1 share, conspicuity, fractures, merging, and a cohort on a real S3-pr
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 from collections import Counter, defaultdict
@@ -21,13 +22,16 @@ from boneaug.synth.cohort import (
     ANNOTATION_SCHEMA,
     CohortSummary,
     generate_cohort,
+    lesion_visibility,
+    patient_of,
     plan_body_part,
     plan_fractures,
+    render_job,
 )
 from boneaug.synth.dicom_out import DicomIdentity, encode_dicom
 from boneaug.synth.preview import contact_sheet, display_pixels
 from boneaug.synth.render import render_image
-from boneaug.synth.spec import sample_spec
+from boneaug.synth.spec import sample_image, sample_spec
 
 PARTS = ("humerus", "tibia", "femur")
 
@@ -83,6 +87,39 @@ def test_render_is_a_pure_function_of_spec_and_rng(synth) -> None:
     assert not np.array_equal(a.stored, c.stored)  # only the quantum noise differs
     assert a.pixels.dtype == np.float32 and a.pixels.shape == (synth.height, synth.width)
     assert 0.0 <= a.pixels.min() and a.pixels.max() <= 1.0
+
+
+def test_a_lesion_image_kept_from_the_visibility_check_is_the_image_rendered_afresh(
+        synth) -> None:
+    """render_job keeps the render that the visibility check drew for a lesion patient's first
+    image instead of drawing it twice more: its bytes, box and visibility must be those of the
+    image rendered afresh from its spec and noise rng (and the window must redraw some)."""
+    config = synth.model_copy(update={"min_visibility": 0.04, "max_visibility": 0.10})
+    seed = 5
+    jobs = [j for j in plan_body_part(config, "humerus", seed=seed, scale=1.0) if j.label == 1]
+    redrawn = 0
+    for job in jobs:
+        data, row = render_job(job, config, seed)
+        patient = patient_of(job, config, seed)
+        redrawn += patient != _first_draw(job, config, seed)
+        rng = np.random.default_rng([seed, job.stream, job.image_index])
+        spec = sample_image(patient, config, rng, study_index=job.study_index)
+        without_rng = copy.deepcopy(rng)
+        fresh = render_image(spec, rng)
+        without = render_image(spec.without_lesion(), without_rng)
+        ident = DicomIdentity(image_id=job.image_id, patient_id=job.patient_id, seed=seed,
+                              study_date=pydicom.dcmread(io.BytesIO(data)).StudyDate)
+        assert data == encode_dicom(fresh, ident), job.image_id
+        assert row["boxes"] == fresh.boxes
+        assert row["visibility"] == lesion_visibility(fresh.pixels, without.pixels,
+                                                      config.visibility_pool)
+    assert len(jobs) >= 4 and redrawn >= 1
+
+
+def _first_draw(job, config: SynthConfig, seed: int):  # noqa: ANN202
+    """The patient before any visibility redraw."""
+    return patient_of(job, config.model_copy(update={"min_visibility": 0.0,
+                                                      "max_visibility": 1.0}), seed)
 
 
 # ------------------------------------------------------------------------------------ DICOM

@@ -266,22 +266,37 @@ def patient_of(job: ImageJob, config: SynthConfig, seed: int) -> PatientSpec:
     the lesion's visibility on the patient's first image lies in the window
     [`SynthConfig.min_visibility`, `max_visibility`]; the draw nearest to it is kept when none
     does."""
+    return _drawn_patient(job, config, seed)[0]
+
+
+def _first_image(patient: PatientSpec, job: ImageJob, config: SynthConfig, seed: int
+                 ) -> tuple[Any, float]:
+    """(the render of `patient`'s first image, its lesion's visibility), drawn exactly as
+    render_job draws that image."""
+    first = job.image_index - job.study_index  # a patient's images are planned in a row
+    rng = np.random.default_rng([seed, job.stream, first])
+    spec = sample_image(patient, config, rng, study_index=0)
+    return _visibility(spec, rng, config.visibility_pool)
+
+
+def _drawn_patient(job: ImageJob, config: SynthConfig, seed: int
+                   ) -> tuple[PatientSpec, tuple[Any, float] | None]:
+    """`patient_of`, and the render of the patient's first image with its visibility when the
+    draw that was kept rendered it (None otherwise): render_job reuses it instead of rendering
+    the same image twice more."""
     patient = _patient(job, seed, config.conspicuity_range)
     if patient.lesion is None or not config.checks_visibility:
-        return patient
-    first = job.image_index - job.study_index  # a patient's images are planned in a row
+        return patient, None
     best: tuple[float, PatientSpec] = (float("inf"), patient)
     for attempt in range(VISIBILITY_TRIES):
         candidate = patient if attempt == 0 else _patient(job, seed, config.conspicuity_range,
                                                           attempt)
-        rng = np.random.default_rng([seed, job.stream, first])
-        spec = sample_image(candidate, config, rng, study_index=0)
-        _, seen = _visibility(spec, rng, config.visibility_pool)
-        miss = config.visibility_miss(seen)
+        rendered = _first_image(candidate, job, config, seed)
+        miss = config.visibility_miss(rendered[1])
         if miss == 0:
-            return candidate
+            return candidate, rendered
         best = min(best, (miss, candidate), key=lambda b: b[0])
-    return best[1]
+    return best[1], None
 
 
 def render_job(
@@ -293,14 +308,17 @@ def render_job(
     """(DICOM bytes, annotation row) of one image; no I/O."""
     key = (job.stream, job.patient_index)
     patient = cache.get(key) if cache is not None else None
+    rendered = None
     if patient is None:
-        patient = patient_of(job, config, seed)
+        patient, rendered = _drawn_patient(job, config, seed)
         if cache is not None:
             cache[key] = patient
     rng = np.random.default_rng([seed, job.stream, job.image_index])
     spec = sample_image(patient, config, rng, study_index=job.study_index)
     visibility = None
-    if patient.lesion is not None:
+    if rendered is not None and job.study_index == 0:  # the visibility check drew this image
+        image, visibility = rendered
+    elif patient.lesion is not None:
         image, visibility = _visibility(spec, rng, config.visibility_pool)
     else:
         image = render_image(spec, rng)
