@@ -1,10 +1,12 @@
 # boneaug: `make demo` runs the main job on the embedded default; `make test` runs the tests.
-# Both create .venv from the local package mirror on first use (about 3 minutes).
+# Both create .venv from the local package mirror on first use (1.5-3 minutes); the test tools
+# (pytest, moto, ...) come with the first `make test`, not with `make demo`.
 
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+DEV     := $(VENV)/.installed-dev
 WORK    ?= work
 PROFILE ?= local
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
@@ -14,10 +16,14 @@ SUDO    := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+$(DEV): $(STAMP)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(DEV)
+
+install: $(DEV)
 
 demo: $(STAMP)
 	$(BIN)/python jobs/augment_tibia.py --profile $(PROFILE) --data $(WORK) --synthetic
@@ -28,7 +34,7 @@ reproduce: $(STAMP)
 	$(BIN)/python jobs/reproduce.py --profile $(PROFILE) --data $(WORK) --synthetic --seeds $(SEEDS)
 
 # the Serve page test drives Debian's headless Chromium (a system package, no browser download)
-test: $(STAMP)
+test: $(DEV)
 	@command -v chromium >/dev/null 2>&1 || { echo "installing chromium (apt) for the page test"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
 	  chromium >/dev/null; } || { echo "could not install chromium: as root, run" \
@@ -38,7 +44,7 @@ test: $(STAMP)
 
 # the edit loop: everything but the tests marked slow (end-to-end jobs, trainings, sweeps, the
 # service, the browser); make test stays the whole suite and what CI runs
-test-fast: $(STAMP)
+test-fast: $(DEV)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow"
 
@@ -48,11 +54,11 @@ device-wheels: $(STAMP)
 	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
 	  "pydantic==$$($(BIN)/python -c 'import pydantic; print(pydantic.VERSION)')"
 
-bench: $(STAMP)
+bench: $(DEV)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 # a 60 s locust load on the service with a model switch in the middle (the `load` extra)
-load-serve: $(STAMP)
+load-serve: $(DEV)
 	$(BIN)/pip install --quiet -e ".[load]"
 	$(BIN)/python benchmarks/load_serve.py
 
