@@ -20,6 +20,7 @@ from boneaug.errors import ConfigError, StorageError
 BodyPart = Literal["humerus", "tibia", "femur"]
 BODY_PARTS: tuple[BodyPart, ...] = get_args(BodyPart)
 ProfileName = Literal["smoke", "local", "paper"]
+BlendMode = Literal["alpha", "detail"]  # boneaug.augment.blend
 PROFILES: tuple[ProfileName, ...] = get_args(ProfileName)
 
 
@@ -293,6 +294,11 @@ class AugmentConfig(_Section):
     """Blending and pseudo-labelling (SPEC 4, 5)."""
 
     blend_n: float = Field(2.0, gt=0, description="alpha-mask exponent")
+    blend: BlendMode = Field(
+        "alpha", description="alpha: the paper's blend, the resized translation mixed into the "
+                             "crop (its centre is as smooth as the UNIT's patch side); detail: "
+                             "the translator's change is blended and the radiograph keeps its "
+                             "own grain (boneaug.augment.blend)")
     thresholds: tuple[float, ...] = Field(PAPER_THRESHOLDS,
                                           description="the t grid, chosen on validation")
     t: dict[BodyPart, float] = Field(

@@ -44,7 +44,7 @@ from boneaug.data.patches import Box, crop_resize, square_crop
 from boneaug.errors import BoneaugError, DataError
 
 if TYPE_CHECKING:
-    from boneaug.config import BoneaugConfig
+    from boneaug.config import BlendMode, BoneaugConfig
     from boneaug.io.dicom import XrayImage
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -320,13 +320,15 @@ class LesionResult:
 @dataclass(frozen=True)
 class Recipe:
     """How one lesion is made (SPEC 2-4): the UNIT patch side, the patch rule's s, the blend
-    exponent n, the classifier's input (height, width) and the auto box's bone threshold."""
+    exponent n, the classifier's input (height, width), the auto box's bone threshold and the
+    blend mode (boneaug.augment.blend)."""
 
     size: int
     s: float
     n: float
     score_hw: tuple[int, int]
     min_mean_intensity: float
+    blend: BlendMode = "alpha"
 
     @classmethod
     def from_config(cls, config: BoneaugConfig, body_part: str, *,
@@ -335,7 +337,8 @@ class Recipe:
         return cls(size=config.patches.size, s=config.patches.body_parts[body_part].s,
                    n=config.augment.blend_n if n is None else n,
                    score_hw=(config.image.height, config.image.width),
-                   min_mean_intensity=config.patches.min_mean_intensity)
+                   min_mean_intensity=config.patches.min_mean_intensity,
+                   blend=config.augment.blend)
 
 
 def place_and_cut(image: np.ndarray, box: Sequence[int] | None, recipe: Recipe, *,
@@ -350,7 +353,7 @@ def place_and_cut(image: np.ndarray, box: Sequence[int] | None, recipe: Recipe, 
 def blend_and_fit(image: np.ndarray, translated: np.ndarray, crop: Sequence[int],
                   recipe: Recipe) -> tuple[np.ndarray, np.ndarray]:
     """Paste the translated (S, S) patch back -> (blended (H, W), classifier input score_hw)."""
-    blended = paste_blended(image, translated, crop, n=recipe.n)
+    blended = paste_blended(image, translated, crop, n=recipe.n, mode=recipe.blend)
     return blended, fit_pad(blended, recipe.score_hw)
 
 

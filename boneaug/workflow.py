@@ -454,13 +454,13 @@ def blend_stage(config: BoneaugConfig, data: str, run: str, key: str,
     from boneaug.augment.pipeline import blend_candidates
 
     out = storage.join(run, "augmented", key)
-    inputs = [translator, config.augment.blend_n, config.image,
+    inputs = [translator, config.augment.blend_n, config.augment.blend, config.image,
               storage.read_manifest(storage.join(run, "patches"))]
 
     def go() -> dict[str, Any]:
         count = blend_candidates(data_uri=data, run_uri=run, out_uri=out, translator=translator,
                                  image=config.image, n=config.augment.blend_n,
-                                 tracking=config.tracking)
+                                 mode=config.augment.blend, tracking=config.tracking)
         print(f"[blend-{key}] {count} candidates blended with {translator.label}", flush=True)
         return {"blended_uri": storage.join(out, "blended"), "blended": count}
 

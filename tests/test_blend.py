@@ -53,3 +53,49 @@ def test_paste_back_changes_only_the_crop_box() -> None:
     # the centre takes the translation (dark), the border keeps the original
     assert out[56, 26] < 0.05 and np.array_equal(out[40, 10:43], image[40, 10:43])
     assert not np.shares_memory(out, image)
+
+
+def _grainy_bone(rng: np.random.Generator) -> np.ndarray:
+    """A bright band with pixel-level grain, as a radiograph's shaft at full resolution."""
+    cols = np.linspace(-1, 1, 96)
+    band = 0.3 + 0.5 * (np.abs(cols) < 0.4)
+    return np.clip(band[None, :] + rng.normal(0, 0.03, (160, 96)), 0, 1).astype(np.float32)
+
+
+def test_detail_blend_adds_the_translators_change_and_keeps_the_grain() -> None:
+    """mode "detail": a translation that only copies its source leaves the crop as it was; a
+    lucent spot painted into the patch lands as a lucent spot, and the crop's pixel grain (the
+    detail finer than the patch side, which "alpha" smooths away) survives it."""
+    from boneaug.augment.blend import resize
+    from boneaug.data.patches import crop_resize
+
+    rng = np.random.default_rng(3)
+    image = _grainy_bone(rng)
+    crop = (16, 32, 80, 96)  # 64 px, translated at 16
+    source = crop_resize(image, crop, 16)
+    unchanged = paste_blended(image, source, crop, n=2, mode="detail")
+    assert np.abs(unchanged - image).max() < 1e-5
+
+    yy, xx = np.mgrid[:16, :16]
+    spot = source - 0.25 * ((yy - 7.5) ** 2 + (xx - 7.5) ** 2 < 12)  # a lucent disc
+    detail = paste_blended(image, spot, crop, n=2, mode="detail")
+    alpha = paste_blended(image, spot, crop, n=2, mode="alpha")
+    centre = (slice(56, 72), slice(40, 56))
+    region = image[32:96, 16:80]
+    change = detail[32:96, 16:80] - region
+    mask = alpha_mask(64, 64, n=2)
+    expected = mask * resize(spot - source, 64, 64)
+    assert np.abs(np.clip(region + expected, 0, 1) - detail[32:96, 16:80]).max() < 1e-5
+    assert (image[centre] - detail[centre]).mean() > 0.2  # the spot is there, as in "alpha"
+    assert (image[centre] - alpha[centre]).mean() > 0.2
+    grain = (detail[centre] - resize(resize(detail[centre], 4, 4), 16, 16)).std()
+    smoothed = (alpha[centre] - resize(resize(alpha[centre], 4, 4), 16, 16)).std()
+    original = (image[centre] - resize(resize(image[centre], 4, 4), 16, 16)).std()
+    assert grain == pytest.approx(original, rel=0.1) and smoothed < 0.5 * original
+    assert np.abs(change).max() > 0.2
+
+
+def test_unknown_blend_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"blend mode must be one of \('alpha', 'detail'\)"):
+        paste_blended(np.zeros((10, 10), np.float32), np.zeros((4, 4), np.float32), (0, 0, 8, 8),
+                      n=2, mode="poisson")  # type: ignore[arg-type]

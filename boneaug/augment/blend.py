@@ -7,15 +7,30 @@ alpha is 1 at the centre and 0 on the border, so the patch's own contrast or bri
 (UNIT's translations carry some) fades out before the patch edge. Blending happens at the crop's
 stored resolution: the translated patch is resized up to the crop box and mixed with the ORIGINAL
 full-resolution pixels, so nothing outside the lesion's centre loses detail.
+
+Two ways to mix (`BlendMode`):
+- "alpha", the paper's: the resized translation replaces the crop's centre. A translation made at
+  the UNIT's patch side (32 px locally) carries no detail finer than that, so the centre of a
+  blend is smooth where the radiograph around it has grain.
+- "detail": the translator's change is what is blended, and the original keeps its grain:
+      x_blend = x_h + alpha * up(x_hl - down(x_h))
+  where down is the crop resized to the patch side as the translator saw it and up the resize
+  back. It equals "alpha" applied to a translation that carries the source's own detail finer
+  than the patch side, and a translator that changes nothing changes nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from boneaug.config import BlendMode
+
+BLEND_MODES: tuple[str, ...] = get_args(BlendMode)
 
 
 def alpha_mask(height: int, width: int | None = None, *, n: float) -> np.ndarray:
@@ -56,8 +71,9 @@ def resize(patch: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def paste_blended(image: np.ndarray, translated: np.ndarray, crop: Sequence[int], *,
-                  n: float) -> np.ndarray:
-    """A copy of `image` (H, W) with `translated` (S, S) resized to `crop` and alpha-blended there.
+                  n: float, mode: BlendMode = "alpha") -> np.ndarray:
+    """A copy of `image` (H, W) with `translated` (S, S) blended into `crop` (module docstring:
+    "alpha" mixes the resized translation in, "detail" adds the translator's change).
 
     Pixels outside the crop box are the original ones, bit for bit.
     """
@@ -65,8 +81,15 @@ def paste_blended(image: np.ndarray, translated: np.ndarray, crop: Sequence[int]
     height, width = image.shape
     if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
         raise ValueError(f"crop {list(crop)} is empty or outside the {height}x{width} image")
+    if mode not in BLEND_MODES:
+        raise ValueError(f"blend mode must be one of {BLEND_MODES}, got {mode!r}")
     out = image.copy()
     region = image[y0:y1, x0:x1].astype(np.float32)
-    out[y0:y1, x0:x1] = np.clip(blend_patch(region, resize(translated, y1 - y0, x1 - x0), n=n),
-                                0.0, 1.0)
+    h, w = region.shape
+    if mode == "alpha":
+        blended = blend_patch(region, resize(translated, h, w), n=n)
+    else:
+        change = resize(translated - resize(region, *translated.shape), h, w)
+        blended = region + alpha_mask(h, w, n=n) * change
+    out[y0:y1, x0:x1] = np.clip(blended, 0.0, 1.0)
     return out

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from boneaug import storage
 from boneaug.augment.arms import TranslatorSpec
-from boneaug.config import ImageConfig, TrackingConfig
+from boneaug.config import BlendMode, ImageConfig, TrackingConfig
 from boneaug.data.arrays import decode_pixels, encode_pixels
 from boneaug.errors import DataError
 
@@ -37,13 +37,18 @@ BLENDED_SCHEMA = pa.schema([
     ("fracture", pa.int8()), ("patient_id", pa.string()), ("confounders", pa.list_(pa.string())),
     ("crop", pa.list_(pa.int32())), ("boxes", pa.list_(pa.list_(pa.int32()))),
     ("height", pa.int32()), ("width", pa.int32()), ("pixels", pa.binary()),
-    ("translated", pa.binary()), ("n", pa.float32()),
+    ("translated", pa.binary()), ("n", pa.float32()), ("blend", pa.string()),
 ])
 CANDIDATE_COLUMNS = [
     "image_id", "source_image_id", "patch_id", "body_part", "task", "split", "label", "fracture",
     "patient_id", "confounders", "crop", "boxes", "height", "width", "pixels", "translated",
-    "score", "n", "unit_model", "unit_version", "scorer_model", "scorer_version",
+    "score", "n", "blend", "unit_model", "unit_version", "scorer_model", "scorer_version",
 ]
+
+
+def blend_mode(row: dict[str, Any]) -> BlendMode:
+    """How a candidate row was blended (rows written before the column existed: "alpha")."""
+    return row.get("blend") or "alpha"
 
 
 @dataclass(frozen=True)
@@ -94,11 +99,12 @@ class Blend:
     """Task: paste each translation into its full-resolution source image; fit to the classifier."""
 
     def __init__(self, data_uri: str, sources: dict[str, dict[str, Any]], image: ImageConfig,
-                 n: float) -> None:
+                 n: float, mode: BlendMode) -> None:
         self.data_uri = data_uri
         self.sources = sources
         self.target = (image.height, image.width)
         self.n = n
+        self.mode = mode
 
     def __call__(self, table: pa.Table) -> pa.Table:
         from boneaug.augment.blend import paste_blended
@@ -114,7 +120,7 @@ class Blend:
             size = int(batch["height"][i])
             translated = decode_pixels(batch["translated"][i], size, size)
             crop = [int(v) for v in batch["crop"][i]]
-            blended = paste_blended(image, translated, crop, n=self.n)
+            blended = paste_blended(image, translated, crop, n=self.n, mode=self.mode)
             fitted, scale, pad_x, pad_y = fit_pad(blended, self.target)
             rows.append({
                 "image_id": f"aug-{source['image_id']}", "source_image_id": source["image_id"],
@@ -124,7 +130,7 @@ class Blend:
                 "boxes": [list(map_box(crop, scale, pad_x, pad_y, size=self.target))],
                 "height": self.target[0], "width": self.target[1],
                 "pixels": encode_pixels(fitted), "translated": bytes(batch["translated"][i]),
-                "n": self.n,
+                "n": self.n, "blend": self.mode,
             })
         return pa.Table.from_pylist(rows, schema=BLENDED_SCHEMA)
 
@@ -191,11 +197,12 @@ def blend_candidates(
     translator: TranslatorSpec,
     image: ImageConfig,
     n: float,
+    mode: BlendMode = "alpha",
     tracking: TrackingConfig | None = None,
 ) -> int:
-    """Translate every source patch of `run_uri` with one arm and blend it into its source
-    image; write the unscored candidates under ``<out_uri>/blended`` (any scorer can score them
-    later, `score_candidates`). Returns how many were blended."""
+    """Translate every source patch of `run_uri` with one arm and blend it (`mode`, exponent
+    `n`) into its source image; write the unscored candidates under ``<out_uri>/blended`` (any
+    scorer can score them later, `score_candidates`). Returns how many were blended."""
     import ray
 
     source_uri = storage.join(run_uri, "patches", "source")
@@ -216,14 +223,16 @@ def blend_candidates(
                                                           "tracking": tracking, "num_gpus": gpus},
                         batch_size=32, batch_format="pyarrow", compute=_actors(gpus),
                         num_gpus=gpus, num_cpus=0.5 if gpus == 0 else 1)
-    ds = ds.map_batches(Blend(data_uri, sources, image, n), batch_size=4, batch_format="pyarrow")
+    ds = ds.map_batches(Blend(data_uri, sources, image, n, mode), batch_size=4,
+                        batch_format="pyarrow")
     out_fs, out_path = storage.pyarrow_filesystem(blended_uri)
     ds.write_parquet(out_path, filesystem=out_fs)
     count = storage.read_parquet(blended_uri, columns=["image_id"]).num_rows
     if count == 0:
         raise DataError(f"no source patches under {source_uri}: nothing to augment")
     storage.publish_manifest(blended_uri, {"stage": "blend", "translator": translator.label,
-                                           "arm": translator.arm, "n": n, "blended": count})
+                                           "arm": translator.arm, "n": n, "blend": mode,
+                                           "blended": count})
     return count
 
 
@@ -305,11 +314,13 @@ def write_derived_dicoms(
         uri = storage.join(data_uri, keys[row["source_image_id"]])
         source = decode_xray(storage.read_bytes(uri), path=uri)
         size = int(np.sqrt(len(row["translated"]) // 2))
+        mode = blend_mode(row)
         blended = paste_blended(source.pixels, decode_pixels(row["translated"], size, size),
-                                row["crop"], n=row["n"])
+                                row["crop"], n=row["n"], mode=mode)
         data = encode_derived(blended, Derivation(
             model_name=row["unit_model"], model_version=row["unit_version"],
-            provenance={"n": row["n"], "t": t, "score": round(float(row["score"]), 6),
+            provenance={"n": row["n"], "blend": mode, "t": t,
+                        "score": round(float(row["score"]), 6),
                         "scorer": f"{row['scorer_model']}/{row['scorer_version']}",
                         "crop": ",".join(map(str, row["crop"]))}), source=source)
         target = storage.join(out_uri, f"{row['image_id']}.dcm")

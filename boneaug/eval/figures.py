@@ -22,6 +22,7 @@ def figure3(*, data_uri: str, run_uri: str, candidates_uri: str, out_png: str,
     from matplotlib.patches import Rectangle
 
     from boneaug.augment.blend import paste_blended, resize
+    from boneaug.augment.pipeline import blend_mode
     from boneaug.io.dicom import decode_xray
 
     candidates = storage.read_parquet(candidates_uri).sort_by([("score", "descending")]).slice(0, n)
@@ -40,7 +41,8 @@ def figure3(*, data_uri: str, run_uri: str, candidates_uri: str, out_png: str,
         x0, y0, x1, y1 = row["crop"]
         pasted = original.copy()
         pasted[y0:y1, x0:x1] = resize(translated, y1 - y0, x1 - x0)
-        blended = paste_blended(original, translated, row["crop"], n=row["n"])
+        blended = paste_blended(original, translated, row["crop"], n=row["n"],
+                                mode=blend_mode(row))
         pad = (x1 - x0) // 2
         zoom = (slice(max(0, y0 - pad), y1 + pad), slice(max(0, x0 - pad), x1 + pad))
         for c, (title, image) in enumerate((("original", original), ("translated", pasted),
