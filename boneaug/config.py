@@ -20,8 +20,8 @@ from boneaug.errors import ConfigError, StorageError
 BodyPart = Literal["humerus", "tibia", "femur"]
 BODY_PARTS: tuple[BodyPart, ...] = get_args(BodyPart)
 ProfileName = Literal["smoke", "local", "paper"]
-BlendMode = Literal["alpha", "detail"]  # boneaug.augment.blend
 PROFILES: tuple[ProfileName, ...] = get_args(ProfileName)
+BlendMode = Literal["alpha", "detail"]  # boneaug.augment.blend
 
 
 class _Section(BaseModel):
