@@ -36,6 +36,11 @@ from boneaug.train.distributed import Publish, Workers
 log = logging.getLogger(__name__)
 
 
+_KNOWN: set[tuple[str, str]] = set()
+"""(stage URI, fingerprint) made or announced as reused by this process: a stage that later
+stages read again (patches, UNIT, a baseline) is announced once, not at every read."""
+
+
 def _fingerprint(parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -69,7 +74,9 @@ def _reused(run_uri: str, name: str, fingerprint: str) -> dict[str, Any] | None:
     if storage.exists(uri):
         done = json.loads(storage.read_bytes(uri))
         if done.get("fingerprint") == fingerprint:
-            print(f"[{name}] reused ({uri})", flush=True)
+            if (uri, fingerprint) not in _KNOWN:
+                _KNOWN.add((uri, fingerprint))
+                print(f"[{name}] reused ({uri})", flush=True)
             return dict(done["result"])
     return None
 
@@ -79,9 +86,11 @@ def _record(run_uri: str, name: str, fingerprint: str, result: dict[str, Any],
     """Store stage `name`'s `result` (begun at perf_counter `start`) and return it."""
     result = result | {"made_from": fingerprint}
     seconds = time.perf_counter() - start
-    storage.write_text(_stage_uri(run_uri, name), json.dumps(
+    uri = _stage_uri(run_uri, name)
+    storage.write_text(uri, json.dumps(
         {"fingerprint": fingerprint, "seconds": seconds, "result": result}, indent=2,
         default=str))
+    _KNOWN.add((uri, fingerprint))
     print(f"[{name}] done in {seconds:.0f} s", flush=True)
     return result
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from boneaug import workflow
 from boneaug.workflow import stage
 
 
@@ -23,6 +24,25 @@ def test_stage_reuses_results_for_the_same_inputs_and_reruns_on_change(tmp_path:
     assert len(calls) == 1
     assert value({"lr": 2e-4}) == 2  # inputs changed: recomputed
     assert value({"lr": 2e-4}, "other") == 3  # stages are independent
+
+
+def test_a_reused_stage_is_announced_once_per_process_and_a_stage_made_here_never(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # later stages read the patches, the UNIT and the baselines again: the demo printed
+    # "[patches] reused" twice for a stage it had just made
+    monkeypatch.setattr(workflow, "_KNOWN", set())
+    run = str(tmp_path / "run")
+    for _ in range(3):
+        stage(run, "patches", 1, lambda: {"n": 1})
+    printed = capsys.readouterr().out
+    assert printed.count("[patches] running") == 1 and "reused" not in printed
+
+    monkeypatch.setattr(workflow, "_KNOWN", set())  # a later process, e.g. a rerun of the job
+    for _ in range(3):
+        stage(run, "patches", 1, lambda: {"n": 2})
+    printed = capsys.readouterr().out
+    assert printed.count("[patches] reused") == 1 and "running" not in printed
 
 
 def test_a_stage_reruns_when_a_stage_it_reads_was_remade_with_the_same_looking_result(
