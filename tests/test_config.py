@@ -37,6 +37,21 @@ def test_local_profile_keeps_the_papers_ratios() -> None:
         assert counts[part].val_pos >= 20 and counts[part].val_neg >= 200
 
 
+def test_the_scarce_humerus_config_takes_a_quarter_of_the_positives_and_nothing_else() -> None:
+    path = Path(__file__).resolve().parents[1] / "jobs" / "humerus_scarce.yaml"
+    local, scarce = load_config("local"), load_config("local", path)
+    full, few = local.synth.counts["humerus"], scarce.synth.counts["humerus"]
+    assert (few.train_pos, few.extra_pos) == (round(full.train_pos / 4), 0)
+    assert few.model_copy(update={"train_pos": full.train_pos, "extra_pos": full.extra_pos}) == full
+    assert scarce.synth.model_copy(update={"counts": local.synth.counts}) == local.synth
+    assert all(scarce.synth.counts[p] == local.synth.counts[p]
+               for p in BODY_PARTS if p != "humerus")
+    assert scarce.drn.lr == local.drn.lr / 2 and scarce.drn.head_lr == local.drn.head_lr / 2
+    assert scarce.model_copy(update={"synth": local.synth, "drn": local.drn}) == local
+    lrs = {"lr": local.drn.lr, "head_lr": local.drn.head_lr}
+    assert scarce.drn.model_copy(update=lrs) == local.drn
+
+
 def test_yaml_overrides_and_explicit_overrides_win(tmp_path: Path) -> None:
     path = tmp_path / "best.yaml"
     path.write_text("profile: smoke\nunit:\n  lambda_gan: 1.0\naugment:\n  blend_n: 4\n")
