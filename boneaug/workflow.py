@@ -779,10 +779,10 @@ def critic_stage(config: BoneaugConfig, data: str, run: str, body_part: str,
         raise DataError(f"the phantom critic needs the synthetic cohort the config's synth section "
                         f"generates; {data} holds another {body_part} cohort")
     patches_stage(config, data, run, body_part)
-    from boneaug.eval.phantom_critic import MAX_BLUR
+    from boneaug.eval.phantom_critic import MAX_BLUR, MEMBERS
 
     inputs = [config.synth, config.patches, config.eval.critic_pairs, config.eval.critic_steps,
-              MAX_BLUR, translators]
+              MAX_BLUR, MEMBERS, "paired", translators]
     return stage(run, "critic", inputs,
                  lambda: _train_critic(config, run, body_part, translators or {}))
 
@@ -806,11 +806,12 @@ def _train_critic(config: BoneaugConfig, run: str, body_part: str,
     pairs = pc.paired_patches(config.synth, body_part, n=config.eval.critic_pairs,
                               size=config.patches.size, s=settings.s, workers=2)
     print(f"[critic] {len(pairs.lesion)} pairs in {time.monotonic() - start:.0f} s; training "
-          f"{config.eval.critic_steps} steps, twice (the held-out check, then all pairs) ...",
+          f"{pc.MEMBERS} critics of {config.eval.critic_steps} steps, twice (the held-out "
+          f"check, then all pairs) ...",
           flush=True)
     critic, heldout = pc.train_phantom_critic(
         pairs, CriticConfig(steps=config.eval.critic_steps, holdout=0.0, seed=config.eval.seed,
-                            max_blur=pc.MAX_BLUR))
+                            max_blur=pc.MAX_BLUR), members=pc.MEMBERS)
     print(f"[critic] trained ({time.monotonic() - start:.0f} s); validating on the run's patch "
           f"sets{' and translators' if translators else ''} ...", flush=True)
     sets = {k: load_patch_array(storage.join(run, "patches", k)) for k in ("lesion", "normal")}

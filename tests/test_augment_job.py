@@ -183,10 +183,11 @@ def test_augment_tibia_smoke_on_a_ray_head(ray_head: dict[str, str], tmp_path: P
 
 
 def test_train_unit_needs_only_its_body_part_and_registers_without_pickle(
-    ray_head: dict[str, str], tmp_path: Path
+    ray_head: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A user's own humerus cohort, no fracture corpus: the translator trains and registers; a
-    DRN job on the same cohort says what it lacks and how to provide it."""
+    """A user's own humerus cohort, no fracture corpus: the translator trains and registers, and
+    so does the phantom critic that judges it; a DRN job on the same cohort says what it lacks
+    and how to provide it."""
     data, db = tmp_path / "humerus-only", ray_head["MLFLOW_TRACKING_URI"][len("sqlite:///"):]
     subprocess.run([str(BIN / "boneaug"), "synth", "--body-part", "humerus", "--out", str(data),
                     "--profile", "smoke", "--quiet"], check=True, env=ray_head, timeout=600)
@@ -206,6 +207,29 @@ def test_train_unit_needs_only_its_body_part_and_registers_without_pickle(
     translator = tracking.load_torch_model("models:/boneaug-unit-humerus@challenger",
                                            tracking=TrackingConfig(tracking_uri=f"sqlite:///{db}"))
     assert translator.spec["kind"] == "unit_translator"
+
+    # the instrument (synthetic cohorts only): trained on phantom pairs, checked on the cohort's
+    # patch sets and on that translator, registered as weights + spec like every model
+    cmd = [str(BIN / "python"), str(ROOT / "jobs" / "train_critic.py"), "--body-part", "humerus",
+           "--data", str(data), "--profile", "smoke", "--translator",
+           "models:/boneaug-unit-humerus@challenger"]
+    proc = subprocess.run(cmd, env=ray_head, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert re.search(r"registered: models:/boneaug-critic-humerus/1 \(real-patch AUC [01]\.\d{3}",
+                     out), out[-3000:]
+    assert re.search(r"translator models:/boneaug-unit-humerus@challenger: [01]\.\d{3} of healthy "
+                     r"patches called lesion after translation \(untouched [01]\.\d{3}\)", out)
+    report = (data / "runs" / "humerus-smoke" / "report" / "critic.md").read_text()
+    assert "| blur 1 px |" in report and "| models:/boneaug-unit-humerus@challenger |" in report
+    from boneaug.eval.phantom_critic import MEMBERS, registered_critic
+    from boneaug.eval.quality import CriticEnsemble
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", ray_head["MLFLOW_TRACKING_URI"])
+    tracking.configure(TrackingConfig(tracking_uri=ray_head["MLFLOW_TRACKING_URI"]))
+    critic = registered_critic("humerus")
+    assert critic is not None and 0 < critic.threshold < 1
+    assert isinstance(critic.model, CriticEnsemble) and len(critic.model.members) == MEMBERS
 
     cmd = [str(BIN / "python"), str(ROOT / "jobs" / "train_classifier.py"), "--body-part",
            "humerus", "--data", str(data), "--profile", "smoke"]

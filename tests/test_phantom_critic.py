@@ -70,6 +70,44 @@ def test_the_critic_learns_the_lesion_and_ignores_label_free_changes(pairs) -> N
     assert lesions.worst_rise == v.worst_rise  # a lesion painter is no false alarm
 
 
+def test_a_pair_is_drawn_and_degraded_as_one() -> None:
+    import torch
+
+    from boneaug.eval.quality import paired_batch
+
+    gen = torch.Generator().manual_seed(0)
+    patches = torch.rand(16, 1, SIZE, SIZE, generator=gen)
+    config = CriticConfig(max_blur=2.0)
+    # twins that are the same image: whatever flips, shift and blur one gets, the other gets
+    x = paired_batch(patches, patches.clone(), 8, config, gen)
+    assert x.shape == (16, 1, SIZE, SIZE)
+    torch.testing.assert_close(x[:8], x[8:], rtol=0, atol=0)
+    assert not any(torch.equal(x[0], p) for p in patches)  # degraded: not the stored patch
+    # a real pair differs in its lesion box alone, and so do its two degraded patches (the
+    # transforms are linear): patches drawn or degraded apart would differ everywhere
+    lesion = patches.clone()
+    lesion[:, :, 10:20, 10:20] += 0.5
+    x = paired_batch(lesion, patches, 8, config, torch.Generator().manual_seed(1))
+    changed = ((x[:8] - x[8:]).abs() > 1e-6).flatten(1).float().mean(1)
+    assert bool((changed > 0.05).all()) and bool((changed < 0.75).all())
+
+
+def test_the_ensemble_calls_the_mean_of_its_members_probabilities() -> None:
+    import torch
+
+    from boneaug.eval.quality import CriticEnsemble, PatchCritic, lesion_probability
+
+    torch.manual_seed(0)
+    members = [PatchCritic(8, SIZE).eval() for _ in range(3)]
+    ensemble = CriticEnsemble(members).eval()
+    x = np.random.default_rng(0).random((5, 1, SIZE, SIZE), dtype=np.float32)
+    mean = np.mean([lesion_probability(m, x) for m in members], axis=0)
+    np.testing.assert_allclose(lesion_probability(ensemble, x), mean, rtol=1e-5)
+    assert ensemble.spec == {"kind": "critic_ensemble", "members": 3, "width": 8, "size": SIZE}
+    with pytest.raises(ValueError, match="at least one member"):
+        CriticEnsemble([])
+
+
 def test_the_registered_critic_comes_back_with_its_cut_or_none(
         tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     import torch
@@ -77,7 +115,7 @@ def test_the_registered_critic_comes_back_with_its_cut_or_none(
     from boneaug import tracking
     from boneaug.config import TrackingConfig
     from boneaug.eval.phantom_critic import registered_critic
-    from boneaug.eval.quality import PatchCritic
+    from boneaug.eval.quality import CriticEnsemble, PatchCritic
 
     db = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", db.tracking_uri)
@@ -85,7 +123,7 @@ def test_the_registered_critic_comes_back_with_its_cut_or_none(
     assert registered_critic("humerus") is None  # jobs/train_critic.py has not run
 
     torch.manual_seed(0)
-    critic = PatchCritic(8, SIZE).eval()
+    critic = CriticEnsemble([PatchCritic(8, SIZE) for _ in range(2)]).eval()
     with tracking.start_run("boneaug/humerus/critic", "boneaug-critic-humerus", {}):
         version = tracking.log_torch_model(
             critic, name="critic", input_example=np.zeros((1, 1, SIZE, SIZE), np.float32),

@@ -72,23 +72,26 @@ def _register(model: object, example: object, name: str, config: TrackingConfig)
                 "model")
 
 
-@pytest.mark.parametrize("kind", ["drn", "unit_translator", "patch_critic"])
+@pytest.mark.parametrize("kind", ["drn", "unit_translator", "patch_critic", "critic_ensemble"])
 def test_every_registered_kind_loads_back_as_weights_and_spec_with_identical_outputs(
     kind: str, registry: TrackingConfig
 ) -> None:
     import numpy as np
     import torch
 
-    from boneaug.eval.quality import PatchCritic
+    from boneaug.eval.quality import CriticEnsemble, PatchCritic
     from boneaug.models.drn import build_drn
     from boneaug.models.unit import UNIT, UnitArch
 
     gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # PatchCritic's default init
     model, shape = {
         "drn": lambda: (build_drn("drn_c_26", width_mult=0.125, generator=gen), (2, 1, 64, 32)),
         "unit_translator": lambda: (UNIT(UnitArch(width=8, n_res=2), generator=gen)
                                     .translator("h2l"), (2, 1, 32, 32)),
         "patch_critic": lambda: (PatchCritic(8, 32), (2, 1, 32, 32)),
+        "critic_ensemble": lambda: (CriticEnsemble([PatchCritic(8, 32) for _ in range(3)]),
+                                    (2, 1, 32, 32)),
     }[kind]()
     example = np.random.default_rng(0).random(shape, dtype=np.float32)
     stored = _register(model.eval(), example, f"boneaug-{kind}", registry)

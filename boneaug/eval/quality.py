@@ -35,7 +35,7 @@ Pure functions (`train_critic`, `lesion_fraction`, `quality_signal`) and one sma
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,6 +112,26 @@ class PatchCritic(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.embed(x))[:, 0]
+
+
+class CriticEnsemble(nn.Module):
+    """Patch critics of one architecture, trained with different seeds: x (B, 1, S, S) -> the
+    logit of their mean lesion probability (B,). One critic's calls on healthy patches can move
+    with a change no lesion makes (a 1 px blur, faint noise), and which change depends on its
+    seed; the mean of a few does not (see `boneaug.eval.phantom_critic.MEMBERS`)."""
+
+    def __init__(self, members: Sequence[PatchCritic]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("a critic ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.size = members[0].size
+        self.spec = {"kind": "critic_ensemble", "members": len(members),
+                     "width": members[0].spec["width"], "size": self.size}  # models.specs
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = torch.stack([torch.sigmoid(m(x)) for m in self.members]).mean(0)
+        return torch.logit(p, eps=1e-6)
 
 
 def shrink(x: Tensor, size: int) -> Tensor:
@@ -199,8 +219,23 @@ def degrade(x: Tensor, config: CriticConfig, generator: torch.Generator) -> Tens
     return x
 
 
-def _fit_critic(pos: Tensor, neg: Tensor, config: CriticConfig) -> tuple[PatchCritic, float]:
-    """A seeded critic trained on class-balanced, degraded batches; (model in eval mode, loss)."""
+def paired_batch(pos: Tensor, neg: Tensor, n: int, config: CriticConfig,
+                 generator: torch.Generator) -> Tensor:
+    """`n` pairs drawn at random (pos[i] and neg[i]: one crop with and without a lesion), each
+    degraded as one (`degrade`: the same flips, shift and blur for both): (2n, 1, S, S), the
+    lesion patches first. Within a batch the classes then differ in the lesion alone."""
+    i = torch.randint(len(pos), (n,), generator=generator)
+    both = degrade(torch.cat([pos[i], neg[i]], 1), config, generator)
+    return torch.cat([both[:, :1], both[:, 1:]])
+
+
+def _fit_critic(pos: Tensor, neg: Tensor, config: CriticConfig, *,
+                paired: bool = False) -> tuple[PatchCritic, float]:
+    """A seeded critic trained on class-balanced, degraded batches; (model in eval mode, loss).
+    `paired`: pos[i] and neg[i] are one pair, drawn and degraded together (`paired_batch`)."""
+    if paired and len(pos) != len(neg):
+        raise ValueError(f"paired training needs as many lesion as healthy patches, got "
+                         f"{len(pos)} and {len(neg)}")
     gen = torch.Generator().manual_seed(config.seed)
     critic = PatchCritic(config.width, config.size)
     for m in critic.modules():
@@ -214,9 +249,13 @@ def _fit_critic(pos: Tensor, neg: Tensor, config: CriticConfig) -> tuple[PatchCr
     critic.train()
     loss = torch.zeros(())
     for _ in range(config.steps):
-        x = torch.cat([pos[torch.randint(len(pos), (half,), generator=gen)],
-                       neg[torch.randint(len(neg), (half,), generator=gen)]])
-        loss = F.binary_cross_entropy_with_logits(critic(degrade(x, config, gen)), labels)
+        if paired:
+            x = paired_batch(pos, neg, half, config, gen)
+        else:
+            x = degrade(torch.cat([pos[torch.randint(len(pos), (half,), generator=gen)],
+                                   neg[torch.randint(len(neg), (half,), generator=gen)]]),
+                        config, gen)
+        loss = F.binary_cross_entropy_with_logits(critic(x), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -389,8 +428,8 @@ def subset_patches(patches: np.ndarray, limit: int | None) -> np.ndarray:
 
 
 __all__ = [
-    "CriticConfig", "CriticReport", "PatchCritic", "QualityProbe", "QualitySets", "QualitySignal",
-    "critic_features", "degrade", "diagonal_frechet", "gaussian_blur", "lesion_fraction",
-    "lesion_probability", "quality_signal", "shrink", "standardize", "subset_patches",
-    "train_critic", "youden_threshold",
+    "CriticConfig", "CriticEnsemble", "CriticReport", "PatchCritic", "QualityProbe", "QualitySets",
+    "QualitySignal", "critic_features", "degrade", "diagonal_frechet", "gaussian_blur",
+    "lesion_fraction", "lesion_probability", "paired_batch", "quality_signal", "shrink",
+    "standardize", "subset_patches", "train_critic", "youden_threshold",
 ]

@@ -4,8 +4,8 @@ pickle that could run code when loaded.
 
 Every network boneaug registers carries a ``spec`` attribute (a JSON-ready dict with a
 ``kind``) set by its factory: `boneaug.models.drn.build_drn` ("drn"),
-`boneaug.models.unit.UNIT.translator` ("unit_translator") and
-`boneaug.eval.quality.PatchCritic` ("patch_critic"). `build_from_spec` makes the same
+`boneaug.models.unit.UNIT.translator` ("unit_translator"), `boneaug.eval.quality.PatchCritic`
+("patch_critic") and `CriticEnsemble` ("critic_ensemble"). `build_from_spec` makes the same
 architecture with fresh weights. No I/O here.
 """
 
@@ -17,7 +17,7 @@ from torch import nn
 
 from boneaug.errors import ModelError
 
-KINDS = ("drn", "unit_translator", "patch_critic")
+KINDS = ("drn", "unit_translator", "patch_critic", "critic_ensemble")
 
 
 def spec_of(model: nn.Module) -> dict[str, Any]:
@@ -26,8 +26,8 @@ def spec_of(model: nn.Module) -> dict[str, Any]:
     if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
         raise ModelError(
             f"{type(model).__name__} carries no architecture spec (one of {KINDS}): only "
-            "networks built by boneaug's factories (build_drn, UNIT.translator, PatchCritic) "
-            "can be registered without pickling them")
+            "networks built by boneaug's factories (build_drn, UNIT.translator, PatchCritic, "
+            "CriticEnsemble) can be registered without pickling them")
     return spec
 
 
@@ -50,6 +50,11 @@ def build_from_spec(spec: dict[str, Any]) -> nn.Module:
             from boneaug.eval.quality import PatchCritic
 
             model = PatchCritic(spec["width"], spec["size"])
+        elif kind == "critic_ensemble":
+            from boneaug.eval.quality import CriticEnsemble, PatchCritic
+
+            model = CriticEnsemble([PatchCritic(spec["width"], spec["size"])
+                                    for _ in range(spec["members"])])
         else:
             raise ModelError(f"unknown model kind {kind!r}: expected one of {KINDS}")
     except (KeyError, TypeError, ValueError) as exc:
