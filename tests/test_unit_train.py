@@ -21,6 +21,7 @@ from boneaug.config import TrackingConfig
 from boneaug.errors import DataError, ModelError
 from boneaug.eval.quality import (
     CriticConfig,
+    CriticEnsemble,
     PatchCritic,
     QualityProbe,
     QualitySets,
@@ -433,10 +434,12 @@ def test_two_worker_run_on_s3_resumes_after_a_failure_and_registers_the_translat
                        source=patches(12, S, lesion=False, seed=22))
     run_uri = f"{s3_bucket}/runs/tibia-smoke"
     name = registered_unit_name("tibia")
-    judge = PatchCritic(8, S)  # an instrument that calls every patch lesion
-    with torch.no_grad():
-        judge.head.weight.zero_()
-        judge.head.bias.fill_(5.0)
+    members = [PatchCritic(8, S) for _ in range(2)]  # an instrument that calls every patch
+    for member in members:  # lesion, registrable like the phantom critic (an ensemble)
+        with torch.no_grad():
+            member.head.weight.zero_()
+            member.head.bias.fill_(5.0)
+    judge = CriticEnsemble(members).eval()
     kwargs = dict(publish=Publish(run_uri, experiment, registered_name=name, alias="challenger",
                                   tracking=db),
                   workers=Workers(num_workers=2, cpus_per_worker=0.5, max_failures=1),

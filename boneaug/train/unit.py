@@ -83,7 +83,7 @@ if TYPE_CHECKING:
     import ray.data
 
     from boneaug.config import UnitConfig
-    from boneaug.eval.quality import CriticConfig, PatchCritic, QualitySets
+    from boneaug.eval.quality import CriticConfig, QualitySets
 
 log = logging.getLogger(__name__)
 
@@ -598,7 +598,7 @@ class UnitLoop(WorkerLoop):
     critic: dict[str, Any] | None  # the quality probe's critic (state and settings), or None
     unit_uri: str
     # a lesion critic whose verdict on the translations is logged and nothing else (the phantom
-    # critic, an instrument: state, width, size, threshold), or None
+    # critic, an instrument: architecture spec, state, threshold), or None
     instrument: dict[str, Any] | None = None
 
 
@@ -621,7 +621,7 @@ class _Rank0:
                                       lesion=spec["lesion"], normal=spec["normal"])
             self.sets = {"lesion": spec["lesion"], "normal": spec["normal"]}
         self.instrument = None if loop.instrument is None else (
-            _critic(loop.instrument), float(loop.instrument["threshold"]))
+            _rebuilt(loop.instrument), float(loop.instrument["threshold"]))
         self.samples: tuple[Tensor, Tensor] | None = None
 
     def instrument_rates(self, translated: np.ndarray) -> dict[str, float]:
@@ -691,6 +691,16 @@ def _critic(spec: Mapping[str, Any]) -> nn.Module:
     critic = PatchCritic(spec["width"], spec["size"])
     critic.load_state_dict(spec["state"])
     return critic.eval()
+
+
+def _rebuilt(spec: Mapping[str, Any]) -> nn.Module:
+    """A registrable network (e.g. the phantom critic's ensemble) from its architecture spec and
+    state, in eval mode."""
+    from boneaug.models.specs import build_from_spec
+
+    model = build_from_spec(spec["arch"])
+    model.load_state_dict(spec["state"])
+    return model.eval()
 
 
 def _networks(config: UnitConfig, weights: LossWeights, arch: UnitArch, rank: int,
@@ -917,7 +927,7 @@ def _quality_critic(config: UnitConfig, sets: QualitySets,
             "lesion": subset_patches(sets.lesion, 256), "normal": subset_patches(sets.normal, 256)}
 
 
-def _instrument_spec(instrument: tuple[PatchCritic, float] | None,
+def _instrument_spec(instrument: tuple[nn.Module, float] | None,
                      quality_sets: QualitySets | None) -> dict[str, Any] | None:
     """What rank 0 needs to rebuild the instrument critic (its verdict needs the sources)."""
     if instrument is None:
@@ -925,9 +935,10 @@ def _instrument_spec(instrument: tuple[PatchCritic, float] | None,
     if quality_sets is None:
         raise ValueError("an instrument critic judges the translations of the quality sets' "
                          "sources: pass quality_sets too")
+    from boneaug.models.specs import spec_of
+
     critic, cut = instrument
-    return {"state": critic.state_dict(), "width": critic.spec["width"],
-            "size": critic.spec["size"], "threshold": cut}
+    return {"arch": spec_of(critic), "state": critic.state_dict(), "threshold": cut}
 
 
 def _check_run(config: UnitConfig, num_workers: int) -> None:
@@ -985,7 +996,7 @@ def fit_unit(
     workers: Workers,
     quality_sets: QualitySets | None = None,
     critic_config: CriticConfig | None = None,
-    instrument: tuple[PatchCritic, float] | None = None,
+    instrument: tuple[nn.Module, float] | None = None,
 ) -> UnitResult:
     """Train UNIT with Ray Train (DDP over ``workers.num_workers`` >= 1; local mode is refused:
     it keeps checkpoints in memory only) on lesion / normal patch sets: Ray Datasets of patch-set
