@@ -392,15 +392,19 @@ def _train_unit(config: BoneaugConfig, *, data: str, run: str, body_part: str) -
     )
     trust = ("" if result.critic_heldout_auc is None
              else f" (critic held-out AUC {result.critic_heldout_auc:.2f})")
+    kid = ("" if result.kid_translated is None or result.kid_source is None
+           else f"; KID to real lesion patches in its features {result.kid_translated:.4f} vs "
+                f"untranslated {result.kid_source:.4f}")
     print(f"[unit] quality: translated sources called lesion {result.frac_translated:.2f} vs "
-          f"untranslated {result.frac_source:.2f}{trust}", flush=True)
+          f"untranslated {result.frac_source:.2f}{trust}{kid}", flush=True)
     if result.instrument:
         rates = result.instrument
         print(f"[unit] phantom critic (instrument): translated sources called lesion "
               f"{rates['translated']:.2f} vs untranslated {rates['source']:.2f}, real lesion "
               f"patches {rates['real_lesion']:.2f}", flush=True)
     return {"model": f"models:/boneaug-unit-{body_part}/{result.model_version}",
-            "frac_translated": result.frac_translated, "frac_source": result.frac_source}
+            "frac_translated": result.frac_translated, "frac_source": result.frac_source,
+            "kid_translated": result.kid_translated, "kid_source": result.kid_source}
 
 
 def patches_stage(config: BoneaugConfig, data: str, run: str, body_part: str) -> dict[str, Any]:

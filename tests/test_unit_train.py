@@ -261,7 +261,9 @@ def test_quality_signal_sees_painted_lesions_and_not_untouched_patches() -> None
     painted = probe(lambda p: patches(len(p), S, lesion=True, seed=13))  # a "perfect" translator
     assert painted.frac_translated >= 0.8 and painted.gain >= 0.6
     assert set(painted.as_metrics()) == {"quality/frac_source", "quality/frac_translated",
-                                         "quality/gain", "quality/fd_ratio"}
+                                         "quality/gain", "quality/fd_ratio",
+                                         "quality/kid_translated", "quality/kid_source",
+                                         "quality/kid_ratio"}
     direct = quality_signal(probe.critic, sets.source, patches(40, S, lesion=True, seed=13))
     assert (direct.frac_source, direct.frac_translated) == (painted.frac_source,
                                                            painted.frac_translated)
@@ -269,6 +271,10 @@ def test_quality_signal_sees_painted_lesions_and_not_untouched_patches() -> None
     rng = np.random.default_rng(0)
     noise = probe(lambda p: rng.random(p.shape, dtype=np.float32))
     assert painted.fd_ratio < 0.3 and 0.5 < identity.fd_ratio < 2 and noise.fd_ratio > 2
+    # KID to the real lesions, against the untranslated sources' (the same in every signal)
+    assert identity.kid_ratio == pytest.approx(1.0, abs=0.05) and identity.kid_source > 0
+    assert painted.kid_source == identity.kid_source and painted.kid_ratio < 0.1
+    assert noise.kid_ratio > 2
 
 
 def test_youden_threshold_separates_and_standardize_removes_exposure() -> None:
@@ -456,6 +462,7 @@ def test_two_worker_run_on_s3_resumes_after_a_failure_and_registers_the_translat
     assert result.model_version == "1" and result.model_uri == f"models:/{name}/1"
     assert 0 <= result.frac_source <= 1 and 0 <= result.frac_translated <= 1
     assert result.fd_ratio is not None and result.fd_ratio > 0 and result.critic_accuracy >= 0.9
+    assert result.kid_translated is not None and result.kid_source is not None
     assert result.critic_heldout_auc is not None and 0 <= result.critic_heldout_auc <= 1
     assert result.quality_gain == pytest.approx(result.frac_translated - result.frac_source)
     assert result.instrument == {"translated": 1.0, "source": 1.0, "real_lesion": 1.0}

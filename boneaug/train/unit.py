@@ -842,6 +842,8 @@ def _publish(loop: UnitLoop, final: dict[str, Any], losses: Mapping[str, float],
         "frac_source": quality.get("quality/frac_source"),
         "frac_translated": quality.get("quality/frac_translated"),
         "fd_ratio": quality.get("quality/fd_ratio"),
+        "kid_translated": quality.get("quality/kid_translated"),
+        "kid_source": quality.get("quality/kid_source"),
         "critic_accuracy": loop.critic["accuracy"] if loop.critic is not None else None,
         "critic_heldout_auc": (loop.critic["heldout_auc"] if loop.critic is not None
                                else None),
@@ -867,6 +869,9 @@ class UnitResult:
     frac_source: float | None = None  # quality signal at the end (None without quality_sets)
     frac_translated: float | None = None
     fd_ratio: float | None = None  # critic-feature distance to real lesions (see eval.quality)
+    # KID to the real lesion patches in the critic's features: translations, untranslated sources
+    kid_translated: float | None = None
+    kid_source: float | None = None
     critic_accuracy: float | None = None
     critic_heldout_auc: float | None = None  # how far to trust the quality signal (0.5: not)
     # the instrument's lesion-call rates at the end (translated, source, real_lesion), or None
