@@ -595,7 +595,7 @@ class UnitLoop(WorkerLoop):
 
     config: UnitConfig
     patch_size: int
-    critic: dict[str, Any] | None  # the quality probe's critic (state and settings), or None
+    critic: dict[str, Any] | None  # the quality probe's critic (spec, state, settings), or None
     unit_uri: str
     # a lesion critic whose verdict on the translations is logged and nothing else (the phantom
     # critic, an instrument: architecture spec, state, threshold), or None
@@ -617,7 +617,7 @@ class _Rank0:
             from boneaug.eval.quality import QualityProbe
 
             spec = loop.critic
-            self.probe = QualityProbe(_critic(spec), spec["source"], threshold=spec["threshold"],
+            self.probe = QualityProbe(_rebuilt(spec), spec["source"], threshold=spec["threshold"],
                                       lesion=spec["lesion"], normal=spec["normal"])
             self.sets = {"lesion": spec["lesion"], "normal": spec["normal"]}
         self.instrument = None if loop.instrument is None else (
@@ -684,18 +684,9 @@ class _Rank0:
         return metrics
 
 
-def _critic(spec: Mapping[str, Any]) -> nn.Module:
-    """A patch critic rebuilt from its state and settings, in eval mode."""
-    from boneaug.eval.quality import PatchCritic
-
-    critic = PatchCritic(spec["width"], spec["size"])
-    critic.load_state_dict(spec["state"])
-    return critic.eval()
-
-
 def _rebuilt(spec: Mapping[str, Any]) -> nn.Module:
-    """A registrable network (e.g. the phantom critic's ensemble) from its architecture spec and
-    state, in eval mode."""
+    """A critic (the quality probe's, or the instrument: e.g. the phantom critic's ensemble) from
+    its architecture spec and state, in eval mode."""
     from boneaug.models.specs import build_from_spec
 
     model = build_from_spec(spec["arch"])
@@ -925,8 +916,8 @@ def _quality_critic(config: UnitConfig, sets: QualitySets,
               report.train_accuracy,
               "n/a" if report.heldout_auc is None else f"{report.heldout_auc:.3f}",
               probe.frac_source)
-    return {"state": probe.critic.state_dict(), "width": critic_config.width,
-            "size": critic_config.size, "threshold": report.threshold,
+    return {"arch": probe.critic.spec, "state": probe.critic.state_dict(),
+            "threshold": report.threshold,
             "source": probe.source, "accuracy": report.train_accuracy,
             "heldout_auc": report.heldout_auc,
             "lesion": subset_patches(sets.lesion, 256), "normal": subset_patches(sets.normal, 256)}
@@ -986,8 +977,8 @@ def _run_params(config: UnitConfig, data: dict[str, Any], workers: Workers, run_
         "unit": config.model_dump(), "data": data, "num_workers": workers.num_workers,
         "per_worker_batch": max(1, config.batch_size // workers.num_workers),
         "use_gpu": workers.use_gpu, "run_uri": run_uri,
-        "critic": ({k: critic[k]
-                    for k in ("width", "size", "threshold", "accuracy", "heldout_auc")}
+        "critic": ({k: critic["arch"][k] for k in ("width", "size")}
+                   | {k: critic[k] for k in ("threshold", "accuracy", "heldout_auc")}
                    | {"source_n": len(critic["source"])}) if critic else "none",
     }
 
