@@ -101,7 +101,7 @@ def in_process(config, translator, scorer) -> Callable[[bytes, int], int]:  # no
             image.pixels, None, recipe, translate=lambda p: serving.run_translator(translator, p),
             score=lambda x: serving.run_scorer(scorer, x), rng=np.random.default_rng(seed))
         data, _ = serving.encode_result(image, result, "dicom", n=config.augment.blend_n,
-                                        models=models)
+                                        blend=config.augment.blend, models=models)
         parts = [data, serving.encode_png(result.translated), serving.encode_png(result.patch)]
         return sum(len(base64.b64encode(p)) for p in parts)
 

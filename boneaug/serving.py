@@ -377,10 +377,10 @@ def synthesise(
 
 
 def encode_result(image: Radiograph, result: LesionResult, fmt: Literal["dicom", "png"], *,
-                  n: float, models: dict[str, dict[str, str]],
+                  n: float, blend: BlendMode, models: dict[str, dict[str, str]],
                   creator: str = "boneaug-serve") -> tuple[bytes, str]:
     """The blended image as (bytes, media type): a derived DICOM carrying the provenance (source
-    UID, models and versions, n, score, box), or a 16-bit PNG."""
+    UID, models and versions, n, blend mode, score, box), or a 16-bit PNG."""
     check_format(image, fmt)
     if fmt == "png":
         return encode_png(result.blended, bits=16), "image/png"
@@ -389,7 +389,8 @@ def encode_result(image: Radiograph, result: LesionResult, fmt: Literal["dicom",
     translator = models.get("translator", {})
     data = encode_derived(result.blended, Derivation(
         creator=creator, model_name=translator.get("name"),
-        model_version=translator.get("version"), provenance=provenance(result, n=n, models=models)),
+        model_version=translator.get("version"),
+        provenance=provenance(result, n=n, blend=blend, models=models)),
         source=image.source)
     return data, "application/dicom"
 
@@ -401,12 +402,13 @@ def check_format(image: Radiograph, fmt: Literal["dicom", "png"]) -> None:
                            "uploaded DICOM; for a PNG upload ask for format=png")
 
 
-def provenance(result: LesionResult, *, n: float,
+def provenance(result: LesionResult, *, n: float, blend: BlendMode,
                models: dict[str, dict[str, str]]) -> dict[str, str | float]:
-    """What a derived object records about how it was made (flat str/number values)."""
+    """What a derived object records about how it was made (flat str/number values; the same
+    keys as the chain's derived DICOMs: n, blend, score)."""
     out: dict[str, str | float] = {
         "box": ",".join(str(v) for v in result.box), "crop": ",".join(str(v) for v in result.crop),
-        "n": float(n), "score": round(float(result.probability), 6),
+        "n": float(n), "blend": blend, "score": round(float(result.probability), 6),
     }
     for role, ref in models.items():
         out[f"{role}_model"] = str(ref["name"])

@@ -582,6 +582,7 @@ class Api:
         threshold = float(scorer.tags.get(tracking.PSEUDO_LABEL_T_TAG,
                                           self._config.augment.t[body_part]))
         encoded, media_type = serving.encode_result(image, result, fmt, n=n,
+                                                    blend=self._config.augment.blend,
                                                     models=models.model_dump())
         return _rendered(LesionResponse(
             body_part=body_part, image=_b64(encoded), image_format=fmt, media_type=media_type,

@@ -244,7 +244,7 @@ def test_lesion_dicom_in_dicom_out_with_provenance(service: Service, image: np.n
             and provenance["translator_version"] == "1")
     assert provenance["scorer_model"] == "boneaug-drn-tibia" and provenance["scorer_version"] == "1"
     assert provenance["box"] == ",".join(map(str, body["box"]))
-    assert provenance["n"] == pytest.approx(body["n"])
+    assert provenance["n"] == pytest.approx(body["n"]) and provenance["blend"] == "alpha"
     assert provenance["score"] == pytest.approx(body["score"], abs=1e-5)
     x0, y0, x1, y1 = body["box"]
     assert source.pixels[y0:y1, x0:x1].mean() > 0.4  # the auto box sits on bone
