@@ -786,7 +786,7 @@ def critic_stage(config: BoneaugConfig, data: str, run: str, body_part: str,
     from boneaug.eval.phantom_critic import MAX_BLUR, MEMBERS
 
     inputs = [config.synth, config.patches, config.eval.critic_pairs, config.eval.critic_steps,
-              MAX_BLUR, MEMBERS, "paired", translators]
+              MAX_BLUR, MEMBERS, translators]
     return stage(run, "critic", inputs,
                  lambda: _train_critic(config, run, body_part, translators or {}))
 
@@ -815,7 +815,7 @@ def _train_critic(config: BoneaugConfig, run: str, body_part: str,
           flush=True)
     critic, heldout = pc.train_phantom_critic(
         pairs, CriticConfig(steps=config.eval.critic_steps, holdout=0.0, seed=config.eval.seed,
-                            max_blur=pc.MAX_BLUR), members=pc.MEMBERS)
+                            max_blur=pc.MAX_BLUR))
     print(f"[critic] trained ({time.monotonic() - start:.0f} s); validating on the run's patch "
           f"sets{' and translators' if translators else ''} ...", flush=True)
     sets = {k: load_patch_array(storage.join(run, "patches", k)) for k in ("lesion", "normal")}

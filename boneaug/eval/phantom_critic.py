@@ -178,8 +178,26 @@ def registered_critic(body_part: str) -> PhantomCritic | None:
     return PhantomCritic(model, float(cut))
 
 
+MEMBERS = 3
+"""Critics in the phantom critic's ensemble, each trained on paired batches (a pair's lesion and
+healthy patch drawn and degraded together). Measured with 4000 pairs and 2000 steps each, on
+the tibia patch sets of a local `make demo` and on a local humerus cohort's (67 positives),
+validated as jobs/train_critic.py does (real-patch AUC; the largest lesion-call rise of a
+label-free perturbation of healthy patches, bar 0.05):
+- one critic on independent draws of the two classes (before): tibia 0.900, +0.056 (blur
+  1 px); seeds 1-4 of the same: 0.904-0.927, +0.025 to +0.063. Humerus 0.880, +0.032.
+- one critic on paired batches: tibia 0.917 / 0.927, +0.007 / +0.018 (seeds 0 / 1); humerus
+  0.937-0.943, but faint noise (sd 0.02) moved its calls by +0.232, -0.079 and +0.068 over
+  seeds 0-2: which change a single critic reads as lesion depends on its seed.
+- three on independent draws (seeds 0-2 / 3-5): tibia 0.928 / 0.919, +0.060 / +0.084.
+- **three on paired batches** (seeds 0-2 / 3-5): tibia 0.922 / 0.925, +0.021 / +0.021;
+  humerus 0.947 / 0.934, +0.004 / +0.021. Each calls 0.79-0.96 of its cohort's UNIT
+  translations lesion against 0.08-0.13 of the healthy patches untouched.
+Three cost 3x the training (about 40 s -> 120 s for the two fits on 2 cores)."""
+
+
 def train_phantom_critic(pairs: PairSet, config: CriticConfig, *,
-                         members: int = 3) -> tuple[PhantomCritic, float]:
+                         members: int = MEMBERS) -> tuple[PhantomCritic, float]:
     """The critic on all pairs (an ensemble of `members` critics seeded config.seed,
     config.seed + 1, ..., each trained on paired batches), its lesion cut by Youden's J on them;
     and its AUC on a held-out quarter of the pairs, measured with a second ensemble fit on the
@@ -200,24 +218,6 @@ def train_phantom_critic(pairs: PairSet, config: CriticConfig, *,
     cut = youden_threshold(lesion_probability(model, pos.numpy()),
                            lesion_probability(model, neg.numpy()))
     return PhantomCritic(model, cut), heldout
-
-
-MEMBERS = 3
-"""Critics in the phantom critic's ensemble, each trained on paired batches (a pair's lesion and
-healthy patch drawn and degraded together). Measured with 4000 pairs and 2000 steps each, on
-the tibia patch sets of a local `make demo` and on a local humerus cohort's (67 positives),
-validated as jobs/train_critic.py does (real-patch AUC; the largest lesion-call rise of a
-label-free perturbation of healthy patches, bar 0.05):
-- one critic on independent draws of the two classes (before): tibia 0.900, +0.056 (blur
-  1 px); seeds 1-4 of the same: 0.904-0.927, +0.025 to +0.063. Humerus 0.880, +0.032.
-- one critic on paired batches: tibia 0.917 / 0.927, +0.007 / +0.018 (seeds 0 / 1); humerus
-  0.937-0.943, but faint noise (sd 0.02) moved its calls by +0.232, -0.079 and +0.068 over
-  seeds 0-2: which change a single critic reads as lesion depends on its seed.
-- three on independent draws (seeds 0-2 / 3-5): tibia 0.928 / 0.919, +0.060 / +0.084.
-- **three on paired batches** (seeds 0-2 / 3-5): tibia 0.922 / 0.925, +0.021 / +0.021;
-  humerus 0.947 / 0.934, +0.004 / +0.021. Each calls 0.79-0.96 of its cohort's UNIT
-  translations lesion against 0.08-0.13 of the healthy patches untouched.
-Three cost 3x the training (about 40 s -> 120 s for the two fits on 2 cores)."""
 
 
 MAX_BLUR = 2.0
