@@ -26,8 +26,8 @@ from boneaug import storage
 from boneaug.config import load_config
 from boneaug.data.arrays import encode_pixels
 from boneaug.data.ingest import (
-    BATCH_FILES,
     IMAGE_SCHEMA,
+    MAX_OBJECTS_PER_TASK,
     DecodeBatch,
     ingest,
     load_annotations,
@@ -47,18 +47,19 @@ def loop_baseline(root: str, run: str, config) -> tuple[float, float, int, int]:
     files = storage.list_files(storage.join(root, "dicom", "tibia"))
     rows = [decode.one(storage.read_bytes(uri), storage.filesystem(uri)[1]) for uri in files]
     good = [r for r in rows if r["ok"]]
-    for i in range(0, len(good), BATCH_FILES):
+    step = MAX_OBJECTS_PER_TASK
+    for i in range(0, len(good), step):
         storage.write_parquet(storage.join(run, "loop", "images", f"{i:05d}.parquet"),
-                              pa.Table.from_pylist(good[i:i + BATCH_FILES], schema=IMAGE_SCHEMA))
+                              pa.Table.from_pylist(good[i:i + step], schema=IMAGE_SCHEMA))
     t_ingest = time.perf_counter() - t0
 
+    t0 = time.perf_counter()  # like make_patch_sets(): reading the image table and planning count
     settings = config.patches.body_parts["tibia"]
     plan = plan_patches(read_image_meta(run), s=settings.s, n=settings.n,
                         target_per_class=settings.translation_patches, rng=np.random.default_rng(0))
     by_key = defaultdict(list)
     for task in (*plan.lesion, *plan.normal, *plan.source):
         by_key[task.key].append(task)
-    t0 = time.perf_counter()
     cut: dict[str, list[dict]] = defaultdict(list)
     for key, tasks in by_key.items():
         image = decode_xray(storage.read_bytes(storage.join(root, key))).pixels

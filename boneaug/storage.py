@@ -5,9 +5,10 @@ S3 goes through s3fs with credentials from the standard AWS variables (``AWS_ACC
 S3-compatible server comes from, in order: the explicit `endpoint_url` argument,
 ``BONEAUG_S3_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``; none means AWS.
 
-Writes are atomic: data goes to a temporary key beside the target and is then moved (or, on S3,
-copied server-side) to the final key, so a reader never sees a half-written file under a final
-name. Run outputs are published with a manifest written last (see `publish_manifest`).
+Writes are atomic, so a reader never sees a half-written file under a final name: on S3 an
+upload becomes visible whole when it completes (a failed write discards it); on a filesystem the
+data goes to a temporary file beside the target and is then renamed over it. Run outputs are
+published with a manifest written last (see `publish_manifest`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any
@@ -109,10 +111,16 @@ def exists(uri: str, *, endpoint_url: str | None = None) -> bool:
         raise StorageError(f"cannot check {uri}: {exc}") from exc
 
 
+def _one_request(uri: str) -> dict[str, Any]:
+    """s3fs asks for an object's size (a HEAD) before every whole-object read, to fetch objects
+    over 50 MB in concurrent ranges; one GET is half the requests for anything smaller."""
+    return {"max_concurrency": 1} if is_s3(uri) else {}
+
+
 def read_bytes(uri: str, *, endpoint_url: str | None = None) -> bytes:
     fs, path = filesystem(uri, endpoint_url=endpoint_url)
     try:
-        return bytes(fs.cat_file(path))
+        return bytes(fs.cat_file(path, **_one_request(uri)))
     except FileNotFoundError as exc:
         raise StorageError(f"{uri} does not exist") from exc
     except Exception as exc:  # noqa: BLE001
@@ -133,7 +141,7 @@ def read_many(uris: list[str], *, endpoint_url: str | None = None) -> list[bytes
         return []
     fs, _ = filesystem(uris[0], endpoint_url=endpoint_url)
     paths = [filesystem(u, endpoint_url=endpoint_url)[1] for u in uris]
-    got = fs.cat(paths, on_error="return")
+    got = fs.cat(paths, on_error="return", **_one_request(uris[0]))
 
     def one(uri: str, data: Any) -> bytes | StorageError:
         if isinstance(data, FileNotFoundError):
@@ -143,6 +151,21 @@ def read_many(uris: list[str], *, endpoint_url: str | None = None) -> list[bytes
         return bytes(data)
 
     return [one(uri, got[p]) for uri, p in zip(uris, paths, strict=True)]
+
+
+def read_ahead(uris: list[str], *, chunk: int = 8, endpoint_url: str | None = None
+               ) -> Iterator[tuple[str, bytes | StorageError]]:
+    """(uri, bytes or StorageError) for each of `uris` in order, as `read_many` gives them, while
+    the next `chunk` objects are already being fetched on a background thread: the caller's work
+    on one chunk overlaps the server's on the next."""
+    chunks = [uris[i:i + chunk] for i in range(0, len(uris), chunk)]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = [pool.submit(read_many, c, endpoint_url=endpoint_url) for c in chunks[:1]]
+        for i, current in enumerate(chunks):
+            got = pending.pop().result()
+            if i + 1 < len(chunks):
+                pending.append(pool.submit(read_many, chunks[i + 1], endpoint_url=endpoint_url))
+            yield from zip(current, got, strict=True)
 
 
 def list_files(
@@ -178,17 +201,28 @@ def _tmp_sibling(path: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_open(uri: str, mode: str = "wb", *,
-                endpoint_url: str | None = None) -> Iterator[IO[Any]]:
-    """Open `uri` for writing; the final key appears only when the block exits cleanly."""
-    if mode not in ("wb", "w"):
-        raise ValueError(f"atomic_open writes only ('wb' or 'w'), got mode {mode!r}")
+def atomic_open(uri: str, *, endpoint_url: str | None = None) -> Iterator[IO[bytes]]:
+    """Open `uri` for writing bytes; the final key appears only when the block exits cleanly.
+
+    On S3 an upload is atomic by itself (a PUT, or a multipart upload's completion, makes the
+    whole object visible at once), so it goes straight to its key and a failed block discards
+    the buffer or aborts the upload; a copy from a temporary key would cost a HEAD, a server-side
+    copy and a DELETE per file. On a filesystem the bytes go to a temporary sibling, renamed over
+    the target at the end."""
     fs, path = filesystem(uri, endpoint_url=endpoint_url)
+    if is_s3(uri):
+        handle = fs.open(path, "wb")
+        try:
+            yield handle
+        except BaseException:
+            handle.discard()
+            raise
+        handle.close()
+        return
     tmp = _tmp_sibling(path)
-    if not is_s3(uri):
-        fs.makedirs(path.rpartition("/")[0], exist_ok=True)
+    fs.makedirs(path.rpartition("/")[0], exist_ok=True)
     try:
-        with fs.open(tmp, mode) as handle:
+        with fs.open(tmp, "wb") as handle:
             yield handle
         fs.mv(tmp, path)
     except BaseException:
@@ -200,7 +234,7 @@ def atomic_open(uri: str, mode: str = "wb", *,
 def write_bytes(uri: str, data: bytes, *, endpoint_url: str | None = None) -> None:
     """Write `data` to `uri` atomically."""
     try:
-        with atomic_open(uri, "wb", endpoint_url=endpoint_url) as handle:
+        with atomic_open(uri, endpoint_url=endpoint_url) as handle:
             handle.write(data)
     except StorageError:
         raise
@@ -216,7 +250,7 @@ def write_parquet(uri: str, table: Any, *, endpoint_url: str | None = None) -> N
     """Write a pyarrow Table to `uri` as one Parquet file, atomically."""
     import pyarrow.parquet as pq
 
-    with atomic_open(uri, "wb", endpoint_url=endpoint_url) as handle:
+    with atomic_open(uri, endpoint_url=endpoint_url) as handle:
         pq.write_table(table, handle, compression="zstd")
 
 

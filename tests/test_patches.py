@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from boneaug.data.ingest import MAX_OBJECTS_PER_TASK, objects_per_task
 from boneaug.data.patches import (
     ImageMeta,
     Placement,
@@ -245,3 +246,11 @@ def test_spread_crops_of_one_lesion_overlap_less_than_independent_draws() -> Non
         starts = sorted(c[0] - 460 for c in spread_crops(box, hw, 2.0, 3,
                                                          np.random.default_rng(seed)))
         assert 0 <= starts[0] < 13 <= starts[1] < 27 <= starts[2] < 41
+
+
+def test_tasks_are_large_but_give_every_cpu_two() -> None:
+    assert objects_per_task(1064, cpus=2) == MAX_OBJECTS_PER_TASK
+    assert objects_per_task(20, cpus=2) == 5           # four tasks for two CPUs
+    assert objects_per_task(2126, cpus=16) == 67       # 32 tasks over 16 CPUs
+    assert objects_per_task(3, cpus=16) == 1
+    assert objects_per_task(0, cpus=0) == 1

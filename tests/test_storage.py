@@ -93,3 +93,37 @@ def test_the_configs_s3_endpoint_reaches_the_server_without_any_endpoint_variabl
     assert loaded.storage.s3_endpoint_url == endpoint == storage.s3_endpoint()
     storage.write_text(f"{data}/hello.txt", "hi")  # reaches the loopback server, not AWS
     assert storage.read_bytes(f"{data}/hello.txt") == b"hi"
+
+
+def test_read_ahead_gives_every_object_in_order_and_a_missing_one_in_its_place(root: str) -> None:
+    uris = [storage.join(root, f"d/{i}.dcm") for i in range(7)]
+    for i, uri in enumerate(uris):
+        if i != 4:
+            storage.write_bytes(uri, f"object {i}".encode())
+    got = list(storage.read_ahead(uris, chunk=3))
+    assert [uri for uri, _ in got] == uris
+    assert [data for _, data in got[:4]] == [f"object {i}".encode() for i in range(4)]
+    assert isinstance(got[4][1], StorageError) and "does not exist" in str(got[4][1])
+    assert [data for _, data in got[5:]] == [b"object 5", b"object 6"]
+
+
+def test_s3_reads_and_writes_cost_one_request_per_object(s3_bucket: str) -> None:
+    """s3fs asks for an object's size before reading it whole, and a write through a temporary
+    key costs a HEAD, a server-side copy and a DELETE more: on a cohort of 1000 DICOMs on S3 that
+    was three requests where one does."""
+    prefix = storage.join(s3_bucket, "one-request")
+    fs, _ = storage.filesystem(prefix)
+    calls: list[str] = []
+    fs.connect()
+    fs.s3.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+
+    names = ["a.dcm", "b.dcm", "c.dcm"]
+    for name in names:
+        storage.write_bytes(storage.join(prefix, name), name.encode())
+    storage.write_parquet(storage.join(prefix, "t.parquet"), pa.table({"x": [1]}))
+    assert calls == ["PutObject"] * 4
+    calls.clear()
+    assert storage.read_bytes(storage.join(prefix, "a.dcm")) == b"a.dcm"
+    uris = [storage.join(prefix, name) for name in names]
+    assert storage.read_many(uris) == [name.encode() for name in names]
+    assert calls == ["GetObject"] * 4

@@ -4,12 +4,13 @@
     -> join the annotation row -> fit-and-pad to the classification size, boxes mapped
     -> images/*.parquet (decoded) + rejects.parquet (path, reason, message)
 
-One pass: each Ray Data task reads its objects (concurrently, `storage.read_many`), decodes them,
-writes its decoded rows as one shard and returns only their small record (path, outcome, split,
-label, confounders). The pixels go from the task that decoded them straight to storage, never
-through the object store or the driver, and the driver's summary and rejects table come from the
-records. Measured against the earlier decode -> materialize -> write -> rejects -> summary (four
-executions, one 8-row file per block): see benchmarks/bench_ingest.py.
+One pass: each Ray Data task reads its objects (`storage.read_ahead`: the next few are in flight
+while it decodes the last ones), decodes them, writes its decoded rows as one shard and returns
+only their small record (path, outcome, split, label, confounders). The pixels go from the task
+that decoded them straight to storage, never through the object store or the driver, and the
+driver's summary and rejects table come from the records. Measured against the earlier decode ->
+materialize -> write -> rejects -> summary (four executions, one 8-row file per block) and a
+plain loop: see benchmarks/bench_ingest.py.
 
 Counts are conserved: every listed object is either written or rejected, with a reason
 (`no_annotation` for objects the annotation table does not know). Confounder images are written
@@ -57,7 +58,15 @@ IMAGE_SCHEMA = pa.schema([
 ])
 REJECT_COLUMNS = ["path", "reason", "message"]
 RECORD_COLUMNS = ["path", "ok", "reason", "message", "split", "label", "confounders"]
-BATCH_FILES = 32  # objects per task: one shard of up to 32 images (~2 MB at the local size)
+MAX_OBJECTS_PER_TASK = 128  # an ingest shard holds up to 128 images (~8 MB at the local size)
+
+
+def objects_per_task(objects: int, cpus: int) -> int:
+    """How many objects (DICOMs) one Ray Data task of ingest or patch-making reads: as many as
+    MAX_OBJECTS_PER_TASK, because a task's first read and its last write overlap nothing (at 32
+    a task that cost a quarter of the ingest time of 1064 DICOMs on a 2-CPU head), and as few as
+    give every CPU of the cluster two tasks."""
+    return max(1, min(MAX_OBJECTS_PER_TASK, -(-objects // (2 * max(1, cpus)))))
 
 
 def load_annotations(data_uri: str) -> pa.Table:
@@ -95,8 +104,8 @@ class DecodeBatch:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         uris = [str(uri) for uri in batch["uri"]]
-        return pa.Table.from_pylist([self.read_one(uri, data) for uri, data
-                                     in zip(uris, storage.read_many(uris), strict=True)],
+        return pa.Table.from_pylist([self.read_one(uri, data)
+                                     for uri, data in storage.read_ahead(uris)],
                                     schema=IMAGE_SCHEMA)
 
     def read_one(self, uri: str, data: bytes | StorageError) -> dict[str, Any]:
@@ -229,12 +238,13 @@ def ingest(
     storage.remove(storage.join(run_uri, "rejects.parquet"))
 
     root_path = storage.filesystem(data_uri)[1]
+    per_task = objects_per_task(len(files), int(ray.cluster_resources().get("CPU", 1)))
     ds = ray.data.from_items([{"uri": f} for f in files],
-                             override_num_blocks=max(1, min(-(-len(files) // BATCH_FILES), 200)))
+                             override_num_blocks=max(1, min(-(-len(files) // per_task), 200)))
     # an instance, not a class: plain tasks, no actor pool to start
     shard = WriteShard(DecodeBatch(annotations, root_path, image, descriptor_rows), images_uri)
     records = pa.concat_tables(ray.get(ds.map_batches(
-        shard, batch_size=BATCH_FILES, batch_format="numpy").to_arrow_refs()))
+        shard, batch_size=per_task, batch_format="numpy").to_arrow_refs()))
     ok = records.column("ok").to_numpy(zero_copy_only=False)
     rejects = records.filter(pa.array(~ok)).select(REJECT_COLUMNS)
     storage.write_parquet(storage.join(run_uri, "rejects.parquet"), rejects)

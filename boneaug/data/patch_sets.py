@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from boneaug import storage
 from boneaug.config import BodyPartPatches
 from boneaug.data.arrays import decode_pixels, encode_pixels
+from boneaug.data.ingest import objects_per_task
 from boneaug.data.patches import (
     NEAR_DUPLICATE_IOU,
     CropTask,
@@ -35,12 +36,11 @@ from boneaug.data.patches import (
     near_duplicate_pairs,
     plan_patches,
 )
-from boneaug.errors import DataError
+from boneaug.errors import DataError, StorageError
 
 log = logging.getLogger(__name__)
 
 KINDS = ("lesion", "normal", "source")
-GROUPS_PER_TASK = 16  # source images read and cut per Ray Data task
 PATCHES_PER_FILE = 2048  # cut patches per write task: one file per set and task (at most
 # ~270 MB of 256^2 paper patches); per cut block, 45 blocks wrote ~130 small files in 5 s
 META_COLUMNS = ["image_id", "key", "split", "label", "confounders", "stored_boxes", "stored_rows",
@@ -86,9 +86,11 @@ class CutBatch:
         from boneaug.io.dicom import decode_xray
 
         rows: list[dict[str, Any]] = []
-        for key, tasks in zip(batch["key"], batch["tasks"], strict=True):
-            uri = storage.join(self.data_uri, str(key))
-            image = decode_xray(storage.read_bytes(uri), path=uri).pixels
+        uris = [storage.join(self.data_uri, str(key)) for key in batch["key"]]
+        for (uri, data), tasks in zip(storage.read_ahead(uris), batch["tasks"], strict=True):
+            if isinstance(data, StorageError):
+                raise data
+            image = decode_xray(data, path=uri).pixels
             for task in tasks:
                 patch = crop_resize(image, task["crop"], self.size)
                 rows.append({**task, "body_part": self.body_part, "height": self.size,
@@ -183,10 +185,11 @@ def make_patch_sets(
     for task in (*plan.lesion, *plan.normal, *plan.source):
         by_key[task.key].append(_task_row(task))
     groups = [{"key": k, "tasks": v} for k, v in sorted(by_key.items())]
+    per_task = objects_per_task(len(groups), int(ray.cluster_resources().get("CPU", 1)))
     cut = ray.data.from_items(
-        groups, override_num_blocks=max(1, min(-(-len(groups) // GROUPS_PER_TASK), 200))
+        groups, override_num_blocks=max(1, min(-(-len(groups) // per_task), 200))
     ).map_batches(
-        CutBatch(data_uri, body_part, size), batch_size=GROUPS_PER_TASK, batch_format="numpy"
+        CutBatch(data_uri, body_part, size), batch_size=per_task, batch_format="numpy"
     ).materialize()
 
     meta = cut.select_columns(["patch_id", "kind", "mean"]).to_pandas()
