@@ -4,13 +4,16 @@ anchor).
 One local-profile synthetic tibia radiograph (1024x512 DICOM, MONOCHROME1 12-bit, from
 boneaug.synth), local-profile UNIT translator and DRN scorer (seed-initialised: weights do not
 change the cost) registered in a temporary sqlite MLflow. The service runs on a local Ray with
-one replica (0.5 CPU; both models run in it) on 127.0.0.1; clients are threads with one HTTP
-session each. The anchor runs exactly what a request runs, in this process with no Ray and no HTTP:
-decode_radiograph -> synthesise (crop, translate, blend, fit, score) -> encode_result (derived
-DICOM) + the two patch PNGs + base64, with the same concurrency (threads) and the replica's
-torch thread count (`replica_threads`).
+2 CPUs and `--replicas` replicas (0.5 CPU each; both models run in each) on 127.0.0.1; clients
+are threads with one HTTP session each. Two replicas by default: what the shipped autoscaling
+(`target_ongoing_requests: 4`) keeps at concurrency 8, fixed so a short run sees no scaling
+transient; one replica is GIL-bound at concurrency 8 (22.7 req/s against 28.6 with two), four
+on 2 cores thrash (25.4). The anchor runs exactly what a request runs, in this process with no
+Ray and no HTTP: decode_radiograph -> synthesise (crop, translate, blend, fit, score) ->
+encode_result (derived DICOM) + the two patch PNGs + base64, with the same concurrency (threads)
+and the replica's torch thread count (`replica_threads`).
 
-    .venv/bin/python benchmarks/bench_serve.py [--requests 96] [--concurrency 1 8 32]
+    .venv/bin/python benchmarks/bench_serve.py [--requests 96] [--concurrency 1 8 32] [--replicas 2]
 
 Columns: p50/p99 latency (ms) and requests/s, service and anchor; `x p50` = service p50 / anchor
 p50 (the per-request serving overhead as a ratio), `x req/s` = service req/s / anchor req/s.
@@ -132,6 +135,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=96,
                         help="requests per level (at least 3x concurrency)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--replicas", type=int, default=2, help="fixed replicas of the service")
     args = parser.parse_args()
 
     import requests as http
@@ -174,7 +178,8 @@ def main() -> None:
              configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
-        serve.run(build_app({"profile": "local", "body_parts": BODY_PART, "num_replicas": 1}),
+        serve.run(build_app({"profile": "local", "body_parts": BODY_PART,
+                             "num_replicas": args.replicas}),
                   name="boneaug", route_prefix="/")
         base = f"http://127.0.0.1:{port}"
         sessions: dict[int, http.Session] = {}
@@ -206,8 +211,8 @@ def main() -> None:
 
     print(f"\nPOST /v1/lesions, 1024x512 DICOM in, derived DICOM out, local profile "
           f"(UNIT {config.patches.size}px, DRN {config.image.height}x{config.image.width}), "
-          f"1 replica at {replica_cpus} CPU, {os.cpu_count()} cores, torch threads "
-          f"{torch.get_num_threads()} in the replica and the anchor\n")
+          f"{args.replicas} replica(s) at {replica_cpus} CPU, {os.cpu_count()} cores, torch "
+          f"threads {torch.get_num_threads()} in a replica and the anchor\n")
     print_table(["concurrency", "requests", "serve p50 ms", "serve p99 ms", "serve req/s",
                  "in-proc p50 ms", "in-proc p99 ms", "in-proc req/s", "x p50", "x req/s"], rows)
 
