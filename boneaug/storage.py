@@ -159,12 +159,14 @@ def read_ahead(uris: list[str], *, chunk: int = 8, endpoint_url: str | None = No
     the next `chunk` objects are already being fetched on a background thread: the caller's work
     on one chunk overlaps the server's on the next."""
     chunks = [uris[i:i + chunk] for i in range(0, len(uris), chunk)]
+    if not chunks:
+        return
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = [pool.submit(read_many, c, endpoint_url=endpoint_url) for c in chunks[:1]]
+        fetching = pool.submit(read_many, chunks[0], endpoint_url=endpoint_url)
         for i, current in enumerate(chunks):
-            got = pending.pop().result()
+            got = fetching.result()
             if i + 1 < len(chunks):
-                pending.append(pool.submit(read_many, chunks[i + 1], endpoint_url=endpoint_url))
+                fetching = pool.submit(read_many, chunks[i + 1], endpoint_url=endpoint_url)
             yield from zip(current, got, strict=True)
 
 
