@@ -1,15 +1,17 @@
 """A bounded locust load on POST /v1/lesions, with a model switch under it: 0 failed requests.
 
 The service is deployed as `serve deploy serve/config.yaml` deploys it (the declarative config
-handed to the Serve controller; one replica on 2 cores), on 127.0.0.1, with the
+handed to the Serve controller; `--replicas` fixed replicas, 2 as in bench_serve.py, on 2
+cores), on 127.0.0.1, with the
 local-profile UNIT and DRN of bench_serve.py registered in a temporary sqlite MLflow under alias
 `champion`. Locust (headless, its own process: it patches the standard library with gevent)
 runs `--users` clients for `--seconds`. At `--switch-at` seconds, new versions of both models
 are registered, the alias moves to them, and the same config is deployed again with `revision`
-bumped: the replicas reload in place, as an operator switches models.
+bumped: every replica reloads in place, as an operator switches models.
 
     make load-serve                     # installs locust (the `load` extra), then this
-    .venv/bin/python benchmarks/load_serve.py [--users 8] [--seconds 60] [--switch-at 20]
+    .venv/bin/python benchmarks/load_serve.py [--users 8] [--seconds 60] [--switch-at 20] \
+        [--replicas 2]
 
 Prints locust's figures (requests, failures, req/s, latency percentiles), the same for the
 in-process anchor of bench_serve.py at the same concurrency (threads, no Ray, no HTTP), and the
@@ -67,6 +69,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--seconds", type=int, default=60)
     parser.add_argument("--switch-at", type=float, default=20.0)
+    parser.add_argument("--replicas", type=int, default=2, help="fixed replicas of the service")
     args = parser.parse_args()
     if not 0 < args.switch_at < args.seconds:
         raise SystemExit(f"--switch-at must lie inside the run (0 < {args.switch_at} < "
@@ -108,7 +111,7 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
         replica_env = {"PYTHONPATH": str(REPO)}  # the replicas import serve.app
         deploy(one_part_config(BODY_PART, token=token, tracking_uri=tracking_uri,
-                               env_vars=replica_env))
+                               env_vars=replica_env, replicas=args.replicas))
         wait_healthy(base)
         summary_file, versions_file = workdir / "summary.json", workdir / "versions.jsonl"
         env = os.environ | {"BONEAUG_LOAD_UPLOAD": str(workdir / "radiograph.dcm"),
@@ -128,7 +131,7 @@ def main() -> None:
             t0 = time.monotonic()
             register(config, *build_models(config, seed=1))  # version 2, alias moves
             deploy(one_part_config(BODY_PART, token=token, tracking_uri=tracking_uri,
-                                   revision=1, env_vars=replica_env))
+                                   revision=1, env_vars=replica_env, replicas=args.replicas))
             switch["deployed_s"] = time.monotonic() - t0
 
         switcher = threading.Thread(target=switch_models)
@@ -153,8 +156,8 @@ def main() -> None:
         by_version[key] = by_version.get(key, 0) + 1
 
     print(f"\nPOST /v1/lesions under locust: {args.users} users for {args.seconds} s "
-          f"({wall:.0f} s wall), 1024x512 DICOM in, PNG out, local profile, 1 replica, "
-          f"{os.cpu_count()} cores\n")
+          f"({wall:.0f} s wall), 1024x512 DICOM in, PNG out, local profile, "
+          f"{args.replicas} replica(s), {os.cpu_count()} cores\n")
     failures = int(stats["failures"])
     print_table(["", "requests", "failures", "req/s", "p50 ms", "p95 ms", "p99 ms"], [
         ["service (locust)", stats["requests"], failures, stats["rps"], round(stats["p50"]),

@@ -13,15 +13,15 @@ CONFIG_YAML = Path(__file__).with_name("config.yaml")
 
 
 def one_part_config(body_part: str, *, token: str, tracking_uri: str, revision: int = 0,
-                    api: dict[str, Any] | None = None,
-                    env_vars: dict[str, str] | None = None) -> dict[str, Any]:
+                    api: dict[str, Any] | None = None, env_vars: dict[str, str] | None = None,
+                    replicas: int = 1) -> dict[str, Any]:
     """config.yaml's application serving `body_part` from the registry at `tracking_uri` (alias
-    champion), one replica, the bearer `token` in its environment; `revision` for both models,
-    `api` merged into the user_config."""
+    champion), `replicas` fixed replicas, the bearer `token` in its environment; `revision` for
+    both models, `api` merged into the user_config."""
     app = copy.deepcopy(yaml.safe_load(CONFIG_YAML.read_text())["applications"][0])
     app["runtime_env"] = {"env_vars": {"BONEAUG_API_TOKEN": token, **(env_vars or {})}}
     (deployment,) = app["deployments"]
-    deployment["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
+    deployment["autoscaling_config"] = {"min_replicas": replicas, "max_replicas": replicas}
     user = deployment["user_config"]
     for key, kind in (("translator", "unit"), ("scorer", "drn")):
         user[key].update(models={body_part: {"name": f"boneaug-{kind}-{body_part}",
