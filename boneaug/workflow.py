@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -106,41 +106,78 @@ class Training:
     train: Callable[[BoneaugConfig], dict[str, Any]]
 
 
+@dataclass(frozen=True)
+class Later:
+    """Trainings that can only be named once others have trained (an arm's DRNs need its seed's
+    baseline to pseudo-label their candidates, a later seed's arm the t the first seed chose):
+    `make`, called on the driver with the results so far once every training named in `after`
+    is done, returns them (and further `Later`s)."""
+
+    after: tuple[str, ...]
+    make: Callable[[Mapping[str, dict[str, Any]]], Sequence[Training | Later]]
+
+
 def train_stages(config: BoneaugConfig, run: str,
-                 trainings: Sequence[Training]) -> dict[str, dict[str, Any]]:
-    """Independent `trainings` as stages (reused when done before); returns name -> result.
+                 trainings: Sequence[Training | Later]) -> dict[str, dict[str, Any]]:
+    """`trainings` as stages (reused when done before), each as soon as what it needs has
+    trained; returns name -> result of every training made.
 
     In Train's local mode (compute.num_workers 0) up to compute.concurrent_trainings of them
     train at once, each in its own Ray task with an equal share of compute.torch_threads: the
     local DRN's small convolutions use a second core poorly (a step takes 0.222 s on one thread,
     0.196 s on two), so two one-thread trainings side by side finish far sooner than the same
-    two one after the other. With Train workers each training spreads over the workers instead,
-    one after the other.
+    two one after the other, and a `Later` is made the moment its trainings are done, so that
+    no slot waits while something could train. With Train workers each training spreads over
+    the workers instead, one after the other, in the order they become ready.
     """
     results: dict[str, dict[str, Any]] = {}
-    pending: list[tuple[Training, str]] = []  # with its fingerprint
-    for training in trainings:
-        fingerprint = _fingerprint(training.inputs)
-        done = _reused(run, training.name, fingerprint)
-        if done is None:
-            pending.append((training, fingerprint))
-        else:
-            results[training.name] = done
+    queue: list[tuple[Training, str]] = []  # with its fingerprint
+    waiting: list[Later] = []
+
+    def add(items: Sequence[Training | Later]) -> None:
+        for item in items:
+            if isinstance(item, Later):
+                waiting.append(item)
+                continue
+            fingerprint = _fingerprint(item.inputs)
+            done = _reused(run, item.name, fingerprint)
+            if done is None:
+                queue.append((item, fingerprint))
+            else:
+                results[item.name] = done
+
+    def release() -> None:
+        """Make every `Later` whose trainings are all done (theirs may release more)."""
+        while ready := [later for later in waiting if all(n in results for n in later.after)]:
+            for later in ready:
+                waiting.remove(later)
+                add(later.make(results))
+
+    add(trainings)
+    release()
     compute = config.compute
-    slots = min(len(pending), compute.concurrent_trainings if compute.num_workers == 0 else 1)
-    if slots > 1:
-        return results | _train_side_by_side(config, run, pending, slots)
-    for training, fingerprint in pending:
-        results[training.name] = _run(run, training.name, fingerprint,
-                                      partial(training.train, config))
+    slots = compute.concurrent_trainings if compute.num_workers == 0 else 1
+    if slots > 1 and (len(queue) > 1 or waiting):
+        _train_side_by_side(config, run, queue, release, results, slots)
+    else:
+        while queue:
+            training, fingerprint = queue.pop(0)
+            results[training.name] = _run(run, training.name, fingerprint,
+                                          partial(training.train, config))
+            release()
+    if waiting:
+        missing = sorted({n for later in waiting for n in later.after} - set(results))
+        raise RuntimeError(f"trainings wait for {missing}, which nothing trains: a plan names a "
+                           f"training that is not among its trainings")
     return results
 
 
-def _train_side_by_side(config: BoneaugConfig, run: str,
-                        trainings: Sequence[tuple[Training, str]],
-                        slots: int) -> dict[str, dict[str, Any]]:
-    """`trainings` as Ray tasks, `slots` at a time, each with its share of the threads. The
-    tasks hold no CPU of Ray's: the Ray Data tasks that feed them need the cluster's CPUs (as
+def _train_side_by_side(config: BoneaugConfig, run: str, queue: list[tuple[Training, str]],
+                        release: Callable[[], None], results: dict[str, dict[str, Any]],
+                        slots: int) -> None:
+    """The trainings of `queue` as Ray tasks, `slots` at a time, each with its share of the
+    threads, into `results`; `release` queues what a finished training lets train. The tasks
+    hold no CPU of Ray's: the Ray Data tasks that feed them need the cluster's CPUs (as
     `worker_resources` keeps one for them), and `slots` bounds how many train at once."""
     import ray
 
@@ -149,23 +186,27 @@ def _train_side_by_side(config: BoneaugConfig, run: str,
         "compute": config.compute.model_copy(update={"torch_threads": threads})})
     tracking.open_store(config.tracking)
     task = ray.remote(num_cpus=0, max_retries=0)(_train_in_task)
-    queue, running = list(trainings), {}
-    results: dict[str, dict[str, Any]] = {}
+    running: dict[Any, tuple[str, str, float]] = {}
+
+    def fill() -> None:
+        while queue and len(running) < slots:
+            training, fingerprint = queue.pop(0)
+            print(f"[{training.name}] running ({slots} trainings side by side, {threads} "
+                  f"thread(s) each) ...", flush=True)
+            running[task.remote(training.train, shared)] = (training.name, fingerprint,
+                                                            time.perf_counter())
+
     try:
         while queue or running:
-            while queue and len(running) < slots:
-                training, fingerprint = queue.pop(0)
-                print(f"[{training.name}] running ({slots} trainings side by side, {threads} "
-                      f"thread(s) each) ...", flush=True)
-                running[task.remote(training.train, shared)] = (training.name, fingerprint,
-                                                                time.perf_counter())
+            fill()
             [ready], _ = ray.wait(list(running), num_returns=1)
             name, fingerprint, start = running.pop(ready)
             results[name] = _record(run, name, fingerprint, ray.get(ready), start)
-    finally:  # a failed training stops the others: its error is what the job reports
+            fill()  # before making what this one released: a blend can take minutes
+            release()
+    finally:  # a failed training (or plan) stops the others: its error is what the job reports
         for ref in running:
             ray.cancel(ref, force=True)
-    return results
 
 
 def _train_in_task(train: Callable[[BoneaugConfig], dict[str, Any]],
@@ -558,7 +599,45 @@ class _Arm:
 
     @property
     def best_t(self) -> float:
-        return max(self.trained, key=lambda t: self.trained[t]["val_auc"])
+        return best_t(self.trained)
+
+
+def best_t(trained: Mapping[float, Mapping[str, Any]]) -> float:
+    """The t of the grid whose DRN has the best val AUC (the first of a tie, in grid order)."""
+    return max(trained, key=lambda t: trained[t]["val_auc"])
+
+
+def _registered(body_part: str, variant: Variant, primary: bool) -> str | None:
+    """The registered model of an arm's DRNs: the primary seed's UNIT and transfer arms'."""
+    return f"boneaug-drn-{body_part}-aug" if primary and variant.arm == "unit" else None
+
+
+def _arm_name(variant: Variant, t: float, seed: int) -> str:
+    return f"drn-{variant.key}-t{t:.2f}-s{seed}"
+
+
+def _arm_trainings(config: BoneaugConfig, run: str, body_part: str, fracture: str,
+                   variant: Variant, seed: int, candidates: dict[str, Any],
+                   grid: Sequence[float], primary: bool) -> tuple[list[Training], dict[str, int]]:
+    """One arm's DRNs at `seed`, one per t of `grid` that keeps a candidate, and the candidates
+    each t keeps (by DRN name; 0: the t trains nothing)."""
+    from boneaug.augment.pipeline import select_augmented
+
+    registered = _registered(body_part, variant, primary)
+    trainings, samples = [], {}
+    for t in grid:
+        selected = select_augmented(candidates["candidates"], t)
+        name = _arm_name(variant, t, seed)
+        samples[name] = selected.num_rows
+        if selected.num_rows == 0:
+            continue
+        publish = drn_publish(run, name, f"boneaug/{body_part}/augment", registered)
+        trainings.append(Training(
+            name, [config.drn, config.image, candidates, t, fracture, seed],
+            lambda cfg, publish=publish, selected=selected: {
+                **train_drn(cfg, run, publish, augmented=selected, init_from=fracture,
+                            seed=seed), "samples": selected.num_rows}))
+    return trainings, samples
 
 
 def _train_arms(config: BoneaugConfig, run: str, body_part: str, fracture: str,
@@ -570,40 +649,30 @@ def _train_arms(config: BoneaugConfig, run: str, body_part: str, fracture: str,
     rows, the same seed), so the arm takes the baseline's model and predictions (a weak
     baseline, e.g. femur's 32 positives, passes no blend at t 0.70 or 0.90: each such t would
     retrain the baseline, minutes apiece)."""
-    from boneaug.augment.pipeline import select_augmented
     from boneaug.eval.report import ModelMeta, import_predictions
-
-    def registered(variant: Variant) -> str | None:
-        return f"boneaug-drn-{body_part}-aug" if primary and variant.arm == "unit" else None
 
     trainings, samples = [], {}
     for arm, grid in arms:
-        variant, seed = arm.variant, arm.seed
+        made, kept = _arm_trainings(config, run, body_part, fracture, arm.variant, arm.seed,
+                                    arm.candidates, grid, primary)
+        trainings += made
+        samples |= kept
         for t in grid:
-            selected = select_augmented(arm.candidates["candidates"], t)
-            name = f"drn-{variant.key}-t{t:.2f}-s{seed}"
-            samples[name] = selected.num_rows
-            if selected.num_rows == 0:
-                print(f"[{name}] no candidate scores >= {t:.2f}: the arm is baseline-s{seed}",
-                      flush=True)
-                continue
-            publish = drn_publish(run, name, f"boneaug/{body_part}/augment", registered(variant))
-            trainings.append(Training(
-                name, [config.drn, config.image, arm.candidates, t, fracture, seed],
-                lambda cfg, publish=publish, selected=selected, seed=seed: {
-                    **train_drn(cfg, run, publish, augmented=selected, init_from=fracture,
-                                seed=seed), "samples": selected.num_rows}))
+            if not kept[name := _arm_name(arm.variant, t, arm.seed)]:
+                print(f"[{name}] no candidate scores >= {t:.2f}: the arm is "
+                      f"baseline-s{arm.seed}", flush=True)
     results = train_stages(config, run, trainings)
     done = []
     for arm, grid in arms:
         variant, seed = arm.variant, arm.seed
         trained: dict[float, dict[str, Any]] = {}
         for t in grid:
-            name = f"drn-{variant.key}-t{t:.2f}-s{seed}"
+            name = _arm_name(variant, t, seed)
             trained[t] = results[name] if samples[name] else arm.baseline | {"samples": 0}
             import_predictions(run, f"{variant.key}-t{t:.2f}-s{seed}", ModelMeta(
                 type=variant.type, t=t, augmented_samples=trained[t]["samples"],
-                model_name=registered(variant) if samples[name] else f"boneaug-drn-{body_part}",
+                model_name=(_registered(body_part, variant, primary) if samples[name]
+                            else f"boneaug-drn-{body_part}"),
                 model_version=trained[t]["version"], body_part=body_part, baseline=False,
                 seed=seed, **training_history(trained[t])), trained[t]["predictions"])
         done.append(replace(arm, trained=trained))
@@ -675,11 +744,9 @@ def run_body_part(
     fracture = fracture_model(config, data_uri, out_uri)
     patches_stage(config, data_uri, run, body_part)
     seed_trainings = partial(_seed_trainings, config, run, body_part, fracture, plan)
-    if any(v.arm == "unit" and v.unit_from is None for v in plan.variants):
-        # the translator does not wait for the classifiers, nor they for it: it trains beside
-        # the first seed's baseline and learning curve (which the seed loop then reuses)
-        train_stages(config, run, [unit_training(config, data_uri, run, body_part),
-                                   *seed_trainings(seeds[0], primary=True)])
+    # every training first, each as soon as what it needs is there; what follows finds them done
+    train_stages(config, run, _all_trainings(config, data_uri, run, body_part, fracture, plan,
+                                             seeds, thresholds, scorers or {}))
     result = BodyPartResult(body_part, run, "", "")
     blended = {}
     for v in plan.variants:
@@ -690,8 +757,8 @@ def run_body_part(
     storage.remove(storage.join(run, "predictions"))
     _write_conspicuity(data_uri, run, body_part)
     positives = train_positives(run)
-    # the primary seed searches the t grid; the later seeds' trainings (baselines and curve,
-    # then each arm at the chosen t) train together, side by side where train_stages allows
+    # the trainings above, read back (reused) in the report's order: the primary seed's t grid
+    # and choices first, then the later seeds' baselines, curves and arms at the chosen t
     for group in ([seeds[0]], list(seeds[1:])):
         if not group:
             continue
@@ -728,6 +795,53 @@ def run_body_part(
     result.markdown = render_report_from_predictions(run, config.eval)
     result.report_uri = storage.join(run, "report")
     return result
+
+
+def _all_trainings(config: BoneaugConfig, data: str, run: str, body_part: str, fracture: str,
+                   plan: Plan, seeds: Sequence[int], thresholds: tuple[float, ...],
+                   scorers: dict[str, dict[int, str]]) -> list[Training | Later]:
+    """Every training of `plan`, each with what it waits for, so that two slots never idle
+    while something could train: the translator beside the seeds' baselines and learning
+    curves; an arm's DRNs once its seed's baseline can pseudo-label its candidates (TL_PL: at
+    once, the other body part's baseline is there) and its translator is trained; a later
+    seed's arm once the first seed's DRNs of that arm have chosen its t. `run_body_part`
+    then finds them all done, in the stages these are named as."""
+    first = seeds[0]
+
+    def needs(variant: Variant, seed: int) -> tuple[str, ...]:
+        own_unit = variant.arm == "unit" and variant.unit_from is None
+        return ((() if variant.scorer_from else (f"baseline-s{seed}",))
+                + (("unit",) if own_unit else ()))
+
+    def arm(variant: Variant, seed: int, grid: tuple[float, ...],
+            results: Mapping[str, dict[str, Any]]) -> list[Training]:
+        spec = translator_spec(config, data, run, body_part, variant)
+        blended = blend_stage(config, data, run, variant.key, spec)
+        scorer = _scorer(variant, seed, results.get(f"baseline-s{seed}", {}), scorers)
+        scored = score_stage(config, run, variant.key, blended, scorer, seed)
+        return _arm_trainings(config, run, body_part, fracture, variant, seed, scored, grid,
+                              primary=seed == first)[0]
+
+    def later_seed(variant: Variant, seed: int,
+                   results: Mapping[str, dict[str, Any]]) -> list[Training]:
+        baseline = results[f"baseline-s{first}"]
+        chosen = best_t({t: results.get(_arm_name(variant, t, first), baseline)
+                         for t in thresholds})
+        return arm(variant, seed, (chosen,), results)
+
+    def first_seed(variant: Variant, results: Mapping[str, dict[str, Any]]
+                   ) -> list[Training | Later]:
+        made = arm(variant, first, thresholds, results)
+        after = (*(t.name for t in made), f"baseline-s{first}")
+        return [*made, *(Later(after + needs(variant, seed), partial(later_seed, variant, seed))
+                         for seed in seeds[1:])]
+
+    own_unit = any(v.arm == "unit" and v.unit_from is None for v in plan.variants)
+    trainings = [_seed_trainings(config, run, body_part, fracture, plan, seed,
+                                 primary=seed == first) for seed in seeds]
+    return [*([unit_training(config, data, run, body_part)] if own_unit else []),
+            *(t[0] for t in trainings), *(t for each in trainings for t in each[1:]),
+            *(Later(needs(v, first), partial(first_seed, v)) for v in plan.variants)]
 
 
 def _seed_trainings(config: BoneaugConfig, run: str, body_part: str, fracture: str, plan: Plan,

@@ -186,6 +186,45 @@ def test_independent_trainings_train_side_by_side_in_ray_tasks_then_are_reused(
     assert d["pid"] == e["pid"] == os.getpid() and d["threads"] == 2 and d["end"] <= e["start"]
 
 
+def test_a_later_training_takes_the_first_free_slot_once_what_it_needs_has_trained(
+    ray_session: None, tmp_path: Path
+) -> None:
+    from boneaug.config import load_config
+    from boneaug.workflow import Later, train_stages
+
+    config = load_config("smoke", overrides={
+        "compute": {"num_workers": 0, "torch_threads": 2, "concurrent_trainings": 2},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
+    run = str(tmp_path / "run")
+    seen: list[set[str]] = []
+
+    def after_b(results: dict) -> list:  # what an arm's plan does once its baseline is there
+        seen.append(set(results))
+        return [_sleeper("c", 1.0), Later(("c", "a"), lambda results: [_sleeper("d", 0.1)])]
+
+    results = train_stages(config, run, [_sleeper("a", 6.0), _sleeper("b", 1.0),
+                                         Later(("b",), after_b)])
+    a, b, c, d = (results[name] for name in "abcd")
+    assert seen == [{"b"}]  # made as soon as b was done, a still training
+    assert b["end"] <= c["start"] < a["end"]  # c took b's slot beside the long a
+    assert d["start"] >= max(a["end"], c["end"]) - 0.1
+    # the plan again: everything reused, the Later made from the stored results
+    assert train_stages(config, run, [_sleeper("a", 6.0), _sleeper("b", 1.0),
+                                      Later(("b",), after_b)]) == results
+
+    # one slot: the same plan, one training after the other in the order they became ready
+    serial = config.model_copy(update={"compute": config.compute.model_copy(
+        update={"num_workers": 1})})
+    order = train_stages(serial, str(tmp_path / "serial"), [
+        _sleeper("a", 0.1), Later(("a",), lambda results: [_sleeper("c", 0.1)]),
+        _sleeper("b", 0.1)])
+    assert sorted(order, key=lambda n: order[n]["start"]) == ["a", "b", "c"]
+
+    with pytest.raises(RuntimeError, match=r"wait for \['baseline-s1'\], which nothing trains"):
+        train_stages(serial, str(tmp_path / "serial"),
+                     [Later(("baseline-s1",), lambda results: [])])
+
+
 def test_a_failed_training_stops_the_ones_beside_it_and_records_nothing(
     ray_session: None, tmp_path: Path
 ) -> None:
