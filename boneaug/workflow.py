@@ -241,13 +241,15 @@ ARMS = {"unit": OWN, "copy_paste": COPY_PASTE, "oracle": ORACLE}  # a job's --ar
 class Plan:
     """What one body part's chain trains beside its baseline.
 
-    variants: the augmented arms; thresholds: the t grid (None: the config's); seeds: the
+    variants: the augmented arms; thresholds: the t grid (None: the config's); grids: a
+    variant's own grid instead, by key (e.g. the one t its humerus counterpart chose); seeds: the
     training seeds (None: the config's); learning_curve: multiples of the real training
     positives (e.g. 0.25, 0.5, 2, 4) the baseline is retrained on.
     """
 
     variants: tuple[Variant, ...] = (OWN,)
     thresholds: tuple[float, ...] | None = None
+    grids: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     seeds: tuple[int, ...] | None = None
     learning_curve: tuple[float, ...] = ()
 
@@ -738,6 +740,7 @@ def run_body_part(
     tracking.configure(config.tracking)
     run = storage.join(out_uri, "runs", run_id or f"{body_part}-{config.profile}")
     thresholds = tuple(plan.thresholds or config.augment.thresholds)
+    grids = {v.key: tuple(plan.grids.get(v.key, thresholds)) for v in plan.variants}
     seeds = plan.seeds or (config.drn.seed,)
     ensure_cohort(config, data_uri, [body_part], synthesize=synthesize)
     ingest_stage(config, data_uri, run, body_part)
@@ -746,7 +749,7 @@ def run_body_part(
     seed_trainings = partial(_seed_trainings, config, run, body_part, fracture, plan)
     # every training first, each as soon as what it needs is there; what follows finds them done
     train_stages(config, run, _all_trainings(config, data_uri, run, body_part, fracture, plan,
-                                             seeds, thresholds, scorers or {}))
+                                             seeds, grids, scorers or {}))
     result = BodyPartResult(body_part, run, "", "")
     blended = {}
     for v in plan.variants:
@@ -783,7 +786,7 @@ def run_body_part(
             for variant in plan.variants:
                 scored = score_stage(config, run, variant.key, blended[variant.key],
                                      _scorer(variant, seed, baseline, scorers or {}), seed)
-                grid = thresholds if primary else (result.chosen[variant.key],)
+                grid = grids[variant.key] if primary else (result.chosen[variant.key],)
                 arms.append((_Arm(variant, seed, {}, scored, baseline), grid))
         for arm in _train_arms(config, run, body_part, fracture, arms, primary):
             if primary:
@@ -798,7 +801,7 @@ def run_body_part(
 
 
 def _all_trainings(config: BoneaugConfig, data: str, run: str, body_part: str, fracture: str,
-                   plan: Plan, seeds: Sequence[int], thresholds: tuple[float, ...],
+                   plan: Plan, seeds: Sequence[int], grids: Mapping[str, tuple[float, ...]],
                    scorers: dict[str, dict[int, str]]) -> list[Training | Later]:
     """Every training of `plan`, each with what it waits for, so that two slots never idle
     while something could train: the translator beside the seeds' baselines and learning
@@ -826,12 +829,12 @@ def _all_trainings(config: BoneaugConfig, data: str, run: str, body_part: str, f
                    results: Mapping[str, dict[str, Any]]) -> list[Training]:
         baseline = results[f"baseline-s{first}"]
         chosen = best_t({t: results.get(_arm_name(variant, t, first), baseline)
-                         for t in thresholds})
+                         for t in grids[variant.key]})
         return arm(variant, seed, (chosen,), results)
 
     def first_seed(variant: Variant, results: Mapping[str, dict[str, Any]]
                    ) -> list[Training | Later]:
-        made = arm(variant, first, thresholds, results)
+        made = arm(variant, first, grids[variant.key], results)
         after = (*(t.name for t in made), f"baseline-s{first}")
         return [*made, *(Later(after + needs(variant, seed), partial(later_seed, variant, seed))
                          for seed in seeds[1:])]

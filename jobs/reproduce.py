@@ -12,7 +12,8 @@ training positives: `eval.learning_curve`).
 Table 3: tibia baseline / augmented / TL_G / TL_G + TL_PL; femur baseline / TL_G / TL_G + TL_PL
 (TL_G: the humerus UNIT; TL_PL: the humerus baseline of the same seed as pseudo-labeller), each
 beside copy-paste and oracle. t is chosen on validation AUC for every arm; the test set is only
-used for the tables.
+used for the tables. With augment.t_from_humerus (on in `local`) Table 3's arms train at the t
+their humerus counterpart chose instead of searching the grid again: one DRN per arm and seed.
 
 Translators are trained once per body part; each training seed of --seeds repeats the
 classifier trainings (the first seed searches the t grid and trains the learning curve's points
@@ -34,6 +35,7 @@ from boneaug.runtime import (
 )
 from boneaug.synth.cohort import generated_with
 from boneaug.workflow import (
+    ARMS,
     COPY_PASTE,
     ORACLE,
     OWN,
@@ -66,6 +68,14 @@ def parse_body_parts(text: str | None) -> tuple[str, ...]:
     return tuple(part for part in known if part in asked)
 
 
+def humerus_grids(variants: tuple[Variant, ...],
+                  chosen: dict[str, float]) -> dict[str, tuple[float, ...]]:
+    """Table 3's arms at the t their humerus counterpart chose (augment.t_from_humerus): the
+    copy-paste and oracle arms at humerus' copy-paste and oracle t, the UNIT arms (the body
+    part's own, TL_G, TL_G + TL_PL) at humerus' UNIT arm's; none on humerus itself."""
+    return {v.key: (chosen[ARMS[v.arm].key],) for v in variants if ARMS[v.arm].key in chosen}
+
+
 def main() -> None:
     parser = job_parser(__doc__, body_part=False)
     parser.add_argument("--seeds", default=None,
@@ -84,22 +94,28 @@ def main() -> None:
     init_ray()
     ensure_cohort(config, data, list(parts), synthesize=args.data is None or args.synthetic)
     sections, scorers = [], {}
+    chosen: dict[str, float] = {}  # humerus: variant key -> t chosen on validation
     for part, variants in EXPERIMENTS:
         if part not in parts:
             continue
         if not generated_with(data, part, config.synth, seed=config.synth.seed):
             variants = tuple(v for v in variants if v is not ORACLE)  # a real cohort: no phantom
         plan = Plan(variants=variants, thresholds=thresholds, seeds=seeds,
+                    grids=humerus_grids(variants, chosen) if config.augment.t_from_humerus
+                    else {},
                     learning_curve=config.eval.learning_curve if part == "humerus" else ())
         result = run_body_part(config, part,  # type: ignore[arg-type]
                                data_uri=data, out_uri=out, synthesize=False, plan=plan,
                                scorers=scorers)
         scorers[part] = result.baselines
+        if part == "humerus":
+            chosen = result.chosen
         png = result.figures.get(variants[0].key)
-        chosen = ", ".join(f"{k}: t = {t:.2f}" for k, t in result.chosen.items())
+        how = "from humerus" if plan.grids else "chosen on validation"
+        picked = ", ".join(f"{k}: t = {t:.2f}" for k, t in result.chosen.items())
         figure = (f"![Figure 3: original, translated, blended]({png})\n" if png
                   else "(no candidates: no Figure 3)\n")
-        sections.append(f"## {part}\n\nt chosen on validation (seed {seeds[0]}): {chosen}\n\n"
+        sections.append(f"## {part}\n\nt {how} (seed {seeds[0]}): {picked}\n\n"
                         f"{result.markdown}\n{figure}\nFull report: {result.report_uri}\n")
     report = storage.join(out, "runs", f"reproduce-{config.profile}", "report.md")
     storage.write_text(report, "# boneaug: the paper's experiments on the synthetic cohort\n\n"

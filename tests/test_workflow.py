@@ -95,6 +95,13 @@ def test_reproduce_runs_the_body_parts_asked_and_says_why_tibia_needs_humerus() 
         job.parse_body_parts("tibia")
     with pytest.raises(SystemExit, match="unknown radius; choose from humerus, tibia, femur"):
         job.parse_body_parts("humerus,radius")
+    # Table 3's arms at the t humerus chose for their counterparts (augment.t_from_humerus)
+    tibia = dict(job.EXPERIMENTS)["tibia"]
+    chosen = {"aug": 0.70, "copy_paste": 0.90, "oracle": 0.85}
+    assert job.humerus_grids(tibia, chosen) == {
+        "aug": (0.70,), "tl_g": (0.70,), "tl_g_pl": (0.70,), "copy_paste": (0.90,),
+        "oracle": (0.85,)}
+    assert job.humerus_grids(tibia, {}) == {}  # humerus itself searches the grid
 
 
 def test_an_arm_at_a_t_that_keeps_no_candidate_is_the_seeds_baseline_and_trains_nothing(
