@@ -442,6 +442,46 @@ def test_full_finetuning_with_ema_publishes_the_averaged_weights_it_validated(
     assert len(lrs) == 3 and lrs[0] > lrs[-1] and lrs[-1] < 0.3 * config.lr
 
 
+def test_validating_every_third_epoch_trains_the_very_same_model(
+    ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`val_every` skips scoring the validation split, nothing else: the same seed publishes the
+    same weights, and the epochs it does validate (first, every third, last) read the same."""
+    import ray
+
+    from boneaug.train.classifier import ClassifierData, fit_classifier, load_best_model, validates
+
+    assert [e for e in range(8) if validates(e, 8, 3)] == [0, 2, 5, 7]
+    db = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", db.tracking_uri)
+    base = load_config("smoke").drn.model_copy(update={
+        "epochs": 4, "finetune_blocks": 8, "schedule": "cosine", "checkpoint": "last",
+        "ema_decay": 0.9})
+    data = ClassifierData(ray.data.from_items(shard_rows(18, split="train", task="lesion", seed=1)),
+                          ray.data.from_items(shard_rows(9, split="val", task="lesion", seed=2)))
+
+    def fit(every: int):  # noqa: ANN202 - a test helper
+        config = base.model_copy(update={"val_every": every})
+        return config, fit_classifier(
+            config, data, publish=Publish(str(tmp_path / f"every{every}"), "boneaug/val-every",
+                                          tracking=db),
+            workers=Workers(num_workers=0, torch_threads=1), init_from=None,
+            image_size=(H, W))
+
+    (config, each), (_, third) = fit(1), fit(3)
+    assert all(np.isfinite(each.val_aucs))
+    assert np.isnan(third.val_aucs[1]) and third.val_aucs[0] == each.val_aucs[0]
+    assert third.val_aucs[2:] == each.val_aucs[2:] and third.best_val_auc == each.best_val_auc
+    assert third.train_losses == each.train_losses
+    a, b = (load_best_model(r, config).state_dict() for r in (each, third))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    history = mlflow_client(db).get_metric_history(third.mlflow_run_id, "val_auc")
+    assert [m.step for m in history] == [0, 2, 3]  # no NaN logged for the skipped epoch
+    with pytest.raises(ValueError, match="val_every=3 needs schedule='cosine' and "
+                                         "checkpoint='last'"):
+        DrnConfig.model_validate(base.model_dump() | {"val_every": 3, "checkpoint": "best"})
+
+
 def mlflow_client(db: TrackingConfig):  # noqa: ANN201 - a test helper
     import mlflow
 

@@ -462,6 +462,11 @@ def _score_split(
             np.concatenate([p[2] for p in parts])[order])
 
 
+def validates(epoch: int, epochs: int, every: int) -> bool:
+    """Whether 0-based `epoch` of `epochs` is validated: the first, every `every`-th, the last."""
+    return epoch == 0 or (epoch + 1) % every == 0 or epoch == epochs - 1
+
+
 def epoch_batches(shard: Any, *, batch_size: int, shuffle_rows: int,
                   seed: int) -> Iterator[dict[str, np.ndarray]]:
     """One epoch of a worker's training shard in a fresh random order: the shuffle buffer holds
@@ -636,8 +641,10 @@ def _train_worker(train_loop_config: dict[str, Any]) -> dict[str, Any] | None:
             image_size=loop.image_size)
         _sync_buffers(model)
         _sync_buffers(judged)
-        _, labels, scores = _score_split(judged, val_shard, **split_kw)
-        auc = _val_auc(labels, scores)
+        auc = float("nan")  # not validated this epoch (`val_every`)
+        if validates(epoch, loop.epochs, config.val_every):
+            _, labels, scores = _score_split(judged, val_shard, **split_kw)
+            auc = _val_auc(labels, scores)
         steps.schedule.after_epoch(auc)
         if state.update(epoch, auc, latest=config.checkpoint == "last", loss=train_loss):
             best = cpu_state(judged)
@@ -660,14 +667,20 @@ def _train_worker(train_loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
 def _log_epoch(client: Any, loop: DrnLoop, metrics: Mapping[str, float],
                state: TrainState, progress: Progress) -> None:
+    validated = math.isfinite(metrics["val_auc"])  # not every epoch is (`val_every`)
     for key in ("train_loss", "val_auc", "lr"):
-        client.log_metric(loop.mlflow_run_id, key, float(metrics[key]),
-                          step=int(metrics["epoch"]))
+        if key != "val_auc" or validated:
+            client.log_metric(loop.mlflow_run_id, key, float(metrics[key]),
+                              step=int(metrics["epoch"]))
     # a bar on a terminal; else a logged line (Ray Train's patched print would double it)
-    progress.step(f"[drn] {loop.run_name} epoch {int(metrics['epoch']) + 1}/{loop.epochs}: "
-                  f"train loss {metrics['train_loss']:.4f}, val AUC {metrics['val_auc']:.3f} (best "
-                  f"{state.best_auc:.3f}, epoch {state.best_epoch + 1})",
-                  loss=metrics["train_loss"], auc=metrics["val_auc"])
+    line = (f"[drn] {loop.run_name} epoch {int(metrics['epoch']) + 1}/{loop.epochs}: "
+            f"train loss {metrics['train_loss']:.4f}")
+    shown = {"loss": metrics["train_loss"]}
+    if validated:
+        line += (f", val AUC {metrics['val_auc']:.3f} (best {state.best_auc:.3f}, epoch "
+                 f"{state.best_epoch + 1})")
+        shown["auc"] = metrics["val_auc"]
+    progress.step(line, **shown)
 
 
 def _mlflow_client(loop: DrnLoop) -> Any:
@@ -869,7 +882,7 @@ def pretraining_config(config: DrnConfig) -> DrnConfig:
     cosine, EMA) is; the training seed is the config's."""
     return config.model_copy(update={"lr": config.pretrain_lr, "head_lr": None,
                                      "schedule": "plateau", "warmup_epochs": 0.0,
-                                     "ema_decay": None})
+                                     "ema_decay": None, "val_every": 1})
 
 
 def pretrain_fracture(
