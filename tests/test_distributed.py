@@ -97,3 +97,50 @@ def test_the_seeded_train_feed_deals_blocks_in_dataset_order_however_tasks_finis
                               pa.table({"patch_id": ids[5 * k:5 * k + 5]}))
     read = patch_dataset(str(tmp_path / "set")).take_all()
     assert [r["patch_id"] for r in read] == sorted(ids)
+
+
+def _read_order(train_loop_config: dict) -> None:
+    """A Train loop that publishes the ids its "train" shard yields, in the order it yields them
+    through the trainers' seeded whole-shard shuffle buffer."""
+    import ray.train
+
+    from boneaug import storage
+    from boneaug.train.classifier import epoch_batches
+
+    loop = train_loop_config["loop"]
+    shard = ray.train.get_dataset_shard("train")
+    plain = [int(i) for b in shard.iter_batches(batch_size=None) for i in b["id"]]
+    shuffled = [int(i) for b in epoch_batches(shard, batch_size=8, shuffle_rows=97, seed=3)
+                for i in b["id"]]
+    storage.publish_manifest(loop.run_uri, {"plain": plain, "shuffled": shuffled})
+
+
+def test_a_local_mode_run_reads_its_rows_in_dataset_order_however_tasks_finish(
+    ray_session: None, tmp_path: Path
+) -> None:
+    """Regression: Ray Train's local mode (num_workers=0, the `local` profile's trainings) hands
+    the datasets to the loop as they are, without the DataConfig, so their blocks arrived as
+    their tasks finished: the whole-shard shuffle buffer then permuted another row order, and a
+    seeded DRN trained beside a busy test suite scored 0.02 AUC away from the same seed idle."""
+    import time
+
+    import ray.data
+
+    from boneaug.train.distributed import WorkerLoop, Workers, run_ray_train
+
+    def late_first(batch: dict) -> dict:  # the first blocks' tasks finish last
+        time.sleep(0.3 * (5 - int(batch["id"][0]) // 16))
+        return batch
+
+    def fed(name: str) -> dict:
+        ds = ray.data.range(96, override_num_blocks=6).map_batches(
+            late_first, batch_size=None, num_cpus=0.25)
+        run = str(tmp_path / name)
+        loop = WorkerLoop(run_uri=run, tracking_uri="", mlflow_run_id="")
+        return run_ray_train(_read_order, loop, workers=Workers(num_workers=0),
+                             storage_uri=f"{run}/ray", datasets={"train": ds})
+
+    first = fed("a")
+    assert first["plain"] == list(range(96))
+    assert sorted(first["shuffled"]) == list(range(96)) and first["shuffled"] != list(range(96))
+    assert fed("b")["shuffled"] == first["shuffled"]

@@ -128,7 +128,8 @@ def run_ray_train(
             failure_config=ray.train.FailureConfig(max_failures=workers.max_failures),
             logging_config=train_logging(),
         ),
-        datasets=dict(datasets),
+        datasets=(dict(datasets) if workers.num_workers else
+                  {name: in_order(ds) for name, ds in datasets.items()}),
         dataset_config=seeded_data_config(split),
     ).fit()
     done = storage.read_manifest(parent)
@@ -179,6 +180,18 @@ def seeded_data_config(datasets_to_split: list[str] | None = None) -> Any:
     options.preserve_order = True
     return ray.train.DataConfig(datasets_to_split=datasets_to_split or "all",
                                 execution_options=options, enable_shard_locality=False)
+
+
+def in_order(ds: Any) -> Any:
+    """`ds` delivering its blocks in the dataset's own order (``preserve_order``), what
+    `seeded_data_config` sets for Train workers: Ray Train's local mode (``num_workers=0``) hands
+    the datasets to the loop as they are, without their DataConfig, and blocks then arrived as
+    their tasks finished, so the same seed fed another row order whenever the machine was busy."""
+    import ray.data
+
+    ordered = ray.data.Dataset.copy(ds, _deep_copy=True)  # its own DataContext, not the caller's
+    ordered.context.execution_options.preserve_order = True
+    return ordered
 
 
 def gather(obj: Any) -> list[Any]:
