@@ -230,6 +230,11 @@ class Variant:
     unit_from: BodyPart | None = None  # unit arm: None = this body part's own UNIT
     scorer_from: BodyPart | None = None  # None: this body part's own baseline
 
+    @property
+    def own_unit(self) -> bool:
+        """Whether this body part's own UNIT (trained in its chain) makes the lesion patches."""
+        return self.arm == "unit" and self.unit_from is None
+
 
 OWN = Variant("aug", "Augmented")
 COPY_PASTE = Variant("copy_paste", "Copy-paste", arm="copy_paste")
@@ -620,18 +625,22 @@ def _arm_name(variant: Variant, t: float, seed: int) -> str:
 
 def _arm_trainings(config: BoneaugConfig, run: str, body_part: str, fracture: str,
                    variant: Variant, seed: int, candidates: dict[str, Any],
-                   grid: Sequence[float], primary: bool) -> tuple[list[Training], dict[str, int]]:
-    """One arm's DRNs at `seed`, one per t of `grid` that keeps a candidate, and the candidates
-    each t keeps (by DRN name; 0: the t trains nothing)."""
+                   grid: Sequence[float], primary: bool) -> list[Training]:
+    """One arm's DRNs at `seed`, one per t of `grid` that keeps a candidate. A t that keeps
+    none trains nothing: its DRN would be the seed's baseline bit for bit (the same rows, the
+    same seed), so `_collect_arms` gives the arm the baseline's model and predictions there (a
+    weak baseline, e.g. femur's 32 positives, passes no blend at t 0.70 or 0.90: each such t
+    would retrain the baseline, minutes apiece)."""
     from boneaug.augment.pipeline import select_augmented
 
     registered = _registered(body_part, variant, primary)
-    trainings, samples = [], {}
+    trainings = []
     for t in grid:
         selected = select_augmented(candidates["candidates"], t)
         name = _arm_name(variant, t, seed)
-        samples[name] = selected.num_rows
         if selected.num_rows == 0:
+            print(f"[{name}] no candidate scores >= {t:.2f}: the arm is baseline-s{seed}",
+                  flush=True)
             continue
         publish = drn_publish(run, name, f"boneaug/{body_part}/augment", registered)
         trainings.append(Training(
@@ -639,41 +648,26 @@ def _arm_trainings(config: BoneaugConfig, run: str, body_part: str, fracture: st
             lambda cfg, publish=publish, selected=selected: {
                 **train_drn(cfg, run, publish, augmented=selected, init_from=fracture,
                             seed=seed), "samples": selected.num_rows}))
-    return trainings, samples
+    return trainings
 
 
-def _train_arms(config: BoneaugConfig, run: str, body_part: str, fracture: str,
-                arms: Sequence[tuple[_Arm, tuple[float, ...]]], primary: bool) -> list[_Arm]:
-    """Each of `arms` with one DRN per t of its grid, trained on the real data plus its
-    candidates scoring >= t (all arms' DRNs side by side as `train_stages` allows); the UNIT and
-    transfer arms of the primary seed are registered (boneaug-drn-<part>-aug). A t that keeps
-    no candidate trains nothing: the DRN would be the seed's baseline bit for bit (the same
-    rows, the same seed), so the arm takes the baseline's model and predictions (a weak
-    baseline, e.g. femur's 32 positives, passes no blend at t 0.70 or 0.90: each such t would
-    retrain the baseline, minutes apiece)."""
+def _collect_arms(run: str, body_part: str, arms: Sequence[tuple[_Arm, tuple[float, ...]]],
+                  results: Mapping[str, dict[str, Any]], primary: bool) -> list[_Arm]:
+    """Each of `arms` with its trained DRN per t of its grid (from `results`, by name), or its
+    seed's baseline at a t that kept no candidate, and their predictions imported for the
+    report; the UNIT and transfer arms of the primary seed are the registered ones."""
     from boneaug.eval.report import ModelMeta, import_predictions
 
-    trainings, samples = [], {}
-    for arm, grid in arms:
-        made, kept = _arm_trainings(config, run, body_part, fracture, arm.variant, arm.seed,
-                                    arm.candidates, grid, primary)
-        trainings += made
-        samples |= kept
-        for t in grid:
-            if not kept[name := _arm_name(arm.variant, t, arm.seed)]:
-                print(f"[{name}] no candidate scores >= {t:.2f}: the arm is "
-                      f"baseline-s{arm.seed}", flush=True)
-    results = train_stages(config, run, trainings)
     done = []
     for arm, grid in arms:
         variant, seed = arm.variant, arm.seed
         trained: dict[float, dict[str, Any]] = {}
         for t in grid:
             name = _arm_name(variant, t, seed)
-            trained[t] = results[name] if samples[name] else arm.baseline | {"samples": 0}
+            trained[t] = results[name] if name in results else arm.baseline | {"samples": 0}
             import_predictions(run, f"{variant.key}-t{t:.2f}-s{seed}", ModelMeta(
                 type=variant.type, t=t, augmented_samples=trained[t]["samples"],
-                model_name=(_registered(body_part, variant, primary) if samples[name]
+                model_name=(_registered(body_part, variant, primary) if name in results
                             else f"boneaug-drn-{body_part}"),
                 model_version=trained[t]["version"], body_part=body_part, baseline=False,
                 seed=seed, **training_history(trained[t])), trained[t]["predictions"])
@@ -746,10 +740,9 @@ def run_body_part(
     ingest_stage(config, data_uri, run, body_part)
     fracture = fracture_model(config, data_uri, out_uri)
     patches_stage(config, data_uri, run, body_part)
-    seed_trainings = partial(_seed_trainings, config, run, body_part, fracture, plan)
-    # every training first, each as soon as what it needs is there; what follows finds them done
-    train_stages(config, run, _all_trainings(config, data_uri, run, body_part, fracture, plan,
-                                             seeds, grids, scorers or {}))
+    # every training first, each as soon as what it needs is there
+    trained = train_stages(config, run, _all_trainings(config, data_uri, run, body_part, fracture,
+                                                       plan, seeds, grids, scorers or {}))
     result = BodyPartResult(body_part, run, "", "")
     blended = {}
     for v in plan.variants:
@@ -760,39 +753,33 @@ def run_body_part(
     storage.remove(storage.join(run, "predictions"))
     _write_conspicuity(data_uri, run, body_part)
     positives = train_positives(run)
-    # the trainings above, read back (reused) in the report's order: the primary seed's t grid
-    # and choices first, then the later seeds' baselines, curves and arms at the chosen t
-    for group in ([seeds[0]], list(seeds[1:])):
-        if not group:
-            continue
-        primary = group == [seeds[0]]
-        trained = train_stages(config, run, [training for seed in group
-                                             for training in seed_trainings(seed, primary=primary)])
+    # the report's rows: the primary seed's t grid and choices first, then the later seeds'
+    # baselines, curves and arms at the chosen t
+    for seed in seeds:
+        primary = seed == seeds[0]
+        baseline = trained[f"baseline-s{seed}"]
+        result.baselines[seed] = baseline["model"]
+        import_predictions(run, f"baseline-s{seed}", ModelMeta(
+            type="Baseline", t=None, augmented_samples=0,
+            model_name=f"boneaug-drn-{body_part}", model_version=baseline["version"],
+            body_part=body_part, baseline=True, seed=seed, positives=positives,
+            **training_history(baseline)), baseline["predictions"])
+        for multiple in _curve_multiples(plan, primary):
+            lc = trained[f"lc-{multiple:g}-s{seed}"]
+            import_predictions(run, f"lc-{multiple:g}-s{seed}", ModelMeta(
+                type="Learning curve", augmented_samples=0, body_part=body_part, seed=seed,
+                positives=curve_positives(positives, multiple), learning_curve=True,
+                **training_history(lc)), lc["predictions"])
         arms = []
-        for seed in group:
-            baseline = trained[f"baseline-s{seed}"]
-            result.baselines[seed] = baseline["model"]
-            import_predictions(run, f"baseline-s{seed}", ModelMeta(
-                type="Baseline", t=None, augmented_samples=0,
-                model_name=f"boneaug-drn-{body_part}", model_version=baseline["version"],
-                body_part=body_part, baseline=True, seed=seed, positives=positives,
-                **training_history(baseline)), baseline["predictions"])
-            for multiple in _curve_multiples(plan, primary):
-                lc = trained[f"lc-{multiple:g}-s{seed}"]
-                import_predictions(run, f"lc-{multiple:g}-s{seed}", ModelMeta(
-                    type="Learning curve", augmented_samples=0, body_part=body_part, seed=seed,
-                    positives=curve_positives(positives, multiple), learning_curve=True,
-                    **training_history(lc)), lc["predictions"])
-            for variant in plan.variants:
-                scored = score_stage(config, run, variant.key, blended[variant.key],
-                                     _scorer(variant, seed, baseline, scorers or {}), seed)
-                grid = grids[variant.key] if primary else (result.chosen[variant.key],)
-                arms.append((_Arm(variant, seed, {}, scored, baseline), grid))
-        for arm in _train_arms(config, run, body_part, fracture, arms, primary):
+        for variant in plan.variants:  # the candidates as the arms' trainings scored them
+            scored = score_stage(config, run, variant.key, blended[variant.key],
+                                 _scorer(variant, seed, baseline, scorers or {}), seed)
+            grid = grids[variant.key] if primary else (result.chosen[variant.key],)
+            arms.append((_Arm(variant, seed, {}, scored, baseline), grid))
+        for arm in _collect_arms(run, body_part, arms, trained, primary):
             if primary:
-                _publish_arm(config, data_uri, run, body_part, arm, arm.baseline, result)
+                _publish_arm(config, data_uri, run, body_part, arm, baseline, result)
         if primary:
-            baseline = trained[f"baseline-s{seeds[0]}"]
             result.models["baseline"] = baseline["model"]
             _publish_baseline(config, body_part, baseline, result, plan.variants)
     result.markdown = render_report_from_predictions(run, config.eval)
@@ -812,9 +799,8 @@ def _all_trainings(config: BoneaugConfig, data: str, run: str, body_part: str, f
     first = seeds[0]
 
     def needs(variant: Variant, seed: int) -> tuple[str, ...]:
-        own_unit = variant.arm == "unit" and variant.unit_from is None
         return ((() if variant.scorer_from else (f"baseline-s{seed}",))
-                + (("unit",) if own_unit else ()))
+                + (("unit",) if variant.own_unit else ()))
 
     def arm(variant: Variant, seed: int, grid: tuple[float, ...],
             results: Mapping[str, dict[str, Any]]) -> list[Training]:
@@ -823,7 +809,7 @@ def _all_trainings(config: BoneaugConfig, data: str, run: str, body_part: str, f
         scorer = _scorer(variant, seed, results.get(f"baseline-s{seed}", {}), scorers)
         scored = score_stage(config, run, variant.key, blended, scorer, seed)
         return _arm_trainings(config, run, body_part, fracture, variant, seed, scored, grid,
-                              primary=seed == first)[0]
+                              primary=seed == first)
 
     def later_seed(variant: Variant, seed: int,
                    results: Mapping[str, dict[str, Any]]) -> list[Training]:
@@ -839,10 +825,10 @@ def _all_trainings(config: BoneaugConfig, data: str, run: str, body_part: str, f
         return [*made, *(Later(after + needs(variant, seed), partial(later_seed, variant, seed))
                          for seed in seeds[1:])]
 
-    own_unit = any(v.arm == "unit" and v.unit_from is None for v in plan.variants)
     trainings = [_seed_trainings(config, run, body_part, fracture, plan, seed,
                                  primary=seed == first) for seed in seeds]
-    return [*([unit_training(config, data, run, body_part)] if own_unit else []),
+    return [*([unit_training(config, data, run, body_part)]
+              if any(v.own_unit for v in plan.variants) else []),
             *(t[0] for t in trainings), *(t for each in trainings for t in each[1:]),
             *(Later(needs(v, first), partial(first_seed, v)) for v in plan.variants)]
 

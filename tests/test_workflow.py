@@ -112,7 +112,7 @@ def test_an_arm_at_a_t_that_keeps_no_candidate_is_the_seeds_baseline_and_trains_
 
     from boneaug.config import load_config
     from boneaug.eval.report import read_predictions
-    from boneaug.workflow import ARMS, _Arm, _train_arms
+    from boneaug.workflow import ARMS, _Arm, _arm_trainings, _collect_arms
 
     (tmp_path / "candidates").mkdir()
     pq.write_table(pa.table({"image_id": ["b", "a"], "score": [0.40, 0.65]}),
@@ -123,12 +123,12 @@ def test_an_arm_at_a_t_that_keeps_no_candidate_is_the_seeds_baseline_and_trains_
     baseline = {"model": "models:/boneaug-drn-femur/4", "version": "4", "val_auc": 0.69,
                 "predictions": str(tmp_path / "baseline.parquet")}
     run = str(tmp_path / "run")
-    [arm] = _train_arms(load_config("smoke"), run, "femur", "models:/boneaug-drn-fracture/1",
-                        [(_Arm(ARMS["oracle"], 2, {}, {"candidates": str(tmp_path / "candidates")},
-                               baseline), (0.70, 0.90))], False)
+    arm = _Arm(ARMS["oracle"], 2, {}, {"candidates": str(tmp_path / "candidates")}, baseline)
+    assert _arm_trainings(load_config("smoke"), run, "femur", "models:/boneaug-drn-fracture/1",
+                          arm.variant, arm.seed, arm.candidates, (0.70, 0.90), False) == []
+    [arm] = _collect_arms(run, "femur", [(arm, (0.70, 0.90))], {}, False)
 
     assert arm.trained == {0.70: baseline | {"samples": 0}, 0.90: baseline | {"samples": 0}}
-    assert not (tmp_path / "run" / "stages").exists()  # no DRN trained
     assert "[drn-oracle-t0.90-s2] no candidate scores >= 0.90: the arm is baseline-s2" in \
         capsys.readouterr().out
     ids, labels, scores = read_predictions(run, "oracle-t0.70-s2")["test"]

@@ -61,11 +61,15 @@ RECORD_COLUMNS = ["path", "ok", "reason", "message", "split", "label", "confound
 MAX_OBJECTS_PER_TASK = 128  # an ingest shard holds up to 128 images (~8 MB at the local size)
 
 
-def objects_per_task(objects: int, cpus: int) -> int:
+def objects_per_task(objects: int, cpus: int | None = None) -> int:
     """How many objects (DICOMs) one Ray Data task of ingest or patch-making reads: as many as
     MAX_OBJECTS_PER_TASK, because a task's first read and its last write overlap nothing (at 32
     a task that cost a quarter of the ingest time of 1064 DICOMs on a 2-CPU head), and as few as
-    give every CPU of the cluster two tasks."""
+    give every CPU of the cluster (`cpus`, default: the running cluster's) two tasks."""
+    if cpus is None:
+        import ray
+
+        cpus = int(ray.cluster_resources().get("CPU", 1))
     return max(1, min(MAX_OBJECTS_PER_TASK, -(-objects // (2 * max(1, cpus)))))
 
 
@@ -238,7 +242,7 @@ def ingest(
     storage.remove(storage.join(run_uri, "rejects.parquet"))
 
     root_path = storage.filesystem(data_uri)[1]
-    per_task = objects_per_task(len(files), int(ray.cluster_resources().get("CPU", 1)))
+    per_task = objects_per_task(len(files))
     ds = ray.data.from_items([{"uri": f} for f in files],
                              override_num_blocks=max(1, min(-(-len(files) // per_task), 200)))
     # an instance, not a class: plain tasks, no actor pool to start

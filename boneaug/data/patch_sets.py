@@ -185,7 +185,7 @@ def make_patch_sets(
     for task in (*plan.lesion, *plan.normal, *plan.source):
         by_key[task.key].append(_task_row(task))
     groups = [{"key": k, "tasks": v} for k, v in sorted(by_key.items())]
-    per_task = objects_per_task(len(groups), int(ray.cluster_resources().get("CPU", 1)))
+    per_task = objects_per_task(len(groups))
     cut = ray.data.from_items(
         groups, override_num_blocks=max(1, min(-(-len(groups) // per_task), 200))
     ).map_batches(
