@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,6 +53,19 @@ def test_the_train_feed_runs_when_all_but_a_fraction_of_the_cpus_are_reserved(
     assert got == [f"p{i}" for i in range(8)]
 
 
+def _late_first_range() -> Any:
+    """ray.data.range(96) in 6 blocks of 16 whose tasks all run at once and finish last-first."""
+    import time
+
+    import ray.data
+
+    def late_first(batch: dict) -> dict:
+        time.sleep(0.3 * (5 - int(batch["id"][0]) // 16))
+        return batch
+
+    return ray.data.range(96, override_num_blocks=6).map_batches(
+        late_first, batch_size=None, num_cpus=0.25)
+
 
 def test_the_seeded_train_feed_deals_blocks_in_dataset_order_however_tasks_finish(
     ray_session: None, tmp_path: Path
@@ -60,23 +74,15 @@ def test_the_seeded_train_feed_deals_blocks_in_dataset_order_however_tasks_finis
     so a seeded run read its rows in another order each time (UNIT's weights after 20
     iterations of two identical runs differed in every tensor). With `seeded_data_config` the
     workers read the rows by position, whatever the scheduling, and the same shard every run."""
-    import time
-
     import numpy as np
     import pyarrow as pa
-    import ray.data
 
     from boneaug import storage
     from boneaug.data.datasets import patch_dataset
     from boneaug.train.distributed import seeded_data_config
 
-    def late_first(batch: dict) -> dict:  # the first blocks' tasks finish last
-        time.sleep(0.3 * (5 - int(batch["id"][0]) // 16))
-        return batch
-
     def fed(workers: int) -> list[list[int]]:
-        ds = ray.data.range(96, override_num_blocks=6).map_batches(  # all 6 tasks at once
-            late_first, batch_size=None, num_cpus=0.25)
+        ds = _late_first_range()
         splits = seeded_data_config().configure({"train": ds}, world_size=workers,
                                                 worker_handles=None, worker_node_ids=None)
         with ThreadPoolExecutor(workers) as pool:
@@ -122,19 +128,10 @@ def test_a_local_mode_run_reads_its_rows_in_dataset_order_however_tasks_finish(
     the datasets to the loop as they are, without the DataConfig, so their blocks arrived as
     their tasks finished: the whole-shard shuffle buffer then permuted another row order, and a
     seeded DRN trained beside a busy test suite scored 0.02 AUC away from the same seed idle."""
-    import time
-
-    import ray.data
-
     from boneaug.train.distributed import WorkerLoop, Workers, run_ray_train
 
-    def late_first(batch: dict) -> dict:  # the first blocks' tasks finish last
-        time.sleep(0.3 * (5 - int(batch["id"][0]) // 16))
-        return batch
-
     def fed(name: str) -> dict:
-        ds = ray.data.range(96, override_num_blocks=6).map_batches(
-            late_first, batch_size=None, num_cpus=0.25)
+        ds = _late_first_range()
         run = str(tmp_path / name)
         loop = WorkerLoop(run_uri=run, tracking_uri="", mlflow_run_id="")
         return run_ray_train(_read_order, loop, workers=Workers(num_workers=0),
