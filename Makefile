@@ -13,14 +13,16 @@ SUDO    := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
 
 .PHONY: demo test test-fast bench load-serve install clean reproduce device-wheels
 
-$(STAMP): pyproject.toml
+PIP     := $(BIN)/pip install --quiet --constraint constraints.txt
+
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e .
+	$(PIP) -e .
 	touch $(STAMP)
 
 $(DEV): $(STAMP)
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(PIP) -e ".[dev]"
 	touch $(DEV)
 
 install: $(DEV)
@@ -59,7 +61,7 @@ bench: $(DEV)
 
 # a 60 s locust load on the service with a model switch in the middle (the `load` extra)
 load-serve: $(DEV)
-	$(BIN)/pip install --quiet -e ".[load]"
+	$(PIP) -e ".[load]"
 	$(BIN)/python benchmarks/load_serve.py
 
 clean:
