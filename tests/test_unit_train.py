@@ -82,13 +82,16 @@ def _batch(n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 FULL = LossWeights.from_config(SMOKE)
 ZERO_ONE = [replace(FULL, **{name: 0.0}) for name in ("gan", "kl", "recon", "kl_cyc", "cyc")]
 ONLY_KL = LossWeights(gan=0, kl=0.1, recon=0, kl_cyc=0, cyc=0)
+ONLY_CHANGE = LossWeights(gan=0, kl=0, recon=0, kl_cyc=0, cyc=0, change=1.0)
 TERMS = {"gan": ("gan_h", "gan_l"), "kl": ("kl_h", "kl_l"), "recon": ("recon_h", "recon_l"),
-         "kl_cyc": ("kl_cyc_h", "kl_cyc_l"), "cyc": ("cyc_h", "cyc_l")}
+         "kl_cyc": ("kl_cyc_h", "kl_cyc_l"), "cyc": ("cyc_h", "cyc_l"),
+         "change": ("change_h", "change_l")}
 
 
 # ---- losses and steps --------------------------------------------------------------------------
-@pytest.mark.parametrize("weights", [FULL, *ZERO_ONE, ONLY_KL],
-                         ids=["full", "gan0", "kl0", "recon0", "kl_cyc0", "cyc0", "only_kl"])
+@pytest.mark.parametrize("weights", [FULL, *ZERO_ONE, ONLY_KL, replace(FULL, change=1.0)],
+                         ids=["full", "gan0", "kl0", "recon0", "kl_cyc0", "cyc0", "only_kl",
+                              "change"])
 def test_every_zero_weight_trains_through_ddp_without_error(
     weights: LossWeights, process_group: None
 ) -> None:
@@ -124,6 +127,25 @@ def test_weights_choose_the_forward_plan_and_ddp_flag() -> None:
     assert not replace(FULL, recon=0).plan().recon
     assert ONLY_KL.leaves_unused_parameters and not FULL.leaves_unused_parameters
     assert not LossWeights(gan=0, kl=0, recon=0, kl_cyc=1, cyc=0).leaves_unused_parameters
+
+
+def test_the_change_prior_pulls_each_translation_towards_its_input() -> None:
+    unit, dis = nets()
+    optimizers = make_optimizers(unit, dis, SMOKE.model_copy(update={"lr": 1e-3}))
+    x_h, x_l = _batch()
+
+    def change() -> float:
+        with torch.no_grad():
+            out = generate(unit, x_h, x_l, weights=ONLY_CHANGE,
+                           generator=torch.Generator().manual_seed(0))
+        return float((out.x_hl - x_h).abs().mean() + (out.x_lh - x_l).abs().mean())
+
+    before = change()
+    for _ in range(30):
+        losses = train_iteration(unit, dis, x_h, x_l, weights=ONLY_CHANGE, optimizers=optimizers,
+                                 generator=torch.Generator().manual_seed(1))
+    assert set(losses) == {"change_h", "change_l", "g_total"}
+    assert change() < 0.5 * before, (before, change())
 
 
 def test_d_step_moves_only_d_and_g_step_only_g_against_the_updated_d() -> None:

@@ -7,6 +7,7 @@ Losses (SPEC 3, eq. 1-4; both domains, h = healthy, l = lesion; reference loss n
         + lambda_recon  * (|x_hh - x_h|_1 + |x_ll - x_l|_1)              [recon_x_w]
         + lambda_kl_cyc * (KL(mu_hl) + KL(mu_lh))                        [recon_kl_cyc_w]
         + lambda_cyc    * (|x_hlh - x_h|_1 + |x_lhl - x_l|_1)            [recon_x_cyc_w]
+        + lambda_change * (|x_hl - x_h|_1 + |x_lh - x_l|_1)              [not in the paper: 0]
     L_D = lambda_gan * (LS_D(D_h; x_h, x_lh) + LS_D(D_l; x_l, x_hl))
 
 with KL(mu) = mean(mu^2) (reduced VAE, unit variance), LS_G(o) = sum over scales of
@@ -101,6 +102,7 @@ class LossWeights:
     recon: float = 100.0
     kl_cyc: float = 0.1
     cyc: float = 100.0
+    change: float = 0.0  # the minimal-change prior (UnitConfig.lambda_change; not the paper's)
 
     def __post_init__(self) -> None:
         values = asdict(self)
@@ -112,12 +114,14 @@ class LossWeights:
     @classmethod
     def from_config(cls, config: UnitConfig) -> LossWeights:
         return cls(gan=config.lambda_gan, kl=config.lambda_kl, recon=config.lambda_recon,
-                   kl_cyc=config.lambda_kl_cyc, cyc=config.lambda_cyc)
+                   kl_cyc=config.lambda_kl_cyc, cyc=config.lambda_cyc,
+                   change=config.lambda_change)
 
     def plan(self) -> ForwardPlan:
         """The outputs the non-zero weights need."""
         cycle_encode = self.kl_cyc > 0 or self.cyc > 0
-        return ForwardPlan(recon=self.recon > 0, cross=self.gan > 0 or cycle_encode,
+        return ForwardPlan(recon=self.recon > 0,
+                           cross=self.gan > 0 or self.change > 0 or cycle_encode,
                            cycle_encode=cycle_encode, cycle_decode=self.cyc > 0)
 
     @property
@@ -254,6 +258,9 @@ def g_step(
     if w.cyc > 0:
         terms["cyc_h"] = (w.cyc, l1_loss(out.x_hlh, x_h))  # type: ignore[arg-type]
         terms["cyc_l"] = (w.cyc, l1_loss(out.x_lhl, x_l))  # type: ignore[arg-type]
+    if w.change > 0:
+        terms["change_h"] = (w.change, l1_loss(out.x_hl, x_h))  # type: ignore[arg-type]
+        terms["change_l"] = (w.change, l1_loss(out.x_lh, x_l))  # type: ignore[arg-type]
     total = sum(weight * value for weight, value in terms.values())
     optimizer.zero_grad(set_to_none=True)
     total.backward()  # type: ignore[union-attr]
