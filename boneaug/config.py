@@ -511,21 +511,21 @@ _PROFILES: dict[str, dict[str, Any]] = {
         #   translation's exposure free: the make demo's translations drifted by 0.10 of the
         #   range on average and the top-scoring blends were grey squares, so the translator
         #   keeps its input's mean and sd (the critic's calls stay 0.80)
-        # - a minimal-change prior (lambda_change 100: |x_hl - x_h|_1 + |x_lh - x_l|_1) keeps the
-        #   bone's outline: without it the humerus UNIT (268 positives, s = 1) repainted the whole
-        #   patch and its top-scored blends bulged the shaft past its cortex; with it the ovals sit
-        #   inside the shaft with the cortex intact. On the 600 sources of a fresh clone's humerus
-        #   run (lambda 0 / 30 / 100): phantom critic calls 0.62 / 0.77 / 0.83 of the translations
-        #   lesion (0.65 / 0.84 / 0.90 of the blends kept at t 0.70; real lesion patches 0.85,
-        #   sources 0.07), KID to the real lesion patches 0.57 / 0.30 / 0.15 of the sources', the
-        #   change's share outside the bone 0.32 / 0.32 / 0.24. The chain does not tell them
-        #   apart: ΔAUC of the UNIT arm over seeds 0-2, +0.007 +- 0.010 / +0.014 +- 0.009 / +0.004
-        #   +- 0.020, val AUC 0.816 / 0.810 / 0.816
+        # - a minimal-change prior (`lambda_change`) stays off here. On the humerus (268
+        #   positives, s = 1) it keeps the bone's outline: at 0 the UNIT repainted the whole patch
+        #   and its top-scored blends bulged the shaft past its cortex; at 100 the ovals sit inside
+        #   the shaft with the cortex intact. On the 600 sources of a fresh clone's humerus run
+        #   (lambda 0 / 30 / 100): phantom critic calls 0.62 / 0.77 / 0.83 of the translations
+        #   lesion (real lesion patches 0.85, sources 0.07), KID to the real lesion patches 0.57 /
+        #   0.30 / 0.15 of the sources'; the UNIT arm's ΔAUC over seeds 0-2 +0.007 +- 0.010 /
+        #   +0.014 +- 0.009 / +0.004 +- 0.020 (within one training's noise). On the tibia (the
+        #   make demo, seed 0) 100 paints too little: its top blends are blurred squares, 75
+        #   blends pass t 0.70 instead of 153, and the arm loses -0.029 (-0.050 to -0.008)
+        #   where 0 gains +0.020 (docs/science.md, "A minimal-change prior")
         "unit": {
             "width": 16, "n_res": 2, "n_shared": 1, "disc_width": 32, "disc_layers": 3,
             "disc_scales": 2, "disc_standardize": True, "keep_exposure": True, "disc_lr": 1e-3,
-            "disc_steps": 3, "lr": 1e-3, "lambda_recon": 10.0, "lambda_cyc": 10.0,
-            "lambda_change": 100.0, "batch_size": 8,
+            "disc_steps": 3, "lr": 1e-3, "lambda_recon": 10.0, "lambda_cyc": 10.0, "batch_size": 8,
             "iterations": 1500, "checkpoint_every": 250, "log_every": 50, "sample_every": 250,
         },
         # The paper's fine-tuning (stages 7-8 and the head at lr 1e-4) does not learn here:
